@@ -1,0 +1,345 @@
+"""Random image views for self-supervised training, in pure JAX (jittable, no TensorFlow).
+
+The pipeline per view follows SimCLR/BYOL: random resized crop -> horizontal flip ->
+colour jitter -> grayscale -> gaussian blur -> solarize -> normalise. Every view of every
+image draws its own randomness from the key passed in, so the functions are pure:
+the same key and images give the same views.
+
+The settings live in :class:`AugmentConfig`, a frozen (hashable) dataclass, passed as a
+static argument: :func:`make_views` and :func:`center_view` are already jitted (one
+compilation per config and input shape), and can also be called inside a caller's jit.
+Build the config from the experiment's ``ml_collections.ConfigDict`` with
+:meth:`AugmentConfig.from_config`.
+
+Inputs are uint8 (or float on the same 0..255 scale) ``[b, H, W, c]``; outputs are float32
+``(x / 255 - mean) / std``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# SimCLR/BYOL aspect-ratio range of the random resized crop, and the number of tries
+# before falling back to the whole image (as torchvision does).
+_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_CROP_TRIES = 10
+_LUMA = (0.2989, 0.587, 0.114)
+_BLUR_SIGMA = (0.1, 2.0)
+
+# All the randomness of one view is one row of uniforms, drawn for every view of the batch
+# by a single jax.random call: each random call inlines a threefry hash, and a dozen of
+# them per view made compilation ~3x slower. Positions in the row:
+_U_AREA = slice(0, _CROP_TRIES)
+_U_RATIO = slice(_CROP_TRIES, 2 * _CROP_TRIES)
+(
+    _U_TOP,
+    _U_LEFT,
+    _U_FLIP,
+    _U_JITTER,
+    _U_BRIGHT,
+    _U_CONTRAST,
+    _U_SATURATION,
+    _U_HUE,
+    _U_GRAY,
+    _U_BLUR,
+    _U_SIGMA,
+    _U_SOLARIZE,
+) = range(2 * _CROP_TRIES, 2 * _CROP_TRIES + 12)
+_U_COUNT = 2 * _CROP_TRIES + 12
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """View settings; see the module docstring for the order the ops are applied in."""
+
+    crop_size: int
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    num_views: int = 2
+    flip: bool = True
+    color_jitter_prob: float = 0.0
+    color_jitter_strength: float = 1.0
+    grayscale_prob: float = 0.0
+    blur_prob: float = 0.0
+    solarize_prob: float = 0.0
+    num_local_crops: int = 0
+    local_crop_size: int = 0
+    local_crop_scale: tuple[float, float] = (0.05, 0.2)
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    eval_crop_fraction: float = 1.0
+
+    def __post_init__(self):
+        # Config files and command lines hand in lists; tuples keep the dataclass hashable.
+        for name in ("crop_scale", "local_crop_scale", "mean", "std"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        if self.crop_size <= 0:
+            raise ValueError(f"crop_size must be positive, got {self.crop_size}")
+        if self.num_views <= 0:
+            raise ValueError(f"num_views must be positive, got {self.num_views}")
+        for name in ("crop_scale", "local_crop_scale"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0:
+                raise ValueError(f"{name} must be (lo, hi) with 0 < lo <= hi <= 1, got {lo_hi}")
+        if self.num_local_crops < 0:
+            raise ValueError(f"num_local_crops must be >= 0, got {self.num_local_crops}")
+        if self.num_local_crops and self.local_crop_size <= 0:
+            raise ValueError("num_local_crops > 0 needs a positive local_crop_size")
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(f"mean {self.mean} and std {self.std} need the same length")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+        if not 0.0 < self.eval_crop_fraction <= 1.0:
+            raise ValueError(f"eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> AugmentConfig:
+        """Builds the config from a ConfigDict (or mapping) with the same field names."""
+        values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown augmentation fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------------------
+# Helpers on one image [H, W, c] with values in [0, 1].
+
+
+def _to_unit(images: jax.Array) -> jax.Array:
+    return jnp.asarray(images).astype(jnp.float32) / 255.0
+
+
+def _normalise(x: jax.Array, cfg: AugmentConfig) -> jax.Array:
+    c = x.shape[-1]
+    if len(cfg.mean) not in (1, c):
+        raise ValueError(f"mean/std have {len(cfg.mean)} entries for {c}-channel images")
+    mean = jnp.asarray(cfg.mean, jnp.float32)
+    std = jnp.asarray(cfg.std, jnp.float32)
+    return (x - mean) / std
+
+
+def _crop_resize(image: jax.Array, top, left, height, width, size: int) -> jax.Array:
+    """Bilinear (antialiased) resample of the box [top, top+height) x [left, left+width)."""
+    scale = jnp.stack([size / height, size / width]).astype(jnp.float32)
+    translation = -jnp.stack([top, left]).astype(jnp.float32) * scale
+    return jax.image.scale_and_translate(
+        image,
+        (size, size, image.shape[-1]),
+        spatial_dims=(0, 1),
+        scale=scale,
+        translation=translation,
+        method="linear",
+        antialias=True,
+    )
+
+
+def _lerp(u: jax.Array, lo: float, hi: float) -> jax.Array:
+    """Maps uniforms on [0, 1) to [lo, hi)."""
+    return lo + (hi - lo) * u
+
+
+def _sample_crop_box(u: jax.Array, height: int, width: int, scale: tuple[float, float]):
+    """torchvision's RandomResizedCrop box (integer pixels), vectorised over its tries."""
+    target = height * width * _lerp(u[_U_AREA], *scale)
+    log_ratio = _lerp(u[_U_RATIO], math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1]))
+    aspect = jnp.exp(log_ratio)
+    w = jnp.round(jnp.sqrt(target * aspect))
+    h = jnp.round(jnp.sqrt(target / aspect))
+    ok = (w >= 1) & (h >= 1) & (w <= width) & (h <= height)
+    first = jnp.argmax(ok)
+    found = jnp.any(ok)
+    # Fallback when no try fits: the largest centred box within the ratio range.
+    in_ratio = width / height
+    if in_ratio < _CROP_RATIO[0]:
+        fb_w, fb_h = width, round(width / _CROP_RATIO[0])
+    elif in_ratio > _CROP_RATIO[1]:
+        fb_w, fb_h = round(height * _CROP_RATIO[1]), height
+    else:
+        fb_w, fb_h = width, height
+    crop_w = jnp.where(found, w[first], fb_w)
+    crop_h = jnp.where(found, h[first], fb_h)
+    # Uniform integer offsets in [0, size - crop], as randint(0, size - crop + 1).
+    top = jnp.floor(u[_U_TOP] * (height - crop_h + 1))
+    left = jnp.floor(u[_U_LEFT] * (width - crop_w + 1))
+    top = jnp.where(found, jnp.minimum(top, height - crop_h), (height - crop_h) // 2)
+    left = jnp.where(found, jnp.minimum(left, width - crop_w), (width - crop_w) // 2)
+    return top, left, crop_h, crop_w
+
+
+def _gray(x: jax.Array) -> jax.Array:
+    """[H, W, 3] -> [H, W, 1] luminance."""
+    return x @ jnp.asarray(_LUMA, x.dtype)[:, None]
+
+
+def _rgb_to_hsv(x: jax.Array) -> jax.Array:
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    maxc = jnp.max(x, axis=-1)
+    minc = jnp.min(x, axis=-1)
+    delta = maxc - minc
+    sat = jnp.where(maxc > 0, delta / jnp.where(maxc > 0, maxc, 1.0), 0.0)
+    safe = jnp.where(delta > 0, delta, 1.0)
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    hue = jnp.where(r == maxc, bc - gc, jnp.where(g == maxc, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = jnp.where(delta > 0, (hue / 6.0) % 1.0, 0.0)
+    return jnp.stack([hue, sat, maxc], axis=-1)
+
+
+def _hsv_to_rgb(x: jax.Array) -> jax.Array:
+    h, s, v = x[..., 0], x[..., 1], x[..., 2]
+    i = jnp.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.astype(jnp.int32) % 6
+    p, q, t = v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f))
+    sector = [i == k for k in range(6)]
+    r = jnp.select(sector, [v, q, p, p, t, v])
+    g = jnp.select(sector, [t, v, v, q, p, p])
+    b = jnp.select(sector, [p, p, t, v, v, q])
+    return jnp.stack([r, g, b], axis=-1)
+
+
+def _color_jitter(u: jax.Array, x: jax.Array, strength: float) -> jax.Array:
+    """SimCLR/BYOL jitter in a fixed order: brightness, contrast, saturation, hue."""
+    colour = x.shape[-1] == 3
+
+    def factor(position, amount):
+        return _lerp(u[position], max(0.0, 1.0 - amount), 1.0 + amount)
+
+    x = jnp.clip(x * factor(_U_BRIGHT, 0.4 * strength), 0.0, 1.0)
+    mean = jnp.mean(_gray(x) if colour else x)
+    x = jnp.clip((x - mean) * factor(_U_CONTRAST, 0.4 * strength) + mean, 0.0, 1.0)
+    if colour:
+        gray = _gray(x)
+        x = jnp.clip((x - gray) * factor(_U_SATURATION, 0.2 * strength) + gray, 0.0, 1.0)
+        shift = _lerp(u[_U_HUE], -0.1 * strength, 0.1 * strength)
+        hsv = _rgb_to_hsv(x)
+        hsv = hsv.at[..., 0].set((hsv[..., 0] + shift) % 1.0)
+        x = jnp.clip(_hsv_to_rgb(hsv), 0.0, 1.0)
+    return x
+
+
+def _blur_kernel_size(size: int) -> int:
+    # ~10% of the view, odd (23 for 224 as in BYOL), at least 3.
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+def _gaussian_blur(u: jax.Array, x: jax.Array, size: int) -> jax.Array:
+    """Separable gaussian blur, sigma ~ U(0.1, 2.0) * size / 224, edge padding."""
+    sigma = _lerp(u[_U_SIGMA], *_BLUR_SIGMA) * size / 224
+    radius = _blur_kernel_size(size) // 2
+    offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+    weights = jnp.exp(-(offsets**2) / (2.0 * sigma**2))
+    weights = weights / jnp.sum(weights)
+    height, width = x.shape[0], x.shape[1]
+    padded = jnp.pad(x, ((radius, radius), (0, 0), (0, 0)), mode="edge")
+    x = sum(weights[i] * padded[i : i + height] for i in range(2 * radius + 1))
+    padded = jnp.pad(x, ((0, 0), (radius, radius), (0, 0)), mode="edge")
+    return sum(weights[i] * padded[:, i : i + width] for i in range(2 * radius + 1))
+
+
+def _one_view(
+    u: jax.Array,
+    image: jax.Array,
+    cfg: AugmentConfig,
+    size: int,
+    scale: tuple[float, float],
+) -> jax.Array:
+    """[H, W, c] in [0, 1] and uniforms [_U_COUNT] -> one view [size, size, c] in [0, 1]."""
+    height, width = image.shape[0], image.shape[1]
+    colour = image.shape[-1] == 3
+
+    top, left, crop_h, crop_w = _sample_crop_box(u, height, width, scale)
+    x = _crop_resize(image, top, left, crop_h, crop_w, size)
+    # The resampler can overshoot [0, 1] slightly; later ops assume that range.
+    x = jnp.clip(x, 0.0, 1.0)
+    # Ops with probability 0 are left out of the traced graph (the config is static).
+    if cfg.flip:
+        x = jnp.where(u[_U_FLIP] < 0.5, x[:, ::-1], x)
+    if cfg.color_jitter_prob > 0:
+        jittered = _color_jitter(u, x, cfg.color_jitter_strength)
+        x = jnp.where(u[_U_JITTER] < cfg.color_jitter_prob, jittered, x)
+    if colour and cfg.grayscale_prob > 0:
+        gray = jnp.broadcast_to(_gray(x), x.shape)
+        x = jnp.where(u[_U_GRAY] < cfg.grayscale_prob, gray, x)
+    if cfg.blur_prob > 0:
+        blurred = _gaussian_blur(u, x, size)
+        x = jnp.where(u[_U_BLUR] < cfg.blur_prob, blurred, x)
+    if cfg.solarize_prob > 0:
+        solarized = jnp.where(x > 0.5, 1.0 - x, x)
+        x = jnp.where(u[_U_SOLARIZE] < cfg.solarize_prob, solarized, x)
+    return x
+
+
+def _views(u: jax.Array, x: jax.Array, cfg: AugmentConfig, size: int, scale) -> jax.Array:
+    """Uniforms [count, b, _U_COUNT], images [b, H, W, c] -> [count, b, size, size, c]."""
+    one = lambda row, image: _one_view(row, image, cfg, size, scale)
+    return jax.vmap(jax.vmap(one), in_axes=(0, None))(u, x)
+
+
+# Jitted here because the vmapped pipeline is slow op-by-op (~100x); wrapping it in
+# another jax.jit (static_argnums=2) simply inlines it.
+@functools.partial(jax.jit, static_argnums=2)
+def make_views(
+    key: jax.Array, images: jax.Array, cfg: AugmentConfig
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Random normalised views of a batch of images.
+
+    Args:
+      key: a PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``).
+      images: uint8 (or float, 0..255) ``[b, H, W, c]``.
+      cfg: the (static, hashable) augmentation settings.
+
+    Returns:
+      float32 ``[num_views, b, crop_size, crop_size, c]``; with ``num_local_crops > 0``,
+      the tuple ``(global_views, local_views)``, local views being
+      ``[num_local_crops, b, local_crop_size, local_crop_size, c]``.
+    """
+    x = _to_unit(images)
+    if x.ndim != 4:
+        raise ValueError(f"images must be [b, H, W, c], got shape {x.shape}")
+    # One draw for all views: independent rows for every (view, image) pair.
+    u = jax.random.uniform(key, (cfg.num_views + cfg.num_local_crops, x.shape[0], _U_COUNT))
+    views = _views(u[: cfg.num_views], x, cfg, cfg.crop_size, cfg.crop_scale)
+    views = _normalise(views, cfg)
+    if not cfg.num_local_crops:
+        return views
+    local = _views(u[cfg.num_views :], x, cfg, cfg.local_crop_size, cfg.local_crop_scale)
+    return views, _normalise(local, cfg)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def center_view(images: jax.Array, cfg: AugmentConfig) -> jax.Array:
+    """Deterministic evaluation view: float32 ``[b, crop_size, crop_size, c]``.
+
+    An image larger than ``crop_size`` is centre-cropped to a square of
+    ``eval_crop_fraction`` of its shorter side (0.875 with 256 -> 224 is the ImageNet
+    protocol); a smaller one keeps its whole centred square. Either is then resized
+    (bilinear, antialiased) to ``crop_size`` and normalised like the training views.
+    """
+    x = _to_unit(images)
+    if x.ndim != 4:
+        raise ValueError(f"images must be [b, H, W, c], got shape {x.shape}")
+    _, height, width, channels = x.shape
+    size = cfg.crop_size
+    side = float(min(height, width))
+    if side > size:
+        side *= cfg.eval_crop_fraction
+    if not (height == width == side == size):
+        scale = size / side
+        x = jax.image.scale_and_translate(
+            x,
+            (x.shape[0], size, size, channels),
+            spatial_dims=(1, 2),
+            scale=jnp.array([scale, scale], jnp.float32),
+            translation=-jnp.array([height - side, width - side], jnp.float32) / 2 * scale,
+            method="linear",
+            antialias=True,
+        )
+        x = jnp.clip(x, 0.0, 1.0)
+    return _normalise(x, cfg)

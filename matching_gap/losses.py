@@ -1,0 +1,483 @@
+"""Self-supervised losses: the matching gap (two views), M3G (k views) and baselines.
+
+Every loss is a pure, jittable function returning ``(value, aux)`` so that it drops into
+``jax.value_and_grad(loss_fn, has_aux=True)``. Inputs of any floating dtype are computed in
+float32 (or float64 when x64 is enabled); ``value`` is a scalar.
+
+The optimal-transport losses follow Danskin's theorem: Sinkhorn runs on stop-gradient
+inputs, its potentials are frozen, and the entropic OT term is the dual objective evaluated
+at those potentials and the *live* cost. Its gradient with respect to the cost is the frozen
+plan, so ``d(matching gap)/dC = J - P*``; no gradient flows through the Sinkhorn iterations
+and no implicit-differentiation linear system is solved.
+
+References:
+  * "Self-Supervised Learning with the Matching Gap", ICLR 2024 submission (OpenReview
+    P50qJuu4IY).
+  * Piran et al., "Contrasting Multiple Representations with the Multi-Marginal Matching
+    Gap" (M3G), ICML 2024, arXiv:2405.19532.
+  * Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations"
+    (SimCLR / NT-Xent), 2020; Grill et al., "Bootstrap Your Own Latent" (BYOL), 2020.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+from ott.experimental import mmsinkhorn
+from ott.geometry import costs, geometry
+from ott.problems.linear import linear_problem
+from ott.solvers.linear import sinkhorn
+
+__all__ = [
+    "COSTS",
+    "DEFAULT_SINKHORN_OPTIONS",
+    "byol_loss",
+    "cost_matrix",
+    "info_nce",
+    "matching_gap",
+    "multi_marginal_matching_gap",
+    "multiview_byol",
+    "multiview_info_nce",
+]
+
+COSTS = ("sqeuclidean", "cosine")
+RELATIVE_EPSILON = (None, "mean", "std")
+MULTIVIEW_MODES = ("pairwise", "one_vs_rest")
+
+# Options forwarded to `ott.solvers.linear.sinkhorn.Sinkhorn` (or, for M3G, to
+# `ott.experimental.mmsinkhorn.MMSinkhorn`). The threshold is the L1 marginal error.
+DEFAULT_SINKHORN_OPTIONS: Mapping[str, Any] = {
+    "threshold": 1e-3,
+    "max_iterations": 2000,
+    "inner_iterations": 10,
+}
+_MM_SINKHORN_KEYS = ("threshold", "max_iterations", "inner_iterations", "min_iterations")
+
+
+def _compute_dtype(*arrays: jax.Array) -> jnp.dtype:
+    """float32, or float64 if an input already is (only possible with x64 enabled)."""
+    return jnp.result_type(jnp.float32, *[a.dtype for a in arrays])
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    # The floor keeps the gradient finite at x = 0 without changing any unit-scale input.
+    return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+
+
+def _check_pair(x: jax.Array, y: jax.Array, name: str) -> None:
+    if x.ndim != 2 or y.ndim != 2:
+        raise ValueError(
+            f"{name}: expected x and y of shape [n, d], got {x.shape} and {y.shape}."
+        )
+    if x.shape != y.shape:
+        raise ValueError(
+            f"{name}: x and y must have the same shape [n, d] (y[i] is the positive of "
+            f"x[i]), got {x.shape} and {y.shape}."
+        )
+    if x.shape[0] < 2:
+        raise ValueError(f"{name}: needs at least n = 2 pairs, got n = {x.shape[0]}.")
+
+
+def _check_epsilon(epsilon: float, relative_epsilon: str | None) -> None:
+    if isinstance(epsilon, int | float) and not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}.")
+    if relative_epsilon not in RELATIVE_EPSILON:
+        raise ValueError(
+            f"relative_epsilon must be one of {RELATIVE_EPSILON}, got {relative_epsilon!r}."
+        )
+
+
+def _sinkhorn_options(options: Mapping[str, Any] | None, allowed: tuple[str, ...] | None):
+    merged = dict(DEFAULT_SINKHORN_OPTIONS)
+    merged.update(options or {})
+    if allowed is not None:
+        unknown = sorted(set(merged) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"Unknown multi-marginal Sinkhorn option(s) {unknown}; valid: {list(allowed)}."
+            )
+    return merged
+
+
+def _resolve_epsilon(epsilon, relative_epsilon, cost: jax.Array) -> jax.Array:
+    """Absolute epsilon, or epsilon times a stop-gradient statistic of the cost."""
+    eps = jnp.asarray(epsilon, cost.dtype)
+    if relative_epsilon == "mean":
+        eps = eps * jax.lax.stop_gradient(jnp.mean(cost))
+    elif relative_epsilon == "std":
+        eps = eps * jax.lax.stop_gradient(jnp.std(cost))
+    return eps
+
+
+def _grouped(
+    fn: Callable[..., tuple[jax.Array, dict]], views: jax.Array, group_size: int | None
+) -> tuple[jax.Array, dict]:
+    """Applies ``fn(views[:, group])`` to each group of ``group_size`` consecutive pairs.
+
+    ``views``: [k, n, d]. Groups are vmapped (one batched problem, not a Python loop).
+    The value is the mean over groups; costs are averaged, ``converged`` is the AND, the
+    iteration count and marginal error are the maxima over groups.
+    """
+    n = views.shape[1]
+    if group_size is None or group_size == n:
+        return fn(views)
+    if group_size < 2 or n % group_size:
+        raise ValueError(
+            f"group_size must be >= 2 and divide the batch size n = {n}, got {group_size}."
+        )
+    num_groups = n // group_size
+    grouped = views.reshape(views.shape[0], num_groups, group_size, views.shape[2])
+    values, aux = jax.vmap(fn, in_axes=1)(grouped)
+    reduce = {"converged": jnp.all, "sinkhorn_iterations": jnp.max, "marginal_error": jnp.max}
+    aux = {k: reduce.get(k, jnp.mean)(v) for k, v in aux.items()}
+    return jnp.mean(values), aux
+
+
+def cost_matrix(x: jax.Array, y: jax.Array, cost: str = "sqeuclidean") -> jax.Array:
+    """Pairwise cost ``C[i, j] = c(x[i], y[j])``.
+
+    Args:
+      x: [n, d]; y: [m, d].
+      cost: ``"sqeuclidean"`` (``||x - y||^2``) or ``"cosine"`` (``1 - cos(x, y)``).
+
+    Returns:
+      [n, m] cost matrix.
+    """
+    if cost == "sqeuclidean":
+        # The direct form, not |x|^2 + |y|^2 - 2<x, y>: for nearly identical points that
+        # expansion cancels catastrophically and can even go negative.
+        return jnp.sum((x[:, None, :] - y[None, :, :]) ** 2, axis=-1)
+    if cost == "cosine":
+        return 1.0 - _l2_normalize(x) @ _l2_normalize(y).T
+    raise ValueError(f"Unknown cost {cost!r}; valid costs: {list(COSTS)}.")
+
+
+def _entropic_dual(f: jax.Array, g: jax.Array, cost: jax.Array, epsilon: jax.Array):
+    """Dual of min_P <P, C> - eps H(P) over couplings of uniform marginals (OTT convention).
+
+    With OTT's potentials (which absorb eps * log of the marginals) the plan is
+    ``P = exp((f_i + g_j - C_ij) / eps)``, and the dual objective reads
+    ``<a, f> + <b, g> - eps * (sum(P) - 1)``. By weak duality it is a lower bound of the
+    primal for any (f, g), so the gap built on it is >= 0 even before convergence; its
+    gradient in C (f, g frozen) is ``-(-P) = P`` i.e. Danskin's plan.
+    """
+    plan = jnp.exp((f[:, None] + g[None, :] - cost) / epsilon)
+    return jnp.mean(f) + jnp.mean(g) - epsilon * (jnp.sum(plan) - 1.0)
+
+
+def matching_gap(
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    epsilon: float,
+    cost: str = "sqeuclidean",
+    normalize: bool = False,
+    relative_epsilon: str | None = None,
+    group_size: int | None = None,
+    sinkhorn_options: Mapping[str, Any] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""The matching gap between two views of a batch.
+
+    For a cost matrix :math:`C_{ij} = c(x_i, y_j)` and the ground-truth matching
+    :math:`J = I / n`,
+
+    .. math::
+
+        \mathrm{MG}(x, y) = \langle J, C\rangle - \varepsilon \log n
+          - \min_{P \in U(1/n, 1/n)} \big(\langle P, C\rangle - \varepsilon H(P)\big),
+
+    with :math:`H(P) = -\sum_{ij} P_{ij} \log P_{ij}`. Since :math:`J` is itself a coupling
+    with entropy :math:`\log n`, MG is a Fenchel-Young gap: MG >= 0, with equality iff the
+    entropic plan is :math:`J`. As :math:`\varepsilon \to 0` it tends to the mean paired cost
+    minus the optimal assignment cost.
+
+    The minimum is solved with OTT's Sinkhorn on ``stop_gradient(C)`` and evaluated through
+    its dual at the frozen potentials and the live ``C`` (a lower bound of the minimum, so
+    the returned value is >= 0 up to float rounding even for an unconverged solver).
+    Gradient (Danskin's theorem): :math:`\partial \mathrm{MG} / \partial C = J - P^\star`,
+    pushed through :math:`\partial C / \partial (x, y)`; Sinkhorn is never differentiated.
+
+    Args:
+      x: [n, d] embeddings of the first view (any float dtype; computed in float32).
+      y: [n, d] embeddings of the second view; ``y[i]`` is the positive of ``x[i]``.
+      epsilon: entropic regularisation (> 0), absolute unless ``relative_epsilon`` is set.
+      cost: ``"sqeuclidean"`` or ``"cosine"``.
+      normalize: L2-normalise ``x`` and ``y`` before computing the cost.
+      relative_epsilon: ``None`` (absolute), ``"mean"`` or ``"std"``: multiply ``epsilon``
+        by the stop-gradient mean / standard deviation of the cost matrix (per group).
+      group_size: split the n pairs into ``n // group_size`` independent OT problems of
+        ``group_size`` consecutive pairs (vmapped); the value is the mean over groups.
+        ``None`` or ``n`` solves one global problem.
+      sinkhorn_options: keyword arguments of ``ott.solvers.linear.sinkhorn.Sinkhorn``
+        overriding :data:`DEFAULT_SINKHORN_OPTIONS` (e.g. ``{"threshold": 1e-4}``).
+
+    Returns:
+      ``(value, aux)``: ``value`` is the scalar matching gap; ``aux`` holds
+      ``paired_cost`` (<J, C>), ``ot_cost`` (the entropic OT cost <P, C> - eps H(P)),
+      ``epsilon``, ``converged``, ``sinkhorn_iterations`` and ``marginal_error`` (last L1
+      marginal error). Non-finite inputs give a non-finite value.
+
+    Example:
+      >>> import jax
+      >>> from matching_gap import losses
+      >>> x, y = jax.random.normal(jax.random.key(0), (2, 8, 4))
+      >>> value, aux = losses.matching_gap(x, y, epsilon=0.1, normalize=True)
+      >>> bool(value >= 0)
+      True
+    """
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    _check_pair(x, y, "matching_gap")
+    _check_epsilon(epsilon, relative_epsilon)
+    if cost not in COSTS:
+        raise ValueError(f"Unknown cost {cost!r}; valid costs: {list(COSTS)}.")
+    options = _sinkhorn_options(sinkhorn_options, allowed=None)
+    dtype = _compute_dtype(x, y)
+    x, y = x.astype(dtype), y.astype(dtype)
+    if normalize:
+        x, y = _l2_normalize(x), _l2_normalize(y)
+
+    def one_problem(views: jax.Array) -> tuple[jax.Array, dict]:
+        c = cost_matrix(views[0], views[1], cost)
+        n = c.shape[0]
+        eps = _resolve_epsilon(epsilon, relative_epsilon, c)
+        geom = geometry.Geometry(cost_matrix=jax.lax.stop_gradient(c), epsilon=eps)
+        solver = sinkhorn.Sinkhorn(implicit_diff=None, **options)
+        out = solver(linear_problem.LinearProblem(geom))
+        f, g = jax.lax.stop_gradient(out.f), jax.lax.stop_gradient(out.g)
+        ot_cost = _entropic_dual(f, g, c, eps)
+        paired = jnp.mean(jnp.diagonal(c))
+        value = paired - eps * math.log(n) - ot_cost
+        return value, {
+            "paired_cost": paired,
+            "ot_cost": ot_cost,
+            "epsilon": eps,
+            "converged": out.converged,
+            "sinkhorn_iterations": out.n_iters,
+            "marginal_error": _last_error(out.errors),
+        }
+
+    return _grouped(one_problem, jnp.stack([x, y]), group_size)
+
+
+def _last_error(errors: jax.Array) -> jax.Array:
+    """Last recorded Sinkhorn error (``-1`` marks iterations never run, ``inf`` unmeasured)."""
+    errors = errors.reshape(-1)
+    recorded = jnp.where(errors >= 0, errors, jnp.nan)
+    idx = jnp.sum(errors != -1) - 1
+    return recorded[jnp.clip(idx, 0, errors.shape[0] - 1)]
+
+
+def multi_marginal_matching_gap(
+    views: ArrayLike,
+    *,
+    epsilon: float,
+    normalize: bool = True,
+    relative_epsilon: str | None = None,
+    group_size: int | None = None,
+    sinkhorn_options: Mapping[str, Any] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""The multi-marginal matching gap (M3G) of k >= 2 views.
+
+    The cost of a k-tuple is the variance of its points,
+    :math:`c(z_1, \dots, z_k) = \frac1k\sum_l \|z_l\|^2 - \|\bar z\|^2
+    = \frac{1}{k^2}\sum_{l<m}\|z_l - z_m\|^2`, which for unit vectors is the circular
+    variance :math:`1 - \|\bar z\|^2` (k = 2: :math:`\|x - y\|^2 / 4`). With the diagonal
+    tensor :math:`J` (mass 1/n on :math:`i_1 = \dots = i_k`),
+
+    .. math::
+
+        \mathrm{M3G} = \langle J, C\rangle - \varepsilon \log n
+          - \min_{P \in U(1/n, \dots, 1/n)} \big(\langle P, C\rangle - \varepsilon H(P)\big)
+          \ \ge 0.
+
+    The n^k cost tensor is built explicitly (memory n^k: keep n per problem small, e.g.
+    ``group_size=64``). The minimum is solved by OTT's multi-marginal Sinkhorn on
+    stop-gradient inputs and evaluated through its dual at frozen potentials and the live
+    cost, so the gradient is :math:`J - P^\star` through :math:`\partial C/\partial z`
+    (Danskin's theorem, no differentiation of the iterations).
+
+    Args:
+      views: [k, n, d]; ``views[l, i]`` is the l-th view of item i.
+      epsilon: entropic regularisation (> 0) on the variance cost (M3G used 0.2). Always
+        explicit: OTT's default is not stop-gradient.
+      normalize: L2-normalise every view first (the M3G setting).
+      relative_epsilon: ``None``, ``"mean"`` or ``"std"`` of the stop-gradient cost tensor.
+      group_size: independent problems over groups of consecutive items (vmapped).
+      sinkhorn_options: subset of ``threshold``, ``max_iterations``, ``inner_iterations``,
+        ``min_iterations`` for ``ott.experimental.mmsinkhorn.MMSinkhorn``.
+
+    Returns:
+      ``(value, aux)`` with the same keys as :func:`matching_gap`.
+    """
+    views = jnp.asarray(views)
+    if views.ndim != 3:
+        raise ValueError(f"views must have shape [k, n, d], got {views.shape}.")
+    k, n, _ = views.shape
+    if k < 2:
+        raise ValueError(f"multi_marginal_matching_gap needs k >= 2 views, got k = {k}.")
+    if n < 2:
+        raise ValueError(f"multi_marginal_matching_gap needs n >= 2 items, got n = {n}.")
+    _check_epsilon(epsilon, relative_epsilon)
+    options = _sinkhorn_options(sinkhorn_options, allowed=_MM_SINKHORN_KEYS)
+    views = views.astype(_compute_dtype(views))
+    if normalize:
+        views = _l2_normalize(views)
+
+    def one_problem(views: jax.Array) -> tuple[jax.Array, dict]:
+        k, n, _ = views.shape
+        # Pairwise squared distances of z / k, summed over pairs: the variance cost.
+        points = tuple(views / k)
+        c = mmsinkhorn.cost_tensor(points, costs.SqEuclidean())
+        eps = _resolve_epsilon(epsilon, relative_epsilon, c)
+        solver = mmsinkhorn.MMSinkhorn(**options)
+        out = solver(tuple(jax.lax.stop_gradient(p) for p in points), epsilon=eps)
+        pots = [jax.lax.stop_gradient(p) for p in out.potentials]
+        plan = mmsinkhorn.coupling_tensor(pots, c, eps)
+        ot_cost = sum(jnp.mean(p) for p in pots) + eps * (1.0 - jnp.sum(plan))
+        diag = c[(jnp.arange(n),) * k]
+        paired = jnp.mean(diag)
+        return paired - eps * math.log(n) - ot_cost, {
+            "paired_cost": paired,
+            "ot_cost": ot_cost,
+            "epsilon": eps,
+            "converged": out.converged,
+            "sinkhorn_iterations": out.n_iters,
+            "marginal_error": _last_error(out.errors),
+        }
+
+    return _grouped(one_problem, views, group_size)
+
+
+def info_nce(
+    x: ArrayLike, y: ArrayLike, *, temperature: float = 0.1
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""NT-Xent / InfoNCE of SimCLR for two views.
+
+    The 2n L2-normalised embeddings :math:`z = [x; y]` are compared by cosine similarity
+    :math:`s_{ab}`; each anchor's positive is its other view, its negatives the 2n - 2
+    remaining embeddings:
+
+    .. math::
+
+        \mathcal L = \frac{1}{2n}\sum_a -\log \frac{\exp(s_{a,p(a)}/\tau)}
+          {\sum_{b \ne a} \exp(s_{ab}/\tau)}.
+
+    Args:
+      x, y: [n, d] embeddings; ``y[i]`` is the positive of ``x[i]``.
+      temperature: :math:`\tau > 0`.
+
+    Returns:
+      ``(value, aux)``; aux holds ``accuracy`` (fraction of anchors whose positive has the
+      highest similarity) and ``positive_similarity``.
+    """
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    _check_pair(x, y, "info_nce")
+    if isinstance(temperature, int | float) and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    dtype = _compute_dtype(x, y)
+    n = x.shape[0]
+    z = _l2_normalize(jnp.concatenate([x, y]).astype(dtype))
+    sim = z @ z.T
+    logits = jnp.where(jnp.eye(2 * n, dtype=bool), -jnp.inf, sim / temperature)
+    positives = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    value = -jnp.mean(log_probs[jnp.arange(2 * n), positives])
+    return value, {
+        "accuracy": jnp.mean(jnp.argmax(logits, axis=-1) == positives),
+        "positive_similarity": jnp.mean(sim[jnp.arange(2 * n), positives]),
+    }
+
+
+def byol_loss(predictions: ArrayLike, targets: ArrayLike) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""BYOL regression loss :math:`\frac1n\sum_i \|\bar p_i - \mathrm{sg}(\bar t_i)\|^2`.
+
+    With unit vectors this is :math:`2 - 2\cos(p_i, t_i)`. The targets (the EMA teacher's
+    projections) receive no gradient.
+
+    Args:
+      predictions: [n, d] online predictions; targets: [n, d] target projections.
+    """
+    p, t = jnp.asarray(predictions), jnp.asarray(targets)
+    _check_pair(p, t, "byol_loss")
+    dtype = _compute_dtype(p, t)
+    p = _l2_normalize(p.astype(dtype))
+    t = jax.lax.stop_gradient(_l2_normalize(t.astype(dtype)))
+    cos = jnp.sum(p * t, axis=-1)
+    return jnp.mean(2.0 - 2.0 * cos), {"cosine": jnp.mean(cos)}
+
+
+def _check_views(views: jax.Array, name: str, mode: str) -> None:
+    if views.ndim != 3 or views.shape[0] < 2:
+        raise ValueError(f"{name}: expected views of shape [k >= 2, n, d], got {views.shape}.")
+    if mode not in MULTIVIEW_MODES:
+        raise ValueError(f"{name}: unknown mode {mode!r}; valid modes: {list(MULTIVIEW_MODES)}.")
+
+
+def _rest_mean(views: jax.Array, l: int) -> jax.Array:
+    """Mean of the normalised views other than l: [n, d]."""
+    k = views.shape[0]
+    normed = _l2_normalize(views)
+    return (jnp.sum(normed, axis=0) - normed[l]) / (k - 1)
+
+
+def _mean_aux(auxes: list[dict]) -> dict:
+    return {key: jnp.mean(jnp.stack([a[key] for a in auxes])) for key in auxes[0]}
+
+
+def multiview_info_nce(
+    views: ArrayLike, *, temperature: float = 0.1, mode: str = "pairwise"
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """InfoNCE extended to k >= 2 views, as the M3G paper's baselines.
+
+    ``mode="pairwise"``: mean of :func:`info_nce` over the k(k-1)/2 pairs of views.
+    ``mode="one_vs_rest"``: mean over l of :func:`info_nce` between view l and the mean of
+    the other (normalised) views. For k = 2 both equal :func:`info_nce`.
+
+    Args:
+      views: [k, n, d].
+    """
+    views = jnp.asarray(views)
+    _check_views(views, "multiview_info_nce", mode)
+    k = views.shape[0]
+    if mode == "pairwise":
+        terms = [info_nce(views[a], views[b], temperature=temperature)
+                 for a in range(k) for b in range(a + 1, k)]
+    else:
+        terms = [info_nce(views[a], _rest_mean(views, a), temperature=temperature)
+                 for a in range(k)]
+        if k == 2:
+            terms = terms[:1]
+    return jnp.mean(jnp.stack([t[0] for t in terms])), _mean_aux([t[1] for t in terms])
+
+
+def multiview_byol(
+    predictions: ArrayLike, targets: ArrayLike, *, mode: str = "pairwise"
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """BYOL extended to k >= 2 views.
+
+    ``mode="pairwise"``: mean of :func:`byol_loss` (prediction of view a, target of view b)
+    over the k(k-1) ordered pairs a != b (the symmetrised BYOL loss for k = 2).
+    ``mode="one_vs_rest"``: mean over a of :func:`byol_loss` between the prediction of view a
+    and the mean of the other views' (normalised) targets.
+
+    Args:
+      predictions, targets: [k, n, d].
+    """
+    p, t = jnp.asarray(predictions), jnp.asarray(targets)
+    _check_views(p, "multiview_byol", mode)
+    if p.shape != t.shape:
+        raise ValueError(
+            f"multiview_byol: predictions and targets must have the same shape [k, n, d], "
+            f"got {p.shape} and {t.shape}."
+        )
+    k = p.shape[0]
+    if mode == "pairwise":
+        terms = [byol_loss(p[a], t[b]) for a in range(k) for b in range(k) if a != b]
+    else:
+        terms = [byol_loss(p[a], _rest_mean(t, a)) for a in range(k)]
+    return jnp.mean(jnp.stack([x[0] for x in terms])), _mean_aux([x[1] for x in terms])

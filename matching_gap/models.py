@@ -1,0 +1,446 @@
+"""Vision Transformer encoder and projection heads for self-supervised learning (Flax NNX).
+
+The modules are written so that a training loop can work with pure functions: it splits the
+model once with ``nnx.split`` and re-merges it inside a jitted step. Nothing random is stored in
+the modules; ``nnx.Rngs`` is only used at construction to initialise parameters, and the
+stochastic parts (drop path) take an explicit ``key`` argument at call time, where ``key=None``
+means deterministic (evaluation) behaviour.
+
+Contents:
+
+* :class:`ViT`: a standard pre-LayerNorm ViT (as in DINO / timm) returning pooled features.
+* :class:`MLPHead`: ``Linear -> GELU -> ... -> Linear`` projector / predictor.
+* :class:`SSLModel`: encoder + projector + optional predictor.
+* :data:`VIT_VARIANTS`, :func:`parse_variant` and :func:`create_model` to build models from
+  an ``ml_collections.ConfigDict``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+VIT_VARIANTS: dict[str, dict[str, int]] = {
+    "Ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
+    "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
+    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_POOLINGS = ("cls", "mean")
+
+# DINO / timm initialise every linear layer and the learned tokens with a truncated normal of
+# std 0.02; keeping the same scheme keeps published hyper-parameters (lr, wd) meaningful.
+_trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
+
+
+def parse_variant(name: str) -> dict[str, int]:
+    """Parses a ViT variant string such as ``"B/16"`` or ``"Ti/4"``.
+
+    Returns:
+        A dict with ``width``, ``depth``, ``num_heads``, ``mlp_dim`` and ``patch_size``.
+
+    Raises:
+        ValueError: if the string is not ``<size>/<patch>`` with a known size.
+    """
+    valid = ", ".join(f"'{k}/<patch>'" for k in VIT_VARIANTS)
+    match = re.fullmatch(r"\s*([A-Za-z]+)\s*/\s*(\d+)\s*", name) if isinstance(name, str) else None
+    if match is None or match.group(1) not in VIT_VARIANTS:
+        raise ValueError(
+            f"Unknown ViT variant {name!r}: expected one of {valid} (e.g. 'B/16', 'S/8')."
+        )
+    patch_size = int(match.group(2))
+    if patch_size <= 0:
+        raise ValueError(f"ViT variant {name!r}: the patch size must be a positive integer.")
+    return dict(VIT_VARIANTS[match.group(1)], patch_size=patch_size)
+
+
+def _drop_path(x: Array, rate: float, key: Array | None) -> Array:
+    """Stochastic depth: zeroes whole residual branches per sample, rescaled by 1/keep_prob."""
+    if key is None or rate == 0.0:
+        return x
+    keep_prob = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
+
+
+def _linear(in_features: int, out_features: int, *, dtype, param_dtype, rngs) -> nnx.Linear:
+    return nnx.Linear(
+        in_features,
+        out_features,
+        kernel_init=_trunc_normal,
+        bias_init=nnx.initializers.zeros_init(),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with a fused qkv projection (same parameters as timm)."""
+
+    def __init__(self, width: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        if width % num_heads:
+            raise ValueError(f"width ({width}) must be divisible by num_heads ({num_heads}).")
+        self.num_heads = num_heads
+        self.head_dim = width // num_heads
+        self.dtype = dtype
+        self.qkv = _linear(width, 3 * width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.proj = _linear(width, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
+        # Logits and softmax in float32: bf16 logits lose too much precision for the softmax.
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, -1)
+        return self.proj(out)
+
+
+class MLP(nnx.Module):
+    """Transformer feed-forward block: Linear -> GELU -> Linear."""
+
+    def __init__(self, width: int, mlp_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.fc1 = _linear(width, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = _linear(mlp_dim, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        # Exact (erf) GELU as in the PyTorch ViT/DINO reference implementations.
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class EncoderBlock(nnx.Module):
+    """Pre-LN transformer block with per-sample drop path on both residual branches."""
+
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        mlp_dim: int,
+        *,
+        drop_path_rate: float,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.drop_path_rate = float(drop_path_rate)
+        norm_kw = dict(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = nnx.LayerNorm(width, **norm_kw)
+        self.attn = Attention(width, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(width, **norm_kw)
+        self.mlp = MLP(width, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: Array, key: Array | None = None) -> Array:
+        key_attn, key_mlp = (None, None) if key is None else jax.random.split(key)
+        x = x + _drop_path(self.attn(self.norm1(x)), self.drop_path_rate, key_attn)
+        x = x + _drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, key_mlp)
+        return x
+
+
+def _call_block(block: EncoderBlock, x: Array, key: Array | None) -> Array:
+    # A free function (not a bound method) because nnx.remat only lifts unbound callables.
+    return block(x, key)
+
+
+_call_block_remat = nnx.remat(_call_block)
+
+
+class ViT(nnx.Module):
+    """Pre-LN Vision Transformer returning pooled features ``[b, width]`` in float32.
+
+    Args:
+        width, depth, num_heads, mlp_dim, patch_size: architecture sizes.
+        image_size: training resolution; defines the learned position-embedding grid. Other
+            resolutions (multiples of ``patch_size``) are handled by bilinear interpolation.
+        channels: number of input channels.
+        pooling: ``"cls"`` (CLS token) or ``"mean"`` (mean of patch tokens, no CLS token).
+        drop_path_rate: stochastic depth rate of the last block; increases linearly from 0.
+        dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay in ``param_dtype``.
+        remat: rematerialise each block in the backward pass (saves activation memory).
+        rngs: used for initialisation only.
+    """
+
+    def __init__(
+        self,
+        *,
+        width: int,
+        depth: int,
+        num_heads: int,
+        mlp_dim: int,
+        patch_size: int,
+        image_size: int,
+        channels: int,
+        pooling: str = "cls",
+        drop_path_rate: float = 0.0,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        if pooling not in _POOLINGS:
+            raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}.")
+        if width % num_heads:
+            raise ValueError(f"width ({width}) must be divisible by num_heads ({num_heads}).")
+        if image_size % patch_size:
+            raise ValueError(
+                f"image_size ({image_size}) must be divisible by patch_size ({patch_size})."
+            )
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}.")
+        self.width = width
+        self.num_features = width
+        self.depth = depth
+        self.patch_size = patch_size
+        self.image_size = image_size
+        self.channels = channels
+        self.pooling = pooling
+        self.dtype = dtype
+        self.remat = remat
+
+        self.patch_embed = nnx.Conv(
+            channels,
+            width,
+            kernel_size=(patch_size, patch_size),
+            strides=(patch_size, patch_size),
+            padding="VALID",
+            kernel_init=nnx.initializers.lecun_normal(),
+            bias_init=nnx.initializers.zeros_init(),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        grid = image_size // patch_size
+        self.grid_size = grid
+        self.pos_embed = nnx.Param(_trunc_normal(rngs.params(), (grid, grid, width), param_dtype))
+        if pooling == "cls":
+            self.cls_token = nnx.Param(_trunc_normal(rngs.params(), (1, 1, width), param_dtype))
+            # The CLS token gets its own position embedding, as in the original ViT.
+            self.cls_pos_embed = nnx.Param(_trunc_normal(rngs.params(), (1, 1, width), param_dtype))
+        rates = np.linspace(0.0, drop_path_rate, depth) if depth else []
+        self.blocks = nnx.List(
+            [
+                EncoderBlock(
+                    width,
+                    num_heads,
+                    mlp_dim,
+                    drop_path_rate=float(rate),
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    rngs=rngs,
+                )
+                for rate in rates
+            ]
+        )
+        self.norm = nnx.LayerNorm(
+            width, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+
+    def _position_embedding(self, grid_h: int, grid_w: int) -> Array:
+        pos = self.pos_embed[...]
+        if (grid_h, grid_w) != pos.shape[:2]:
+            # Interpolate in float32 so bf16 params do not add rounding on top of resampling.
+            # No antialiasing, to match torch's F.interpolate used by DINO for local crops.
+            pos = jax.image.resize(
+                pos.astype(jnp.float32),
+                (grid_h, grid_w, self.width),
+                method="bilinear",
+                antialias=False,
+            )
+        return pos.reshape(1, grid_h * grid_w, self.width)
+
+    def tokens(self, images: Array, *, key: Array | None = None) -> Array:
+        """All output tokens after the final norm, ``[b, (1 +) n_patches, width]``."""
+        if images.ndim != 4 or images.shape[-1] != self.channels:
+            raise ValueError(
+                f"Expected images of shape [b, h, w, {self.channels}], got {images.shape}."
+            )
+        h, w = images.shape[1:3]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"Image size {h}x{w} is not divisible by patch_size {self.patch_size}; "
+                "resize or crop the images to a multiple of the patch size."
+            )
+        x = self.patch_embed(images.astype(self.dtype))
+        b, gh, gw, _ = x.shape
+        x = x.reshape(b, gh * gw, self.width)
+        x = x + self._position_embedding(gh, gw).astype(self.dtype)
+        if self.pooling == "cls":
+            cls = (self.cls_token[...] + self.cls_pos_embed[...]).astype(self.dtype)
+            x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)), x], axis=1)
+
+        keys = [None] * len(self.blocks) if key is None else jax.random.split(key, len(self.blocks))
+        call = _call_block_remat if self.remat else _call_block
+        for block, block_key in zip(self.blocks, keys, strict=True):
+            x = call(block, x, block_key)
+        return self.norm(x)
+
+    def __call__(self, images: Array, *, key: Array | None = None) -> Array:
+        x = self.tokens(images, key=key)
+        if self.pooling == "cls":
+            return x[:, 0].astype(jnp.float32)
+        # Average in float32 rather than in the (possibly bf16) compute dtype.
+        return jnp.mean(x.astype(jnp.float32), axis=1)
+
+
+class MLPHead(nnx.Module):
+    """``Linear(in, hidden) -> GELU -> ... -> Linear(hidden, out)``; one layer = one Linear."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_dim: int,
+        out_dim: int,
+        num_layers: int = 2,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+    ):
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
+        dims = [in_features] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.dtype = dtype
+        self.layers = nnx.List(
+            [
+                _linear(d_in, d_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for d_in, d_out in zip(dims[:-1], dims[1:], strict=True)
+            ]
+        )
+
+    def __call__(self, x: Array) -> Array:
+        x = x.astype(self.dtype)
+        for i, layer in enumerate(self.layers):
+            if i:
+                x = jax.nn.gelu(x, approximate=False)
+            x = layer(x)
+        return x.astype(jnp.float32)
+
+
+class SSLModel(nnx.Module):
+    """Encoder + projector + optional predictor, as used by the student and the EMA teacher."""
+
+    def __init__(self, encoder: ViT, projector: MLPHead, predictor: MLPHead | None = None):
+        self.encoder = encoder
+        self.projector = projector
+        self.predictor = predictor
+
+    def __call__(self, images: Array, *, key: Array | None = None) -> dict[str, Array]:
+        """Returns ``features [b, width]``, ``projections`` and ``predictions`` (float32).
+
+        ``predictions`` equals ``projections`` when the model has no predictor.
+        """
+        features = self.encoder(images, key=key)
+        projections = self.projector(features)
+        predictions = projections if self.predictor is None else self.predictor(projections)
+        return dict(features=features, projections=projections, predictions=predictions)
+
+    def encode(self, images: Array) -> Array:
+        """Deterministic encoder features for evaluation (linear probe, k-NN)."""
+        return self.encoder(images, key=None)
+
+
+def _get(config, name: str, default: Any = None) -> Any:
+    return config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
+
+
+def create_model(model_config, *, rngs: nnx.Rngs) -> SSLModel:
+    """Builds an :class:`SSLModel` from an ``ml_collections.ConfigDict``.
+
+    Fields: ``variant`` (e.g. ``"B/16"``; ``""`` uses ``width``, ``depth``, ``num_heads``,
+    ``mlp_dim`` and ``patch_size``), ``image_size``, ``channels``, ``pooling``,
+    ``drop_path_rate``, ``dtype`` (``"float32"`` or ``"bfloat16"``), ``remat``,
+    ``projector_hidden_dim``, ``projector_dim``, ``projector_layers``, ``use_predictor``,
+    ``predictor_hidden_dim`` and optionally ``predictor_layers`` (default: ``projector_layers``).
+    """
+    cfg = model_config
+    variant = _get(cfg, "variant", "") or ""
+    if variant:
+        sizes = parse_variant(variant)
+    else:
+        sizes = {k: _get(cfg, k) for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size")}
+        missing = [k for k, v in sizes.items() if v is None]
+        if missing:
+            raise ValueError(f"model.variant is empty, so model.{missing} must be set.")
+    for name, value in sizes.items():
+        if int(value) != value or value <= 0:
+            raise ValueError(f"model.{name} must be a positive integer, got {value!r}.")
+    sizes = {k: int(v) for k, v in sizes.items()}
+    if sizes["width"] % sizes["num_heads"]:
+        raise ValueError(
+            f"model.width ({sizes['width']}) must be divisible by model.num_heads "
+            f"({sizes['num_heads']}); change one of them."
+        )
+
+    image_size = int(_get(cfg, "image_size"))
+    if image_size % sizes["patch_size"]:
+        raise ValueError(
+            f"model.image_size ({image_size}) must be divisible by the patch size "
+            f"({sizes['patch_size']}); change image_size or the patch size."
+        )
+    pooling = _get(cfg, "pooling", "cls")
+    if pooling not in _POOLINGS:
+        raise ValueError(f"model.pooling must be one of {_POOLINGS}, got {pooling!r}.")
+    drop_path_rate = float(_get(cfg, "drop_path_rate", 0.0))
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"model.drop_path_rate must be in [0, 1), got {drop_path_rate}.")
+    dtype_name = _get(cfg, "dtype", "float32")
+    if dtype_name not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {list(_DTYPES)}, got {dtype_name!r}.")
+    dtype = _DTYPES[dtype_name]
+
+    head_sizes = {
+        k: int(_get(cfg, k)) for k in ("projector_hidden_dim", "projector_dim", "projector_layers")
+    }
+    for name, value in head_sizes.items():
+        if value <= 0:
+            raise ValueError(f"model.{name} must be a positive integer, got {value}.")
+
+    encoder = ViT(
+        **sizes,
+        image_size=image_size,
+        channels=int(_get(cfg, "channels", 3)),
+        pooling=pooling,
+        drop_path_rate=drop_path_rate,
+        dtype=dtype,
+        remat=bool(_get(cfg, "remat", False)),
+        rngs=rngs,
+    )
+    projector = MLPHead(
+        encoder.num_features,
+        head_sizes["projector_hidden_dim"],
+        head_sizes["projector_dim"],
+        head_sizes["projector_layers"],
+        dtype=dtype,
+        rngs=rngs,
+    )
+    predictor = None
+    if _get(cfg, "use_predictor", False):
+        predictor_hidden = int(
+            _get(cfg, "predictor_hidden_dim", head_sizes["projector_hidden_dim"])
+        )
+        predictor_layers = int(_get(cfg, "predictor_layers", head_sizes["projector_layers"]))
+        if predictor_hidden <= 0 or predictor_layers <= 0:
+            raise ValueError(
+                "model.predictor_hidden_dim and model.predictor_layers must be positive, got "
+                f"{predictor_hidden} and {predictor_layers}."
+            )
+        predictor = MLPHead(
+            head_sizes["projector_dim"],
+            predictor_hidden,
+            head_sizes["projector_dim"],
+            predictor_layers,
+            dtype=dtype,
+            rngs=rngs,
+        )
+    return SSLModel(encoder, projector, predictor)
