@@ -71,9 +71,7 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
 
 def _check_pair(x: jax.Array, y: jax.Array, name: str) -> None:
     if x.ndim != 2 or y.ndim != 2:
-        raise ValueError(
-            f"{name}: expected x and y of shape [n, d], got {x.shape} and {y.shape}."
-        )
+        raise ValueError(f"{name}: expected x and y of shape [n, d], got {x.shape} and {y.shape}.")
     if x.shape != y.shape:
         raise ValueError(
             f"{name}: x and y must have the same shape [n, d] (y[i] is the positive of "
@@ -418,11 +416,11 @@ def _check_views(views: jax.Array, name: str, mode: str) -> None:
         raise ValueError(f"{name}: unknown mode {mode!r}; valid modes: {list(MULTIVIEW_MODES)}.")
 
 
-def _rest_mean(views: jax.Array, l: int) -> jax.Array:
-    """Mean of the normalised views other than l: [n, d]."""
+def _rest_mean(views: jax.Array, index: int) -> jax.Array:
+    """Mean of the normalised views other than ``index``: [n, d]."""
     k = views.shape[0]
     normed = _l2_normalize(views)
-    return (jnp.sum(normed, axis=0) - normed[l]) / (k - 1)
+    return (jnp.sum(normed, axis=0) - normed[index]) / (k - 1)
 
 
 def _mean_aux(auxes: list[dict]) -> dict:
@@ -445,11 +443,15 @@ def multiview_info_nce(
     _check_views(views, "multiview_info_nce", mode)
     k = views.shape[0]
     if mode == "pairwise":
-        terms = [info_nce(views[a], views[b], temperature=temperature)
-                 for a in range(k) for b in range(a + 1, k)]
+        terms = [
+            info_nce(views[a], views[b], temperature=temperature)
+            for a in range(k)
+            for b in range(a + 1, k)
+        ]
     else:
-        terms = [info_nce(views[a], _rest_mean(views, a), temperature=temperature)
-                 for a in range(k)]
+        terms = [
+            info_nce(views[a], _rest_mean(views, a), temperature=temperature) for a in range(k)
+        ]
         if k == 2:
             terms = terms[:1]
     return jnp.mean(jnp.stack([t[0] for t in terms])), _mean_aux([t[1] for t in terms])

@@ -84,15 +84,18 @@ def test_ot_cost_tends_to_exact_assignment_as_epsilon_goes_to_zero(x64):
     errors = []
     for eps in [1.0, 0.3, 0.1, 0.03]:
         value, aux = losses.matching_gap(
-            x, y, epsilon=eps, sinkhorn_options={"threshold": 1e-5, "max_iterations": 50000})
+            x, y, epsilon=eps, sinkhorn_options={"threshold": 1e-5, "max_iterations": 50000}
+        )
         assert bool(aux["converged"])
         err = abs(float(aux["ot_cost"]) - exact)
         # Entropic OT lies within [exact - 2 eps log n, exact - eps log n].
         assert err <= 2 * eps * math.log(n) + 1e-3
         errors.append(err)
         np.testing.assert_allclose(
-            float(value), float(aux["paired_cost"]) - eps * math.log(n) - float(aux["ot_cost"]),
-            rtol=1e-6)
+            float(value),
+            float(aux["paired_cost"]) - eps * math.log(n) - float(aux["ot_cost"]),
+            rtol=1e-6,
+        )
     assert errors == sorted(errors, reverse=True)
     # And the gap itself tends to mean paired cost minus mean optimal assignment cost.
     assert abs(float(value) - (np.trace(c) / n - exact)) < 3 * 0.03 * math.log(n)
@@ -120,8 +123,7 @@ def test_invariant_to_joint_permutation_of_pairs():
     x, y = _views(1, n=16)
     perm = np.random.default_rng(0).permutation(16)
     v1, _ = losses.matching_gap(x, y, epsilon=0.3, sinkhorn_options={"threshold": 1e-6})
-    v2, _ = losses.matching_gap(x[perm], y[perm], epsilon=0.3,
-                                sinkhorn_options={"threshold": 1e-6})
+    v2, _ = losses.matching_gap(x[perm], y[perm], epsilon=0.3, sinkhorn_options={"threshold": 1e-6})
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
 
 
@@ -149,8 +151,9 @@ def test_bfloat16_inputs_are_computed_in_float32():
     v16, aux = losses.matching_gap(x16, y16, epsilon=0.5, normalize=True)
     assert v16.dtype == jnp.float32 and aux["ot_cost"].dtype == jnp.float32
     # Same inputs after rounding to bf16: the only difference is the input rounding.
-    v32, _ = losses.matching_gap(np.asarray(x16, np.float32), np.asarray(y16, np.float32),
-                                 epsilon=0.5, normalize=True)
+    v32, _ = losses.matching_gap(
+        np.asarray(x16, np.float32), np.asarray(y16, np.float32), epsilon=0.5, normalize=True
+    )
     np.testing.assert_allclose(v16, v32, rtol=1e-5)
     vref, _ = losses.matching_gap(x, y, epsilon=0.5, normalize=True)
     np.testing.assert_allclose(v16, vref, rtol=2e-2)
@@ -171,12 +174,14 @@ def test_relative_epsilon_uses_stop_gradient_statistic():
 # -------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("cost,normalize", [("sqeuclidean", False), ("cosine", False),
-                                            ("sqeuclidean", True)])
+@pytest.mark.parametrize(
+    "cost,normalize", [("sqeuclidean", False), ("cosine", False), ("sqeuclidean", True)]
+)
 def test_gradient_matches_finite_differences_in_float64(x64, cost, normalize):
     x, y = _views(7, n=6, d=3, dtype=np.float64)
-    f = lambda x: losses.matching_gap(x, y, epsilon=0.4, cost=cost, normalize=normalize,
-                                      sinkhorn_options=TIGHT)[0]
+    f = lambda x: losses.matching_gap(
+        x, y, epsilon=0.4, cost=cost, normalize=normalize, sinkhorn_options=TIGHT
+    )[0]
     grad = np.asarray(jax.grad(f)(jnp.asarray(x)))
     assert grad.dtype == np.float64
     np.testing.assert_allclose(grad, _central_differences(f, x), rtol=1e-5, atol=1e-7)
@@ -185,11 +190,13 @@ def test_gradient_matches_finite_differences_in_float64(x64, cost, normalize):
 def test_gradient_is_j_minus_plan_pushed_through_the_cost(x64):
     x, y = _views(8, n=7, d=4, dtype=np.float64)
     eps = 0.5
-    ours = jax.grad(lambda x: losses.matching_gap(x, y, epsilon=eps,
-                                                  sinkhorn_options=TIGHT)[0])(jnp.asarray(x))
+    ours = jax.grad(lambda x: losses.matching_gap(x, y, epsilon=eps, sinkhorn_options=TIGHT)[0])(
+        jnp.asarray(x)
+    )
     c, cost_vjp = jax.vjp(lambda x: losses.cost_matrix(x, jnp.asarray(y)), jnp.asarray(x))
     out = sinkhorn.Sinkhorn(threshold=1e-12, max_iterations=20000)(
-        linear_problem.LinearProblem(geometry.Geometry(cost_matrix=c, epsilon=eps)))
+        linear_problem.LinearProblem(geometry.Geometry(cost_matrix=c, epsilon=eps))
+    )
     (expected,) = cost_vjp(jnp.eye(7) / 7 - out.matrix)
     np.testing.assert_allclose(ours, expected, rtol=1e-8, atol=1e-11)
 
@@ -201,14 +208,17 @@ def test_gradient_matches_ott_implicit_differentiation(x64):
     def implicit_gap(x):
         c = losses.cost_matrix(x, jnp.asarray(y))
         solver = sinkhorn.Sinkhorn(
-            threshold=1e-10, max_iterations=20000, use_danskin=False,
-            implicit_diff=implicit_differentiation.ImplicitDiff())
-        out = solver(linear_problem.LinearProblem(geometry.Geometry(cost_matrix=c,
-                                                                    epsilon=eps)))
+            threshold=1e-10,
+            max_iterations=20000,
+            use_danskin=False,
+            implicit_diff=implicit_differentiation.ImplicitDiff(),
+        )
+        out = solver(linear_problem.LinearProblem(geometry.Geometry(cost_matrix=c, epsilon=eps)))
         return jnp.trace(c) / 8 + eps * math.log(8) - out.reg_ot_cost
 
-    ours = jax.grad(lambda x: losses.matching_gap(x, y, epsilon=eps,
-                                                  sinkhorn_options=TIGHT)[0])(jnp.asarray(x))
+    ours = jax.grad(lambda x: losses.matching_gap(x, y, epsilon=eps, sinkhorn_options=TIGHT)[0])(
+        jnp.asarray(x)
+    )
     reference = jax.grad(implicit_gap)(jnp.asarray(x))
     np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-9)
 
@@ -219,12 +229,14 @@ def test_gradient_matches_ott_implicit_differentiation(x64):
 def test_grouped_loss_is_mean_of_per_group_losses():
     x, y = _views(10, n=12)
     value, aux = losses.matching_gap(x, y, epsilon=0.3, group_size=4)
-    per_group = [losses.matching_gap(x[i:i + 4], y[i:i + 4], epsilon=0.3) for i in (0, 4, 8)]
+    per_group = [losses.matching_gap(x[i : i + 4], y[i : i + 4], epsilon=0.3) for i in (0, 4, 8)]
     np.testing.assert_allclose(value, np.mean([v for v, _ in per_group]), rtol=1e-5)
-    np.testing.assert_allclose(aux["paired_cost"],
-                               np.mean([a["paired_cost"] for _, a in per_group]), rtol=1e-5)
-    assert int(aux["sinkhorn_iterations"]) == max(int(a["sinkhorn_iterations"])
-                                                   for _, a in per_group)
+    np.testing.assert_allclose(
+        aux["paired_cost"], np.mean([a["paired_cost"] for _, a in per_group]), rtol=1e-5
+    )
+    assert int(aux["sinkhorn_iterations"]) == max(
+        int(a["sinkhorn_iterations"]) for _, a in per_group
+    )
     grad = jax.grad(lambda x: losses.matching_gap(x, y, epsilon=0.3, group_size=4)[0])(x)
     grad0 = jax.grad(lambda x: losses.matching_gap(x, y[:4], epsilon=0.3)[0])(x[:4])
     np.testing.assert_allclose(grad[:4], grad0 / 3, rtol=1e-4, atol=1e-7)
@@ -244,7 +256,8 @@ def test_m3g_with_two_views_equals_matching_gap_with_quarter_cost():
     x, y = _views(12, n=10)
     opts = {"threshold": 1e-6}
     m3g, aux_m = losses.multi_marginal_matching_gap(
-        np.stack([x, y]), epsilon=0.2, normalize=True, sinkhorn_options=opts)
+        np.stack([x, y]), epsilon=0.2, normalize=True, sinkhorn_options=opts
+    )
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     yn = y / np.linalg.norm(y, axis=1, keepdims=True)
     # ||x/2 - y/2||^2 = ||x - y||^2 / 4.
@@ -282,8 +295,9 @@ def test_m3g_gradient_matches_finite_differences_in_float64(x64):
 def test_m3g_grouped_is_mean_of_groups():
     views = _views(16, n=8, k=3)
     value, _ = losses.multi_marginal_matching_gap(views, epsilon=0.2, group_size=4)
-    parts = [losses.multi_marginal_matching_gap(views[:, i:i + 4], epsilon=0.2)[0]
-             for i in (0, 4)]
+    parts = [
+        losses.multi_marginal_matching_gap(views[:, i : i + 4], epsilon=0.2)[0] for i in (0, 4)
+    ]
     np.testing.assert_allclose(value, np.mean(parts), rtol=1e-5)
 
 
@@ -316,18 +330,26 @@ def test_info_nce_matches_explicit_loops():
 def test_multiview_info_nce_modes():
     views = _views(18, n=6, k=3)
     pair, _ = losses.multiview_info_nce(views, temperature=0.2)
-    expected = np.mean([losses.info_nce(views[a], views[b], temperature=0.2)[0]
-                        for a, b in [(0, 1), (0, 2), (1, 2)]])
+    expected = np.mean(
+        [
+            losses.info_nce(views[a], views[b], temperature=0.2)[0]
+            for a, b in [(0, 1), (0, 2), (1, 2)]
+        ]
+    )
     np.testing.assert_allclose(pair, expected, rtol=1e-6)
     rest, _ = losses.multiview_info_nce(views, temperature=0.2, mode="one_vs_rest")
     vn = views / np.linalg.norm(views, axis=-1, keepdims=True)
-    expected = np.mean([losses.info_nce(views[a], (vn.sum(0) - vn[a]) / 2, temperature=0.2)[0]
-                        for a in range(3)])
+    expected = np.mean(
+        [losses.info_nce(views[a], (vn.sum(0) - vn[a]) / 2, temperature=0.2)[0] for a in range(3)]
+    )
     np.testing.assert_allclose(rest, expected, rtol=1e-6)
     two = views[:2]
     for mode in losses.MULTIVIEW_MODES:
-        np.testing.assert_allclose(losses.multiview_info_nce(two, mode=mode)[0],
-                                   losses.info_nce(two[0], two[1])[0], rtol=1e-6)
+        np.testing.assert_allclose(
+            losses.multiview_info_nce(two, mode=mode)[0],
+            losses.info_nce(two[0], two[1])[0],
+            rtol=1e-6,
+        )
 
 
 def test_byol_loss_hand_computed_and_stop_gradient():
@@ -344,8 +366,9 @@ def test_byol_loss_hand_computed_and_stop_gradient():
 def test_multiview_byol_modes():
     p, t = _views(19, n=4, k=3), _views(20, n=4, k=3)
     pair, _ = losses.multiview_byol(p, t)
-    expected = np.mean([losses.byol_loss(p[a], t[b])[0]
-                        for a in range(3) for b in range(3) if a != b])
+    expected = np.mean(
+        [losses.byol_loss(p[a], t[b])[0] for a in range(3) for b in range(3) if a != b]
+    )
     np.testing.assert_allclose(pair, expected, rtol=1e-6)
     rest, _ = losses.multiview_byol(p, t, mode="one_vs_rest")
     tn = t / np.linalg.norm(t, axis=-1, keepdims=True)
@@ -359,35 +382,48 @@ def test_multiview_byol_modes():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: losses.matching_gap(np.ones((4, 3)), np.ones((5, 3)), epsilon=0.1),
-         "same shape"),
+        (lambda: losses.matching_gap(np.ones((4, 3)), np.ones((5, 3)), epsilon=0.1), "same shape"),
         (lambda: losses.matching_gap(np.ones((4,)), np.ones((4,)), epsilon=0.1), r"\[n, d\]"),
-        (lambda: losses.matching_gap(np.ones((1, 3)), np.ones((1, 3)), epsilon=0.1),
-         "n = 2"),
-        (lambda: losses.matching_gap(np.ones((4, 3)), np.ones((4, 3)), epsilon=0.0),
-         "epsilon must be > 0"),
-        (lambda: losses.matching_gap(np.ones((4, 3)), np.ones((4, 3)), epsilon=-1.0),
-         "epsilon must be > 0"),
-        (lambda: losses.matching_gap(np.ones((4, 3)), np.ones((4, 3)), epsilon=0.1,
-                                     cost="l1"), "Unknown cost"),
-        (lambda: losses.matching_gap(np.ones((4, 3)), np.ones((4, 3)), epsilon=0.1,
-                                     relative_epsilon="max"), "relative_epsilon"),
-        (lambda: losses.matching_gap(np.ones((6, 3)), np.ones((6, 3)), epsilon=0.1,
-                                     group_size=4), "group_size"),
-        (lambda: losses.multi_marginal_matching_gap(np.ones((1, 4, 3)), epsilon=0.1),
-         "k >= 2"),
-        (lambda: losses.multi_marginal_matching_gap(np.ones((3, 1, 3)), epsilon=0.1),
-         "n >= 2"),
-        (lambda: losses.multi_marginal_matching_gap(np.ones((4, 3)), epsilon=0.1),
-         r"\[k, n, d\]"),
-        (lambda: losses.multi_marginal_matching_gap(np.ones((2, 4, 3)), epsilon=0.0),
-         "epsilon must be > 0"),
-        (lambda: losses.multi_marginal_matching_gap(np.ones((2, 4, 3)), epsilon=0.1,
-                                                    sinkhorn_options={"lse_mode": True}),
-         "Unknown multi-marginal"),
+        (lambda: losses.matching_gap(np.ones((1, 3)), np.ones((1, 3)), epsilon=0.1), "n = 2"),
+        (
+            lambda: losses.matching_gap(np.ones((4, 3)), np.ones((4, 3)), epsilon=0.0),
+            "epsilon must be > 0",
+        ),
+        (
+            lambda: losses.matching_gap(np.ones((4, 3)), np.ones((4, 3)), epsilon=-1.0),
+            "epsilon must be > 0",
+        ),
+        (
+            lambda: losses.matching_gap(np.ones((4, 3)), np.ones((4, 3)), epsilon=0.1, cost="l1"),
+            "Unknown cost",
+        ),
+        (
+            lambda: losses.matching_gap(
+                np.ones((4, 3)), np.ones((4, 3)), epsilon=0.1, relative_epsilon="max"
+            ),
+            "relative_epsilon",
+        ),
+        (
+            lambda: losses.matching_gap(
+                np.ones((6, 3)), np.ones((6, 3)), epsilon=0.1, group_size=4
+            ),
+            "group_size",
+        ),
+        (lambda: losses.multi_marginal_matching_gap(np.ones((1, 4, 3)), epsilon=0.1), "k >= 2"),
+        (lambda: losses.multi_marginal_matching_gap(np.ones((3, 1, 3)), epsilon=0.1), "n >= 2"),
+        (lambda: losses.multi_marginal_matching_gap(np.ones((4, 3)), epsilon=0.1), r"\[k, n, d\]"),
+        (
+            lambda: losses.multi_marginal_matching_gap(np.ones((2, 4, 3)), epsilon=0.0),
+            "epsilon must be > 0",
+        ),
+        (
+            lambda: losses.multi_marginal_matching_gap(
+                np.ones((2, 4, 3)), epsilon=0.1, sinkhorn_options={"lse_mode": True}
+            ),
+            "Unknown multi-marginal",
+        ),
         (lambda: losses.info_nce(np.ones((4, 3)), np.ones((4, 2))), "same shape"),
-        (lambda: losses.info_nce(np.ones((4, 3)), np.ones((4, 3)), temperature=0.0),
-         "temperature"),
+        (lambda: losses.info_nce(np.ones((4, 3)), np.ones((4, 3)), temperature=0.0), "temperature"),
         (lambda: losses.multiview_info_nce(np.ones((2, 4, 3)), mode="all"), "unknown mode"),
         (lambda: losses.multiview_byol(np.ones((1, 4, 3)), np.ones((1, 4, 3))), "k >= 2"),
     ],
