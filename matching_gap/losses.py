@@ -147,9 +147,11 @@ def cost_matrix(x: jax.Array, y: jax.Array, cost: str = "sqeuclidean") -> jax.Ar
       [n, m] cost matrix.
     """
     if cost == "sqeuclidean":
-        # The direct form, not |x|^2 + |y|^2 - 2<x, y>: for nearly identical points that
-        # expansion cancels catastrophically and can even go negative.
-        return jnp.sum((x[:, None, :] - y[None, :, :]) ** 2, axis=-1)
+        # The expanded form is one matmul (the direct form materialises [n, m, d]); its
+        # rounding can make near-zero distances slightly negative, hence the clamp.
+        sq_x = jnp.sum(x * x, axis=-1)[:, None]
+        sq_y = jnp.sum(y * y, axis=-1)[None, :]
+        return jnp.maximum(sq_x + sq_y - 2.0 * x @ y.T, 0.0)
     if cost == "cosine":
         return 1.0 - _l2_normalize(x) @ _l2_normalize(y).T
     raise ValueError(f"Unknown cost {cost!r}; valid costs: {list(COSTS)}.")
