@@ -1,0 +1,582 @@
+"""Pretraining: a pure jitted train step and the thin loop that drives it.
+
+``train_and_evaluate(config, workdir)`` builds the model, optimiser and data, resumes from the
+newest checkpoint in ``workdir`` if any, trains, checkpoints, logs metrics and finally runs
+the evaluators (k-NN and linear probe, for the trained and the random-init encoder).
+
+Randomness is a function of ``(config.seed, step)`` and the data order of
+``(config.seed, step)`` too, so a resumed run sees the same batches and views as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx, struct
+
+from matching_gap import augment, config_lib, data, evaluators, losses, metrics, models
+from matching_gap import sharding as sharding_lib
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # student parameters (pure dict)
+    teacher: Any  # EMA teacher parameters, or None with shared weights
+    opt_state: Any
+
+
+# ------------------------------------------------------------------------------ set-up
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> int:
+    return max(num_examples // config.optim.batch_size, 1)
+
+
+def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
+    if config.optim.num_steps > 0:
+        return int(config.optim.num_steps)
+    return max(int(round(config.optim.num_epochs * steps_per_epoch(config, num_examples))), 1)
+
+
+def _cosine(start: float, end: float, steps: int) -> Callable[[jax.Array], jax.Array]:
+    def schedule(step):
+        frac = jnp.clip(step / max(steps, 1), 0.0, 1.0)
+        return end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+
+    return schedule
+
+
+def make_optimizer(config, num_steps: int, epoch_steps: int) -> tuple[Any, dict]:
+    """AdamW with linear warm-up + cosine decay, a cosine weight-decay schedule and clipping.
+
+    Biases, norms, the CLS token and position embeddings get no weight decay (as DINO).
+    The learning rate scales linearly with the batch: ``base_lr * batch_size / 256``.
+    """
+    o = config.optim
+    peak = o.base_lr * o.batch_size / 256
+    warmup = min(int(round(o.warmup_epochs * epoch_steps)), num_steps - 1)
+    if warmup > 0:
+        lr = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, num_steps, o.min_lr)
+    else:
+        lr = optax.cosine_decay_schedule(peak, num_steps, alpha=o.min_lr / peak)
+    wd = _cosine(o.weight_decay, o.weight_decay_end, num_steps)
+
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: x.ndim > 1 and "pos_embed" not in jax.tree_util.keystr(path),
+            params,
+        )
+
+    chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+    chain.append(optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=wd, mask=decay_mask))
+    momentum = _cosine(config.teacher.momentum, config.teacher.momentum_end, num_steps)
+    return optax.chain(*chain), {"lr": lr, "weight_decay": wd, "momentum": momentum}
+
+
+def create_model(config) -> models.SSLModel:
+    if config.model.image_size != config.augment.crop_size:
+        raise ValueError(
+            f"model.image_size ({config.model.image_size}) must equal augment.crop_size "
+            f"({config.augment.crop_size}): the model sees the crops."
+        )
+    if config.model.channels != config.data.channels:
+        raise ValueError(
+            f"model.channels ({config.model.channels}) must equal data.channels "
+            f"({config.data.channels})."
+        )
+    return models.create_model(config.model, rngs=nnx.Rngs(config.seed))
+
+
+def create_train_state(config, optimizer) -> tuple[Any, TrainState]:
+    """Random-init parameters (a function of ``config.seed``) and a fresh optimiser state."""
+    graphdef, params = nnx.split(create_model(config))
+    params = nnx.to_pure_dict(params)
+    teacher = jax.tree.map(jnp.copy, params) if config.teacher.ema else None
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        teacher=teacher,
+        opt_state=optimizer.init(params),
+    )
+    return graphdef, state
+
+
+# -------------------------------------------------------------------------------- loss
+
+
+def _pairs(num_student: int, num_global: int, ema: bool) -> list[tuple[int, int]]:
+    """(student view, target view) pairs. Targets are global views (DINO: the teacher
+    sees only global crops). With shared weights each unordered global pair counts once."""
+    return [
+        (a, b)
+        for a in range(num_student)
+        for b in range(num_global)
+        if a != b and (ema or a > b or a >= num_global)
+    ]
+
+
+def _mean_aux(auxes: list[dict]) -> dict:
+    reduce = {"converged": jnp.all, "sinkhorn_iterations": jnp.max, "marginal_error": jnp.max}
+    return {k: reduce.get(k, jnp.mean)(jnp.stack([a[k] for a in auxes])) for k in auxes[0]}
+
+
+def ssl_loss(loss_config, student: jax.Array, targets: jax.Array, *, ema: bool):
+    """The configured loss on embeddings.
+
+    Args:
+      student: [V, n, d] student embeddings (predictions), global views first.
+      targets: [K, n, d] target embeddings of the K global views: the EMA teacher's
+        projections (stop-gradient) or, with shared weights, the student's own.
+      ema: whether targets come from a teacher.
+
+    Returns:
+      ``(value, aux)``.
+    """
+    lc = loss_config
+    num_global = targets.shape[0]
+    if ema:
+        targets = jax.lax.stop_gradient(targets)
+    pairs = _pairs(student.shape[0], num_global, ema)
+    if lc.name == "matching_gap":
+        terms = [
+            losses.matching_gap(
+                student[a], targets[b], epsilon=lc.epsilon, cost=lc.cost,
+                normalize=lc.normalize, relative_epsilon=lc.relative_epsilon or None,
+                group_size=lc.group_size or None,
+                sinkhorn_options={"threshold": lc.sinkhorn_threshold,
+                                  "max_iterations": lc.sinkhorn_max_iterations},
+            )
+            for a, b in pairs
+        ]  # fmt: skip
+    elif lc.name == "m3g":
+        options = {"threshold": lc.sinkhorn_threshold, "max_iterations": lc.sinkhorn_max_iterations}
+        kwargs = dict(
+            epsilon=lc.epsilon, normalize=lc.normalize,
+            relative_epsilon=lc.relative_epsilon or None, group_size=lc.group_size or None,
+            sinkhorn_options=options,
+        )  # fmt: skip
+        if ema:
+            # Each student view against the teacher's other global views.
+            terms = [
+                losses.multi_marginal_matching_gap(
+                    jnp.concatenate([student[a : a + 1], jnp.delete(targets, a, axis=0)])
+                    if a < num_global
+                    else jnp.concatenate([student[a : a + 1], targets]),
+                    **kwargs,
+                )
+                for a in range(student.shape[0])
+            ]
+        else:
+            terms = [losses.multi_marginal_matching_gap(student, **kwargs)]
+    elif lc.name == "info_nce":
+        if not ema and student.shape[0] == num_global:
+            terms = [
+                losses.multiview_info_nce(
+                    student, temperature=lc.temperature, mode=lc.multiview_mode
+                )
+            ]
+        else:
+            terms = [
+                losses.info_nce(student[a], targets[b], temperature=lc.temperature)
+                for a, b in pairs
+            ]
+    elif lc.name == "byol":
+        # Without a teacher the targets are the student's own stop-gradient projections
+        # (SimSiam); the loss itself always stops their gradient.
+        if lc.multiview_mode == "one_vs_rest" and student.shape[0] == num_global:
+            terms = [losses.multiview_byol(student, targets, mode="one_vs_rest")]
+        else:
+            pairs = _pairs(student.shape[0], num_global, ema=True)
+            terms = [losses.byol_loss(student[a], targets[b]) for a, b in pairs]
+    else:
+        raise ValueError(f"Unknown loss.name {lc.name!r}; valid: {list(config_lib.LOSSES)}.")
+    value = jnp.mean(jnp.stack([t[0] for t in terms]))
+    return value, _mean_aux([t[1] for t in terms])
+
+
+# -------------------------------------------------------------------------- train step
+
+
+def _forward_views(model, views: jax.Array, key: jax.Array | None) -> dict:
+    """Runs the model on ``views [V, b, h, w, c]`` as one batch; outputs are [V, b, ...]."""
+    v, b = views.shape[:2]
+    out = model(views.reshape((v * b,) + views.shape[2:]), key=key)
+    return {k: x.reshape((v, b) + x.shape[1:]) for k, x in out.items()}
+
+
+def make_train_step(config, graphdef, optimizer, schedules: dict):
+    """Returns ``train_step(state, images) -> (state, metrics)``, pure and jittable."""
+    aug_config = augment.AugmentConfig.from_config(config.augment)
+    ema = bool(config.teacher.ema)
+    base_key = jax.random.key(config.seed)
+    loss_config = config.loss
+
+    def train_step(state: TrainState, images: jax.Array):
+        step_key = jax.random.fold_in(base_key, state.step)
+        aug_key, drop_key = jax.random.split(step_key)
+        views = augment.make_views(aug_key, images, aug_config)
+        global_views, local_views = views if isinstance(views, tuple) else (views, None)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params)
+            keys = jax.random.split(drop_key, 2)
+            out = _forward_views(model, global_views, keys[0])
+            student = out["predictions"]
+            if local_views is not None:
+                local = _forward_views(model, local_views, keys[1])["predictions"]
+                student = jnp.concatenate([student, local])
+            if ema:
+                teacher = nnx.merge(graphdef, state.teacher)
+                targets = _forward_views(teacher, global_views, None)["projections"]
+            else:
+                targets = out["projections"]
+            value, aux = ssl_loss(loss_config, student, targets, ema=ema)
+            return value, aux
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        teacher = state.teacher
+        if ema:
+            m = schedules["momentum"](state.step)
+            teacher = jax.tree.map(lambda t, p: m * t + (1.0 - m) * p, teacher, params)
+        new_state = TrainState(
+            step=state.step + 1, params=params, teacher=teacher, opt_state=opt_state
+        )
+        out_metrics = {
+            "train/loss": loss,
+            "train/lr": schedules["lr"](state.step),
+            "train/weight_decay": schedules["weight_decay"](state.step),
+            "train/grad_norm": optax.global_norm(grads),
+            "train/param_norm": optax.global_norm(params),
+        }
+        if ema:
+            out_metrics["train/teacher_momentum"] = schedules["momentum"](state.step)
+        for name, value in aux.items():
+            group = "sinkhorn" if name in _SINKHORN_KEYS else "train"
+            out_metrics[f"{group}/{name}"] = value
+        if loss_config.name in ("matching_gap", "m3g"):
+            out_metrics[f"train/{loss_config.name}"] = loss
+        return new_state, out_metrics
+
+    return train_step
+
+
+_SINKHORN_KEYS = ("converged", "sinkhorn_iterations", "marginal_error", "epsilon")
+
+
+# ------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 options=options)  # fmt: skip
+
+
+def _check_workdir_config(workdir: str, config) -> None:
+    """Refuses to resume from a workdir whose checkpoints belong to a different model."""
+    path = os.path.join(workdir, "config.json")
+    current = json.loads(config.to_json_best_effort())
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        keys = ("model", "teacher")
+        changed = [
+            f"{section}.{k}: {saved.get(section, {}).get(k)!r} -> {v!r}"
+            for section in keys
+            for k, v in current[section].items()
+            if saved.get(section, {}).get(k) != v and k not in ("dtype", "remat")
+        ]
+        if changed:
+            raise ValueError(
+                f"{workdir} holds checkpoints of a different model ({'; '.join(changed)}). "
+                "Use a new --workdir, or restore the original settings to resume."
+            )
+    elif jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(current, f, indent=2)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _load_split(config, split: str, max_examples: int) -> data.Dataset:
+    """One labelled split in memory; on ``tfds.testing.mock_data`` when ``data.mock``."""
+    cfg = ml_collections.ConfigDict(config.data.to_dict())
+    cfg.max_examples = max_examples
+    if not config.data.mock:
+        return data.load_split(cfg, split)
+    import tensorflow_datasets as tfds
+
+    # Only around the loading: the mock also patches file access that Orbax relies on.
+    with tfds.testing.mock_data(num_examples=config.data.mock_num_examples):
+        return data.load_split(cfg, split)
+
+
+def _train_iterator(config, dataset, start_step: int):
+    if config.data.in_memory:
+        return data.train_batches(
+            dataset, batch_size=config.optim.batch_size, seed=config.seed,
+            start_step=start_step, process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )  # fmt: skip
+    return data.iterate_tfds(
+        config.data, config.data.train_split,
+        batch_size=config.optim.batch_size // jax.process_count(), seed=config.seed,
+        start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )  # fmt: skip
+
+
+def _num_train_examples(config, dataset) -> int:
+    if dataset is not None:
+        return len(dataset)
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(config.data.name, data_dir=config.data.data_dir or None)
+    n = builder.info.splits[config.data.train_split].num_examples
+    return min(n, config.data.max_examples) if config.data.max_examples else n
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Host-side bookkeeping between log lines: throughput, ETA, non-finite detection."""
+
+    total: int
+    batch_size: int
+    start_step: int
+    pending: list = dataclasses.field(default_factory=list)
+    t0: float = dataclasses.field(default_factory=time.perf_counter)
+    last_time: float = 0.0
+    last_step: int = 0
+
+    def __post_init__(self):
+        self.last_time, self.last_step = self.t0, self.start_step
+
+    def flush(self, step: int) -> dict:
+        """Fetches pending metrics; raises on the first non-finite loss."""
+        fetched = jax.device_get(self.pending)
+        self.pending = []
+        for s, m in fetched:
+            if not math.isfinite(float(m["train/loss"])):
+                raise NonFiniteLossError(
+                    f"Non-finite loss ({float(m['train/loss'])}) at step {s}. The last "
+                    "good checkpoint is kept; lower the learning rate, raise loss.epsilon "
+                    "or check the input data, then rerun to resume from it."
+                )
+        if not fetched:
+            return {}
+        now = time.perf_counter()
+        steps = step - self.last_step
+        rate = steps * self.batch_size / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, step
+        out = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
+        out["train/images_per_second"] = rate
+        out["train/images_per_second_per_device"] = rate / jax.device_count()
+        return out
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
+        f"{seconds // 60}m{seconds % 60:02d}s")  # fmt: skip
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (resuming from ``workdir``), then evaluates. Returns the final metrics."""
+    if config.loss.name not in config_lib.LOSSES:
+        raise ValueError(f"Unknown loss.name {config.loss.name!r}; valid: {config_lib.LOSSES}.")
+    if config.optim.batch_size % jax.device_count():
+        raise ValueError(
+            f"optim.batch_size ({config.optim.batch_size}) must be divisible by the number of "
+            f"devices ({jax.device_count()})."
+        )
+    _check_workdir_config(workdir, config)
+    mesh = sharding_lib.make_mesh()
+    writer = metrics.MetricWriter(workdir)
+
+    train_set = None
+    if config.data.in_memory:
+        train_set = _load_split(config, config.data.train_split, config.data.max_examples)
+    num_examples = _num_train_examples(config, train_set)
+    epoch_steps = steps_per_epoch(config, num_examples)
+    num_steps = total_steps(config, num_examples)
+    optimizer, schedules = make_optimizer(config, num_steps, epoch_steps)
+    graphdef, state = create_train_state(config, optimizer)
+    init_params = state.teacher if config.teacher.ema else state.params
+
+    manager = _checkpoint_manager(workdir, config)
+    latest = manager.latest_step()
+    if latest is not None:
+        state = manager.restore(latest, args=ocp.args.StandardRestore(state))
+        _log(f"Resumed from the checkpoint at step {latest} in {workdir}.")
+    replicated = sharding_lib.replicated(mesh)
+    state = jax.device_put(state, replicated)
+    start_step = int(state.step)
+
+    train_step = jax.jit(
+        make_train_step(config, graphdef, optimizer, schedules),
+        in_shardings=(replicated, sharding_lib.batch_sharding(mesh)),
+        out_shardings=(replicated, replicated),
+    )
+    evaluate = _make_evaluate(config, graphdef, mesh)
+    _log(
+        f"Training with {config.loss.name} for {num_steps} steps ({epoch_steps} per epoch, "
+        f"{num_examples} examples, batch {config.optim.batch_size}) on "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s)."
+    )
+
+    batches = _train_iterator(config, train_set, start_step)
+    progress = _Progress(num_steps, config.optim.batch_size, start_step)
+    time_limit = config.train.time_limit_minutes * 60
+    step = start_step
+    for step in range(start_step, num_steps):
+        images = sharding_lib.global_batch(next(batches)["image"], mesh)
+        state, step_metrics = train_step(state, images)
+        progress.pending.append((step + 1, step_metrics))
+        done = step + 1 == num_steps or (time_limit and time.perf_counter() - progress.t0
+                                         > time_limit)  # fmt: skip
+        if (step + 1) % config.train.log_every == 0 or done:
+            logged = progress.flush(step + 1)
+            elapsed = time.perf_counter() - progress.t0
+            eta = elapsed / (step + 1 - start_step) * (num_steps - step - 1)
+            writer.write(step + 1, logged)
+            _log(
+                f"step {step + 1}/{num_steps} | loss {logged['train/loss']:.4f} | "
+                f"{logged['train/images_per_second']:.0f} img/s | ETA {_format_eta(eta)}"
+            )
+        if (step + 1) % config.train.checkpoint_every == 0 or done:
+            progress.flush(step + 1)  # never checkpoint a state that follows a NaN
+            manager.save(step + 1, args=ocp.args.StandardSave(state))
+        if config.train.knn_every and (step + 1) % config.train.knn_every == 0 and not done:
+            # Let a checkpoint write finish first: mocked TFDS loading patches file access.
+            manager.wait_until_finished()
+            results = evaluate(state, probe=False)
+            writer.write(step + 1, results)
+            _log(f"step {step + 1} | {_format_results(results)}")
+        if done:
+            break
+    manager.wait_until_finished()
+    manager.close()
+    final_step = int(state.step)
+
+    results = {}
+    if config.train.final_eval:
+        results = evaluate(state, probe=True)
+        if config.train.compare_random_init:
+            init = TrainState(step=state.step, params=init_params, teacher=init_params,
+                              opt_state=None)  # fmt: skip
+            random_results = evaluate(init, probe=True)
+            results.update({k.replace("eval/", "eval/random_init_"): v
+                            for k, v in random_results.items()})  # fmt: skip
+        writer.write(final_step, results)
+        _print_summary(results)
+    return results
+
+
+def _log(message: str) -> None:
+    """Progress lines on stdout, from process 0 only."""
+    if jax.process_index() == 0:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _format_results(results: dict) -> str:
+    return " | ".join(f"{k} {v:.4f}" for k, v in results.items())
+
+
+def _print_summary(results: dict) -> None:
+    lines = ["", "Linear probe and k-NN top-1 on the evaluation split:"]
+    for kind in ("linear_probe_top1", "knn_top1"):
+        trained = results.get(f"eval/{kind}")
+        random_init = results.get(f"eval/random_init_{kind}")
+        if trained is None:
+            continue
+        line = f"  {kind:<18} trained {100 * trained:6.2f}%"
+        if random_init is not None:
+            line += f" | random init {100 * random_init:6.2f}%"
+        lines.append(line)
+    _log("\n".join(lines))
+
+
+def _make_evaluate(config, graphdef, mesh):
+    """``evaluate(state, probe) -> {"eval/knn_top1": ..., "eval/linear_probe_top1": ...}``.
+
+    Evaluates the teacher when there is one (as DINO), else the student. The labelled
+    splits are loaded on first use and kept.
+    """
+    aug_config = augment.AugmentConfig.from_config(config.augment)
+    cache = {}
+
+    @jax.jit
+    def encode(params, images):
+        return nnx.merge(graphdef, params).encode(augment.center_view(images, aug_config))
+
+    def splits():
+        if not cache:
+            n = config.data.eval_max_examples
+            cache["train"] = _load_split(config, config.data.eval_train_split, n)
+            cache["test"] = _load_split(config, config.data.eval_split, n)
+        return cache["train"], cache["test"]
+
+    def evaluate(state: TrainState, *, probe: bool) -> dict:
+        params = state.teacher if config.teacher.ema else state.params
+        train_set, test_set = splits()
+        encode_fn = lambda images: encode(params, images)
+        bs = config.eval.batch_size
+        train_feats = evaluators.extract_features(encode_fn, train_set, batch_size=bs)
+        test_feats = evaluators.extract_features(encode_fn, test_set, batch_size=bs)
+        knn_n = config.eval.knn_train_examples or len(train_feats)
+        out = {
+            "eval/knn_top1": evaluators.knn_accuracy(
+                train_feats[:knn_n], train_set.labels[:knn_n], test_feats, test_set.labels,
+                num_classes=config.data.num_classes, k=config.eval.knn_k,
+                temperature=config.eval.knn_temperature,
+            )
+        }  # fmt: skip
+        if probe:
+            out["eval/linear_probe_top1"] = evaluators.linear_probe_accuracy(
+                train_feats, train_set.labels, test_feats, test_set.labels,
+                num_classes=config.data.num_classes, epochs=config.eval.probe_epochs,
+                batch_size=config.eval.probe_batch_size, learning_rate=config.eval.probe_lr,
+                weight_decay=config.eval.probe_weight_decay, seed=config.seed,
+            )  # fmt: skip
+        return out
+
+    return evaluate
+
+
+def evaluate_workdir(config, workdir: str) -> dict:
+    """Runs the final evaluators on the newest checkpoint of ``workdir`` (no training)."""
+    optimizer, _ = make_optimizer(config, 2, 1)
+    graphdef, state = create_train_state(config, optimizer)
+    manager = _checkpoint_manager(workdir, config)
+    latest = manager.latest_step()
+    if latest is None:
+        raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints to evaluate.")
+    state = manager.restore(latest, args=ocp.args.StandardRestore(state))
+    manager.close()
+    results = _make_evaluate(config, graphdef, sharding_lib.make_mesh())(state, probe=True)
+    metrics.MetricWriter(workdir).write(latest, results)
+    _print_summary(results)
+    return results
