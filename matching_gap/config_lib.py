@@ -114,7 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
         knn_k=20,
         knn_temperature=0.07,
         knn_train_examples=0,  # 0 = all of eval_train_split
-        probe_epochs=30,
+        features="cls_avgpool",  # pooled | cls_avgpool (CLS + mean patch token, as DINO)
+        probe_epochs=100,
         probe_batch_size=1024,
         probe_lr=1e-2,
         probe_weight_decay=1e-4,
@@ -165,3 +166,45 @@ def make_smoke(config: ml_collections.ConfigDict, *, image_size: int = 32) -> No
         config.loss.group_size = 8
     config.train.update(log_every=1, checkpoint_every=2, knn_every=2)
     config.eval.update(batch_size=32, knn_k=5, probe_epochs=2, probe_batch_size=32)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_recipe(variant: str = "B/16") -> ml_collections.ConfigDict:
+    """The paper's ImageNet-1k recipe (see configs/vitb16.py) for a ViT variant."""
+    c = base_config()
+    c.data.update(
+        source="tfds", name="imagenet2012", train_split="train", eval_train_split="train",
+        eval_split="validation", image_size=256, channels=3, num_classes=1000,
+        in_memory=False, eval_max_examples=10_000,
+    )  # fmt: skip
+    c.augment.update(
+        crop_size=224, crop_scale=(0.4, 1.0), num_views=2, flip=True, num_local_crops=10,
+        local_crop_size=96, local_crop_scale=(0.05, 0.4), mean=IMAGENET_MEAN,
+        std=IMAGENET_STD, eval_crop_fraction=0.875,
+    )  # fmt: skip
+    c.model.update(
+        variant=variant, image_size=224, channels=3, pooling="cls", drop_path_rate=0.1,
+        dtype="bfloat16", projector_hidden_dim=4096, projector_dim=256, projector_layers=2,
+        use_predictor=True, predictor_hidden_dim=4096,
+    )  # fmt: skip
+    c.loss.update(name="matching_gap", epsilon=0.8, normalize=True, group_size=64)
+    c.teacher.update(ema=True, momentum=0.996, momentum_end=1.0)
+    c.optim.update(
+        batch_size=1024, num_epochs=300.0, base_lr=5e-4, min_lr=1e-6, warmup_epochs=10.0,
+        weight_decay=0.04, weight_decay_end=0.4, grad_clip=3.0,
+    )  # fmt: skip
+    c.train.update(log_every=100, checkpoint_every=2000, knn_every=10_000,
+                   compare_random_init=False)  # fmt: skip
+    c.eval.update(batch_size=512, knn_k=20, probe_epochs=20)
+    return c
+
+
+def strong_augmentations(c: ml_collections.ConfigDict) -> None:
+    """BYOL's colour / blur / solarisation set on top of crops and flips."""
+    c.augment.update(
+        color_jitter_prob=0.8, color_jitter_strength=1.0, grayscale_prob=0.2,
+        blur_prob=0.5, solarize_prob=0.1,
+    )  # fmt: skip

@@ -5,7 +5,7 @@ Trains (resuming from ``--workdir`` if it holds checkpoints) and evaluates; with
 Override any config field from the command line: ``--config.loss.epsilon=0.1``.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from matching_gap import train
@@ -19,6 +19,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # progress is printed; Orbax's INFO is noise
     # TensorFlow is only used for input pipelines: keep it off any accelerator.
     try:
         import tensorflow as tf

@@ -345,9 +345,21 @@ class SSLModel(nnx.Module):
         predictions = projections if self.predictor is None else self.predictor(projections)
         return dict(features=features, projections=projections, predictions=predictions)
 
-    def encode(self, images: Array) -> Array:
-        """Deterministic encoder features for evaluation (linear probe, k-NN)."""
-        return self.encoder(images, key=None)
+    def encode(self, images: Array, features: str = "pooled") -> Array:
+        """Deterministic encoder features for evaluation (linear probe, k-NN).
+
+        ``features="pooled"``: the encoder output (CLS token or mean of tokens), [b, width].
+        ``"cls_avgpool"``: the CLS token concatenated with the mean of the patch tokens,
+        [b, 2 * width], DINO's linear-evaluation features for ViT-B (CLS models only).
+        """
+        if features == "pooled":
+            return self.encoder(images, key=None)
+        if features == "cls_avgpool":
+            if self.encoder.pooling != "cls":
+                raise ValueError('features="cls_avgpool" needs a model with pooling="cls".')
+            tokens = self.encoder.tokens(images).astype(jnp.float32)
+            return jnp.concatenate([tokens[:, 0], jnp.mean(tokens[:, 1:], axis=1)], axis=-1)
+        raise ValueError(f"Unknown features {features!r}; valid: 'pooled', 'cls_avgpool'.")
 
 
 def _get(config, name: str, default: Any = None) -> Any:

@@ -530,7 +530,8 @@ def _make_evaluate(config, graphdef, mesh):
 
     @jax.jit
     def encode(params, images):
-        return nnx.merge(graphdef, params).encode(augment.center_view(images, aug_config))
+        model = nnx.merge(graphdef, params)
+        return model.encode(augment.center_view(images, aug_config), config.eval.features)
 
     def splits():
         if not cache:

@@ -241,3 +241,21 @@ def test_create_model_variant():
 def test_create_model_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
         create_model(_config(**overrides), rngs=nnx.Rngs(0))
+
+
+def test_encode_cls_avgpool_concatenates_cls_and_mean_patch_token():
+    cfg = ml_collections.ConfigDict(
+        dict(variant="", width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=4,
+             image_size=8, channels=1, pooling="cls", drop_path_rate=0.0, dtype="float32",
+             remat=False, projector_hidden_dim=8, projector_dim=4, projector_layers=2,
+             use_predictor=False, predictor_hidden_dim=8)
+    )  # fmt: skip
+    model = create_model(cfg, rngs=nnx.Rngs(0))
+    images = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
+    tokens = model.encoder.tokens(images)
+    feats = model.encode(images, "cls_avgpool")
+    assert feats.shape == (3, 32)
+    np.testing.assert_allclose(feats[:, :16], model.encode(images), rtol=1e-6)
+    np.testing.assert_allclose(feats[:, 16:], tokens[:, 1:].mean(axis=1), rtol=1e-5)
+    with pytest.raises(ValueError, match="Unknown features"):
+        model.encode(images, "last4")

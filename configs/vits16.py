@@ -1,0 +1,20 @@
+"""ViT-S/16 on ImageNet-1k with the matching gap: the vitb16.py recipe with a smaller backbone.
+
+    python -m matching_gap.main --config=configs/vits16.py --workdir=DIR \
+        --config.data.data_dir=/path/to/tensorflow_datasets
+
+Same recipe as ``configs/vitb16.py`` (DINO uses the same schedule for ViT-S/16);
+variants ``:strong`` and ``:smoke``.
+"""
+
+from matching_gap import config_lib
+
+
+def get_config(arg: str | None = None):
+    words = config_lib.parse_arg(arg, ("smoke", "strong"))
+    c = config_lib.imagenet_recipe("S/16")
+    if "strong" in words:
+        config_lib.strong_augmentations(c)
+    if "smoke" in words:
+        config_lib.make_smoke(c)
+    return config_lib.finalize(c)

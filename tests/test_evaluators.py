@@ -1,0 +1,59 @@
+"""Evaluators on hand-made features whose answer is known."""
+
+import numpy as np
+import pytest
+
+from matching_gap import evaluators
+
+
+def _clusters(n_per_class, num_classes, dim, noise, seed):
+    rng = np.random.default_rng(seed)
+    centres = np.eye(num_classes, dim) * 5.0
+    labels = np.repeat(np.arange(num_classes), n_per_class)
+    feats = centres[labels] + noise * rng.normal(size=(len(labels), dim))
+    return feats.astype(np.float32), labels.astype(np.int32)
+
+
+def test_knn_separable_clusters_are_perfect():
+    x, y = _clusters(30, 4, 8, 0.1, 0)
+    xt, yt = _clusters(10, 4, 8, 0.1, 1)
+    assert evaluators.knn_accuracy(x, y, xt, yt, num_classes=4, k=5) == 1.0
+
+
+def test_knn_hand_computed_vote():
+    # Test point (1, 0): nearest neighbours are two of class 1 (cosine 1 and 0.8) and one of
+    # class 0 at cosine 0.99: the weighted vote with k = 3 is decided by the weights.
+    train = np.array([[1, 0], [0.8, 0.6], [0.99, 0.141], [-1, 0]], np.float32)
+    labels = np.array([1, 1, 0, 0], np.int32)
+    test = np.array([[1, 0]], np.float32)
+    assert evaluators.knn_accuracy(train, labels, test, np.array([1]), num_classes=2, k=3) == 1
+    # With k = 1 only the exact match votes.
+    assert evaluators.knn_accuracy(train, labels, test, np.array([1]), num_classes=2, k=1) == 1
+    # Random labels: chance level.
+    x, _ = _clusters(100, 4, 8, 0.1, 2)
+    y = np.random.default_rng(0).integers(0, 4, len(x)).astype(np.int32)
+    xt, _ = _clusters(100, 4, 8, 0.1, 3)
+    yt = np.random.default_rng(1).integers(0, 4, len(xt)).astype(np.int32)
+    assert evaluators.knn_accuracy(x, y, xt, yt, num_classes=4, k=10) < 0.4
+
+
+def test_knn_needs_k_points():
+    with pytest.raises(ValueError, match="at least k"):
+        evaluators.knn_accuracy(np.ones((3, 2)), np.zeros(3, int), np.ones((1, 2)),
+                                np.zeros(1, int), num_classes=2, k=5)  # fmt: skip
+
+
+def test_linear_probe_learns_a_linear_rule_and_fails_on_noise():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(6, 3))
+    x = rng.normal(size=(2000, 6)).astype(np.float32)
+    y = np.argmax(x @ w, axis=1).astype(np.int32)
+    xt = rng.normal(size=(500, 6)).astype(np.float32)
+    yt = np.argmax(xt @ w, axis=1).astype(np.int32)
+    acc = evaluators.linear_probe_accuracy(x, y, xt, yt, num_classes=3, epochs=30,
+                                           batch_size=256, learning_rate=0.05)  # fmt: skip
+    assert acc > 0.95
+    shuffled = rng.permutation(yt)
+    acc = evaluators.linear_probe_accuracy(x, y, xt, shuffled, num_classes=3, epochs=5,
+                                           batch_size=256)  # fmt: skip
+    assert acc < 0.5

@@ -1,0 +1,145 @@
+"""The real training loop, end to end, on mocked TFDS data (seconds per run)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from matching_gap import metrics, train
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def load(name, arg=None):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def saved_params(workdir, step):
+    path = os.path.join(workdir, "checkpoints", str(step), "default")
+    return ocp.StandardCheckpointer().restore(os.path.abspath(path))["params"]
+
+
+SMOKE = [
+    ("default.py", "smoke"),
+    ("default.py", "smoke,info_nce"),
+    ("default.py", "smoke,byol"),
+    ("vitb16.py", "smoke"),
+    ("vitb16.py", "strong,smoke"),
+    ("vits16.py", "smoke"),
+    ("m3g_vitb16.py", "k=2,smoke"),
+    ("m3g_vitb16.py", "k=3,smoke"),
+    ("m3g_vitb16.py", "k=4,smoke"),
+    ("cifar10.py", "smoke"),
+]
+
+
+@pytest.mark.parametrize("name,arg", SMOKE)
+def test_smoke_variant_trains_three_steps(tmp_path, name, arg):
+    config = load(name, arg)
+    results = train.train_and_evaluate(config, str(tmp_path))
+    records = metrics.read_metrics(str(tmp_path))
+    train_steps = [r["step"] for r in records if "train/loss" in r]
+    assert train_steps == [1, 2, 3]
+    assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
+    if config.loss.name in ("matching_gap", "m3g"):
+        assert all(r["sinkhorn/sinkhorn_iterations"] > 0 for r in records if "train/loss" in r)
+        assert all(r["train/matching_gap" if config.loss.name == "matching_gap" else "train/m3g"]
+                   >= -1e-4 for r in records if "train/loss" in r)  # fmt: skip
+    assert any("eval/knn_top1" in r for r in records)
+    for key in ("eval/knn_top1", "eval/linear_probe_top1"):
+        assert 0.0 <= results[key] <= 1.0
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
+
+
+def test_resume_continues_at_the_right_step_and_matches_uninterrupted(tmp_path):
+    config = load("default.py", "smoke")
+    config.train.final_eval = False
+    config.train.knn_every = 0
+    train.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    config.optim.num_steps = 2
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    config.optim.num_steps = 3
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    steps = [r["step"] for r in metrics.read_metrics(str(tmp_path / "resumed"))]
+    assert steps == [1, 2, 3]  # the second run started at step 3, not from scratch
+    a = saved_params(str(tmp_path / "straight"), 3)
+    b = saved_params(str(tmp_path / "resumed"), 3)
+    flat_a, flat_b = _leaves(a), _leaves(b)
+    assert len(flat_a) == len(flat_b) > 0
+    for x, y in zip(flat_a, flat_b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def _leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = load("default.py", "smoke")
+    config.train.final_eval = False
+    config.train.knn_every = 0
+    config.optim.num_steps = 2
+    train.train_and_evaluate(config, str(tmp_path))
+    config.optim.num_steps = 4
+    config.optim.base_lr = 1e30  # explodes the parameters after one update
+    config.optim.grad_clip = 0.0
+    with pytest.raises(train.NonFiniteLossError, match=r"at step 4"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+    config = load("default.py", "smoke")
+    config.train.final_eval = False
+    config.train.knn_every = 0
+    config.optim.num_steps = 2
+    train.train_and_evaluate(config, str(tmp_path))
+    config.model.width = 48
+    with pytest.raises(ValueError, match="different model"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["model"]["width"] == 32  # not overwritten
+
+
+def test_missing_data_fails_fast_with_the_fixes(tmp_path):
+    config = load("default.py")
+    config.data.data_dir = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="apt-get install"):
+        train.train_and_evaluate(config, str(tmp_path / "wd"))
+
+
+def _main(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "matching_gap.main", *args], cwd=cwd, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_command_line_overrides_and_unknown_keys(tmp_path):
+    config = os.path.join(ROOT, "configs", "default.py")
+    bad = _main(f"--config={config}:smoke", f"--workdir={tmp_path}", "--config.loss.epsilonn=1",
+                cwd=tmp_path)  # fmt: skip
+    assert bad.returncode != 0
+    assert "epsilonn" in bad.stderr and "epsilon" in bad.stderr
+    ok = _main(f"--config={config}:smoke", f"--workdir={tmp_path}", "--config.loss.epsilon=0.5",
+               "--config.train.compare_random_init=False", cwd=tmp_path)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "linear_probe_top1" in ok.stdout
+    records = metrics.read_metrics(str(tmp_path))
+    assert records[0]["sinkhorn/epsilon"] == pytest.approx(0.5)
+    evaluated = _main(f"--config={config}:smoke", f"--workdir={tmp_path}", "--mode=evaluate",
+                      cwd=tmp_path)  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "linear_probe_top1" in evaluated.stdout
