@@ -108,6 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
         final_eval=True,  # linear probe + kNN at the end
         compare_random_init=True,  # also evaluate the random-init encoder at the end
         time_limit_minutes=0.0,  # > 0: stop (and checkpoint) after this much training time
+        run_steps=0,  # > 0: stop (and checkpoint) after this many steps in this invocation
     )
     c.eval = dict(
         batch_size=1024,

@@ -43,6 +43,7 @@ __all__ = [
     "multi_marginal_matching_gap",
     "multiview_byol",
     "multiview_info_nce",
+    "reduce_aux",
 ]
 
 COSTS = ("sqeuclidean", "cosine")
@@ -118,8 +119,7 @@ def _grouped(
     """Applies ``fn(views[:, group])`` to each group of ``group_size`` consecutive pairs.
 
     ``views``: [k, n, d]. Groups are vmapped (one batched problem, not a Python loop).
-    The value is the mean over groups; costs are averaged, ``converged`` is the AND, the
-    iteration count and marginal error are the maxima over groups.
+    The value is the mean over groups; aux entries are summarised by :func:`reduce_aux`.
     """
     n = views.shape[1]
     if group_size is None or group_size == n:
@@ -131,9 +131,17 @@ def _grouped(
     num_groups = n // group_size
     grouped = views.reshape(views.shape[0], num_groups, group_size, views.shape[2])
     values, aux = jax.vmap(fn, in_axes=1)(grouped)
+    return jnp.mean(values), reduce_aux(aux)
+
+
+def reduce_aux(aux: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Summarises the ``aux`` of a batch of problems (a leading axis on every entry).
+
+    ``converged`` is the AND, ``sinkhorn_iterations`` and ``marginal_error`` the maxima,
+    everything else the mean.
+    """
     reduce = {"converged": jnp.all, "sinkhorn_iterations": jnp.max, "marginal_error": jnp.max}
-    aux = {k: reduce.get(k, jnp.mean)(v) for k, v in aux.items()}
-    return jnp.mean(values), aux
+    return {k: reduce.get(k, jnp.mean)(v) for k, v in aux.items()}
 
 
 def cost_matrix(x: jax.Array, y: jax.Array, cost: str = "sqeuclidean") -> jax.Array:

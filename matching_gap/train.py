@@ -85,8 +85,10 @@ def make_optimizer(config, num_steps: int, epoch_steps: int) -> tuple[Any, dict]
             params,
         )
 
-    chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-    chain.append(optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=wd, mask=decay_mask))
+    # Clipping stays in the chain when off (an infinite norm) so that the optimiser state
+    # has one structure whatever the setting, and checkpoints restore across it.
+    clip = optax.clip_by_global_norm(o.grad_clip if o.grad_clip > 0 else float("inf"))
+    chain = [clip, optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=wd, mask=decay_mask)]
     momentum = _cosine(config.teacher.momentum, config.teacher.momentum_end, num_steps)
     return optax.chain(*chain), {"lr": lr, "weight_decay": wd, "momentum": momentum}
 
@@ -133,16 +135,21 @@ def _pairs(num_student: int, num_global: int, ema: bool) -> list[tuple[int, int]
     ]
 
 
-def _mean_aux(auxes: list[dict]) -> dict:
-    reduce = {"converged": jnp.all, "sinkhorn_iterations": jnp.max, "marginal_error": jnp.max}
-    return {k: reduce.get(k, jnp.mean)(jnp.stack([a[k] for a in auxes])) for k in auxes[0]}
+def _vmapped_mean(loss_fn, *stacked: jax.Array) -> tuple[jax.Array, dict]:
+    """Mean of ``loss_fn`` over the leading axis of its inputs, as one vmapped computation.
+
+    For the OT losses this runs a single Sinkhorn loop for all view pairs instead of one
+    loop per pair (many small sequential loops would dominate an accelerator step).
+    """
+    values, aux = jax.vmap(loss_fn)(*stacked)
+    return jnp.mean(values), losses.reduce_aux(aux)
 
 
 def ssl_loss(loss_config, student: jax.Array, targets: jax.Array, *, ema: bool):
-    """The configured loss on embeddings.
+    """The configured loss on embeddings, averaged over view pairs.
 
     Args:
-      student: [V, n, d] student embeddings (predictions), global views first.
+      student: [V, n, d] student embeddings (predictions), the K global views first.
       targets: [K, n, d] target embeddings of the K global views: the EMA teacher's
         projections (stop-gradient) or, with shared weights, the student's own.
       ema: whether targets come from a teacher.
@@ -151,65 +158,47 @@ def ssl_loss(loss_config, student: jax.Array, targets: jax.Array, *, ema: bool):
       ``(value, aux)``.
     """
     lc = loss_config
-    num_global = targets.shape[0]
+    num_views, num_global = student.shape[0], targets.shape[0]
     if ema:
         targets = jax.lax.stop_gradient(targets)
-    pairs = _pairs(student.shape[0], num_global, ema)
+    pairs = _pairs(num_views, num_global, ema or lc.name == "byol")
+    a_idx = np.array([a for a, _ in pairs])
+    b_idx = np.array([b for _, b in pairs])
+    sinkhorn_options = {
+        "threshold": lc.sinkhorn_threshold,
+        "max_iterations": lc.sinkhorn_max_iterations,
+    }
+    ot_kwargs = dict(
+        epsilon=lc.epsilon, normalize=lc.normalize, relative_epsilon=lc.relative_epsilon or None,
+        group_size=lc.group_size or None, sinkhorn_options=sinkhorn_options,
+    )  # fmt: skip
     if lc.name == "matching_gap":
-        terms = [
-            losses.matching_gap(
-                student[a], targets[b], epsilon=lc.epsilon, cost=lc.cost,
-                normalize=lc.normalize, relative_epsilon=lc.relative_epsilon or None,
-                group_size=lc.group_size or None,
-                sinkhorn_options={"threshold": lc.sinkhorn_threshold,
-                                  "max_iterations": lc.sinkhorn_max_iterations},
-            )
-            for a, b in pairs
-        ]  # fmt: skip
-    elif lc.name == "m3g":
-        options = {"threshold": lc.sinkhorn_threshold, "max_iterations": lc.sinkhorn_max_iterations}
-        kwargs = dict(
-            epsilon=lc.epsilon, normalize=lc.normalize,
-            relative_epsilon=lc.relative_epsilon or None, group_size=lc.group_size or None,
-            sinkhorn_options=options,
-        )  # fmt: skip
-        if ema:
-            # Each student view against the teacher's other global views.
-            terms = [
-                losses.multi_marginal_matching_gap(
-                    jnp.concatenate([student[a : a + 1], jnp.delete(targets, a, axis=0)])
-                    if a < num_global
-                    else jnp.concatenate([student[a : a + 1], targets]),
-                    **kwargs,
-                )
-                for a in range(student.shape[0])
-            ]
-        else:
-            terms = [losses.multi_marginal_matching_gap(student, **kwargs)]
-    elif lc.name == "info_nce":
-        if not ema and student.shape[0] == num_global:
-            terms = [
-                losses.multiview_info_nce(
-                    student, temperature=lc.temperature, mode=lc.multiview_mode
-                )
-            ]
-        else:
-            terms = [
-                losses.info_nce(student[a], targets[b], temperature=lc.temperature)
-                for a, b in pairs
-            ]
-    elif lc.name == "byol":
-        # Without a teacher the targets are the student's own stop-gradient projections
-        # (SimSiam); the loss itself always stops their gradient.
-        if lc.multiview_mode == "one_vs_rest" and student.shape[0] == num_global:
-            terms = [losses.multiview_byol(student, targets, mode="one_vs_rest")]
-        else:
-            pairs = _pairs(student.shape[0], num_global, ema=True)
-            terms = [losses.byol_loss(student[a], targets[b]) for a, b in pairs]
-    else:
-        raise ValueError(f"Unknown loss.name {lc.name!r}; valid: {list(config_lib.LOSSES)}.")
-    value = jnp.mean(jnp.stack([t[0] for t in terms]))
-    return value, _mean_aux([t[1] for t in terms])
+        fn = lambda x, y: losses.matching_gap(x, y, cost=lc.cost, **ot_kwargs)
+        return _vmapped_mean(fn, student[a_idx], targets[b_idx])
+    if lc.name == "m3g":
+        if not ema:
+            return losses.multi_marginal_matching_gap(student, **ot_kwargs)
+        if num_views != num_global:
+            raise ValueError("loss m3g with an EMA teacher takes global views only: set "
+                             "augment.num_local_crops=0.")  # fmt: skip
+        # Each student view with the teacher's other views: [K, K, n, d].
+        others = np.array([[m for m in range(num_global) if m != a] for a in range(num_global)])
+        tuples = jnp.concatenate([student[:, None], targets[others]], axis=1)
+        fn = lambda views: losses.multi_marginal_matching_gap(views, **ot_kwargs)
+        return _vmapped_mean(fn, tuples)
+    if lc.name == "info_nce":
+        if not ema and num_views == num_global and lc.multiview_mode == "one_vs_rest":
+            return losses.multiview_info_nce(student, temperature=lc.temperature,
+                                             mode="one_vs_rest")  # fmt: skip
+        fn = lambda x, y: losses.info_nce(x, y, temperature=lc.temperature)
+        return _vmapped_mean(fn, student[a_idx], targets[b_idx])
+    if lc.name == "byol":
+        # Without a teacher the targets are the student's own projections (SimSiam); the
+        # loss stops their gradient either way.
+        if num_views == num_global and lc.multiview_mode == "one_vs_rest":
+            return losses.multiview_byol(student, targets, mode="one_vs_rest")
+        return _vmapped_mean(losses.byol_loss, student[a_idx], targets[b_idx])
+    raise ValueError(f"Unknown loss.name {lc.name!r}; valid: {list(config_lib.LOSSES)}.")
 
 
 # -------------------------------------------------------------------------- train step
@@ -290,6 +279,17 @@ def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  options=options)  # fmt: skip
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, target: TrainState, workdir: str):
+    try:
+        return manager.restore(step, args=ocp.args.StandardRestore(target))
+    except ValueError as e:
+        raise ValueError(
+            f"The checkpoint at step {step} in {workdir} does not fit the current config "
+            f"(model, teacher or optimiser structure differ): {str(e)[:500]} ... Use a new "
+            "--workdir, or restore the settings the checkpoint was written with."
+        ) from e
 
 
 def _check_workdir_config(workdir: str, config) -> None:
@@ -429,7 +429,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manager = _checkpoint_manager(workdir, config)
     latest = manager.latest_step()
     if latest is not None:
-        state = manager.restore(latest, args=ocp.args.StandardRestore(state))
+        state = _restore(manager, latest, state, workdir)
         _log(f"Resumed from the checkpoint at step {latest} in {workdir}.")
     replicated = sharding_lib.replicated(mesh)
     state = jax.device_put(state, replicated)
@@ -455,8 +455,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         images = sharding_lib.global_batch(next(batches)["image"], mesh)
         state, step_metrics = train_step(state, images)
         progress.pending.append((step + 1, step_metrics))
-        done = step + 1 == num_steps or (time_limit and time.perf_counter() - progress.t0
-                                         > time_limit)  # fmt: skip
+        finished = step + 1 == num_steps
+        out_of_time = time_limit and time.perf_counter() - progress.t0 > time_limit
+        done = finished or out_of_time or step + 1 - start_step == config.train.run_steps
         if (step + 1) % config.train.log_every == 0 or done:
             logged = progress.flush(step + 1)
             elapsed = time.perf_counter() - progress.t0
@@ -482,7 +483,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     final_step = int(state.step)
 
     results = {}
-    if config.train.final_eval:
+    if final_step < num_steps:
+        _log(f"Stopped at step {final_step} of {num_steps}; rerun the same command to resume.")
+    elif config.train.final_eval:
         results = evaluate(state, probe=True)
         if config.train.compare_random_init:
             init = TrainState(step=state.step, params=init_params, teacher=init_params,
@@ -575,7 +578,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     latest = manager.latest_step()
     if latest is None:
         raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints to evaluate.")
-    state = manager.restore(latest, args=ocp.args.StandardRestore(state))
+    state = _restore(manager, latest, state, workdir)
     manager.close()
     results = _make_evaluate(config, graphdef, sharding_lib.make_mesh())(state, probe=True)
     metrics.MetricWriter(workdir).write(latest, results)

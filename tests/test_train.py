@@ -65,10 +65,10 @@ def test_resume_continues_at_the_right_step_and_matches_uninterrupted(tmp_path):
     config.train.knn_every = 0
     train.train_and_evaluate(config, str(tmp_path / "straight"))
 
-    config.optim.num_steps = 2
+    config.train.run_steps = 2  # interrupted after step 2 (and checkpointed) ...
     train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    config.optim.num_steps = 3
-    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["2"]
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))  # ... then resumed
     steps = [r["step"] for r in metrics.read_metrics(str(tmp_path / "resumed"))]
     assert steps == [1, 2, 3]  # the second run started at step 3, not from scratch
     a = saved_params(str(tmp_path / "straight"), 3)
