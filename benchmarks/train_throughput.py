@@ -62,7 +62,7 @@ def build(config, loss_name, mesh):
     graphdef, state = train.create_train_state(config, optimizer)
     replicated = sharding_lib.replicated(mesh)
     step = jax.jit(
-        train.make_train_step(config, graphdef, optimizer, schedules),
+        train.make_train_step(config, graphdef, optimizer, schedules, mesh),
         in_shardings=(replicated, sharding_lib.batch_sharding(mesh)),
         out_shardings=(replicated, replicated),
     )

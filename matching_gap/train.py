@@ -12,6 +12,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -211,12 +212,31 @@ def _forward_views(model, views: jax.Array, key: jax.Array | None) -> dict:
     return {k: x.reshape((v, b) + x.shape[1:]) for k, x in out.items()}
 
 
-def make_train_step(config, graphdef, optimizer, schedules: dict):
+def make_loss_fn(config, mesh=None):
+    """``loss_fn(student [V, b, d], targets [K, b, d]) -> (value, aux)`` for the config.
+
+    With a mesh of several devices and OT groups that divide the per-device batch, each
+    device solves its own groups (:func:`sharding.per_device_groups`); otherwise the OT
+    problems are solved on the gathered embeddings.
+    """
+    ema = bool(config.teacher.ema)
+    loss_fn = functools.partial(ssl_loss, config.loss, ema=ema)
+    lc = config.loss
+    if mesh is None or mesh.size == 1 or lc.name not in ("matching_gap", "m3g"):
+        return loss_fn
+    local_batch, rest = divmod(config.optim.batch_size, mesh.size)
+    if lc.group_size and not rest and local_batch % lc.group_size == 0:
+        return sharding_lib.per_device_groups(loss_fn, mesh)
+    return loss_fn
+
+
+def make_train_step(config, graphdef, optimizer, schedules: dict, mesh=None):
     """Returns ``train_step(state, images) -> (state, metrics)``, pure and jittable."""
     aug_config = augment.AugmentConfig.from_config(config.augment)
     ema = bool(config.teacher.ema)
     base_key = jax.random.key(config.seed)
     loss_config = config.loss
+    loss_of_embeddings = make_loss_fn(config, mesh)
 
     def train_step(state: TrainState, images: jax.Array):
         step_key = jax.random.fold_in(base_key, state.step)
@@ -237,8 +257,7 @@ def make_train_step(config, graphdef, optimizer, schedules: dict):
                 targets = _forward_views(teacher, global_views, None)["projections"]
             else:
                 targets = out["projections"]
-            value, aux = ssl_loss(loss_config, student, targets, ema=ema)
-            return value, aux
+            return loss_of_embeddings(student, targets)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -366,6 +385,7 @@ class _Progress:
     total: int
     batch_size: int
     start_step: int
+    num_devices: int
     pending: list = dataclasses.field(default_factory=list)
     t0: float = dataclasses.field(default_factory=time.perf_counter)
     last_time: float = 0.0
@@ -393,7 +413,7 @@ class _Progress:
         self.last_time, self.last_step = now, step
         out = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
         out["train/images_per_second"] = rate
-        out["train/images_per_second_per_device"] = rate / jax.device_count()
+        out["train/images_per_second_per_device"] = rate / self.num_devices
         return out
 
 
@@ -403,17 +423,20 @@ def _format_eta(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s")  # fmt: skip
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (resuming from ``workdir``), then evaluates. Returns the final metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict:
+    """Trains (resuming from ``workdir``), then evaluates. Returns the final metrics.
+
+    ``devices``: the devices to run on (default: all devices of all processes).
+    """
     if config.loss.name not in config_lib.LOSSES:
         raise ValueError(f"Unknown loss.name {config.loss.name!r}; valid: {config_lib.LOSSES}.")
-    if config.optim.batch_size % jax.device_count():
+    mesh = sharding_lib.make_mesh(devices)
+    if config.optim.batch_size % mesh.size:
         raise ValueError(
             f"optim.batch_size ({config.optim.batch_size}) must be divisible by the number of "
-            f"devices ({jax.device_count()})."
+            f"devices ({mesh.size})."
         )
     _check_workdir_config(workdir, config)
-    mesh = sharding_lib.make_mesh()
     writer = metrics.MetricWriter(workdir)
 
     train_set = None
@@ -436,7 +459,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_step = int(state.step)
 
     train_step = jax.jit(
-        make_train_step(config, graphdef, optimizer, schedules),
+        make_train_step(config, graphdef, optimizer, schedules, mesh),
         in_shardings=(replicated, sharding_lib.batch_sharding(mesh)),
         out_shardings=(replicated, replicated),
     )
@@ -444,11 +467,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _log(
         f"Training with {config.loss.name} for {num_steps} steps ({epoch_steps} per epoch, "
         f"{num_examples} examples, batch {config.optim.batch_size}) on "
-        f"{jax.device_count()} {jax.devices()[0].platform} device(s)."
+        f"{mesh.size} {mesh.devices.flat[0].platform} device(s)."
     )
 
     batches = _train_iterator(config, train_set, start_step)
-    progress = _Progress(num_steps, config.optim.batch_size, start_step)
+    progress = _Progress(num_steps, config.optim.batch_size, start_step, mesh.size)
     time_limit = config.train.time_limit_minutes * 60
     step = start_step
     for step in range(start_step, num_steps):
