@@ -11,11 +11,14 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -300,15 +303,47 @@ def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
                                  options=options)  # fmt: skip
 
 
-def _restore(manager: ocp.CheckpointManager, step: int, target: TrainState, workdir: str):
-    try:
-        return manager.restore(step, args=ocp.args.StandardRestore(target))
-    except ValueError as e:
+def _restore(manager: ocp.CheckpointManager, target: TrainState, workdir: str):
+    """The newest checkpoint that restores, or None when there is none.
+
+    A checkpoint that fails to read (partial or corrupt files) is moved aside to
+    ``<workdir>/corrupt_checkpoints/<step>`` with a warning and the previous one is tried;
+    if none fits, the error says why (typically: written by a different config).
+    """
+    errors = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state = manager.restore(step, args=ocp.args.StandardRestore(target))
+        except Exception as e:  # noqa: BLE001 (any read failure: try the previous step)
+            errors.append((step, e))
+            continue
+        for bad_step, error in errors:
+            _quarantine(workdir, bad_step, error)
+        if errors:
+            manager.reload()
+        _log(f"Resumed from the checkpoint at step {step} in {workdir}.")
+        return state
+    if errors:
+        step, error = errors[0]
         raise ValueError(
-            f"The checkpoint at step {step} in {workdir} does not fit the current config "
-            f"(model, teacher or optimiser structure differ): {str(e)[:500]} ... Use a new "
-            "--workdir, or restore the settings the checkpoint was written with."
-        ) from e
+            f"No checkpoint in {workdir}/checkpoints could be restored into the current "
+            f"config (model, teacher or optimiser differ?). Newest (step {step}): "
+            f"{str(error)[:800]} ... Use a new --workdir, or the settings the checkpoints were "
+            "written with."
+        ) from error
+    return None
+
+
+def _quarantine(workdir: str, step: int, error: Exception) -> None:
+    """Moves an unreadable checkpoint out of the way, keeping its files."""
+    source = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+    target_dir = os.path.join(os.path.abspath(workdir), "corrupt_checkpoints")
+    target = os.path.join(target_dir, f"{step}-{int(time.time())}")
+    if jax.process_index() == 0:
+        os.makedirs(target_dir, exist_ok=True)
+        os.rename(source, target)
+    _log(f"WARNING: the checkpoint at step {step} could not be read ({type(error).__name__}: "
+         f"{str(error)[:200]}); moved to {target}, falling back to an older one.")  # fmt: skip
 
 
 def _check_workdir_config(workdir: str, config) -> None:
@@ -450,10 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     init_params = state.teacher if config.teacher.ema else state.params
 
     manager = _checkpoint_manager(workdir, config)
-    latest = manager.latest_step()
-    if latest is not None:
-        state = _restore(manager, latest, state, workdir)
-        _log(f"Resumed from the checkpoint at step {latest} in {workdir}.")
+    state = _restore(manager, state, workdir) or state
     replicated = sharding_lib.replicated(mesh)
     state = jax.device_put(state, replicated)
     start_step = int(state.step)
@@ -473,41 +505,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     batches = _train_iterator(config, train_set, start_step)
     progress = _Progress(num_steps, config.optim.batch_size, start_step, mesh.size)
     time_limit = config.train.time_limit_minutes * 60
-    step = start_step
-    for step in range(start_step, num_steps):
-        images = sharding_lib.global_batch(next(batches)["image"], mesh)
-        state, step_metrics = train_step(state, images)
-        progress.pending.append((step + 1, step_metrics))
-        finished = step + 1 == num_steps
-        out_of_time = time_limit and time.perf_counter() - progress.t0 > time_limit
-        done = finished or out_of_time or step + 1 - start_step == config.train.run_steps
-        if (step + 1) % config.train.log_every == 0 or done:
-            logged = progress.flush(step + 1)
-            elapsed = time.perf_counter() - progress.t0
-            eta = elapsed / (step + 1 - start_step) * (num_steps - step - 1)
-            writer.write(step + 1, logged)
-            _log(
-                f"step {step + 1}/{num_steps} | loss {logged['train/loss']:.4f} | "
-                f"{logged['train/images_per_second']:.0f} img/s | ETA {_format_eta(eta)}"
+    with _preemption_notice() as preempted:
+        for step in range(start_step, num_steps):
+            images = sharding_lib.global_batch(next(batches)["image"], mesh)
+            state, step_metrics = train_step(state, images)
+            progress.pending.append((step + 1, step_metrics))
+            stop = (
+                step + 1 == num_steps
+                or (time_limit and time.perf_counter() - progress.t0 > time_limit)
+                or step + 1 - start_step == config.train.run_steps
+                or preempted(step + 1)
             )
-        if (step + 1) % config.train.checkpoint_every == 0 or done:
-            progress.flush(step + 1)  # never checkpoint a state that follows a NaN
-            manager.save(step + 1, args=ocp.args.StandardSave(state))
-        if config.train.knn_every and (step + 1) % config.train.knn_every == 0 and not done:
-            # Let a checkpoint write finish first: mocked TFDS loading patches file access.
-            manager.wait_until_finished()
-            results = evaluate(state, probe=False)
-            writer.write(step + 1, results)
-            _log(f"step {step + 1} | {_format_results(results)}")
-        if done:
-            break
+            if (step + 1) % config.train.log_every == 0 or stop:
+                logged = progress.flush(step + 1)
+                elapsed = time.perf_counter() - progress.t0
+                eta = elapsed / (step + 1 - start_step) * (num_steps - step - 1)
+                writer.write(step + 1, logged)
+                _log(
+                    f"step {step + 1}/{num_steps} | loss {logged['train/loss']:.4f} | "
+                    f"{logged['train/images_per_second']:.0f} img/s | ETA {_format_eta(eta)}"
+                )
+            if (step + 1) % config.train.checkpoint_every == 0 or stop:
+                progress.flush(step + 1)  # never checkpoint a state that follows a NaN
+                manager.save(step + 1, args=ocp.args.StandardSave(state))
+            if stop:
+                break
+            if config.train.knn_every and (step + 1) % config.train.knn_every == 0:
+                # Let a checkpoint write finish first: mocked TFDS loading patches file access.
+                manager.wait_until_finished()
+                results = evaluate(state, probe=False)
+                writer.write(step + 1, results)
+                _log(f"step {step + 1} | {_format_results(results)}")
     manager.wait_until_finished()
     manager.close()
     final_step = int(state.step)
 
     results = {}
     if final_step < num_steps:
-        _log(f"Stopped at step {final_step} of {num_steps}; rerun the same command to resume.")
+        _log(f"Stopped at step {final_step} of {num_steps} with a checkpoint; rerun the same "
+             "command to resume.")  # fmt: skip
     elif config.train.final_eval:
         results = evaluate(state, probe=True)
         if config.train.compare_random_init:
@@ -519,6 +555,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         writer.write(final_step, results)
         _print_summary(results)
     return results
+
+
+@contextlib.contextmanager
+def _preemption_notice():
+    """Yields ``preempted(step) -> bool``: whether to checkpoint and stop after this step.
+
+    One process: SIGTERM (the usual preemption notice) sets a flag. Several processes:
+    JAX's coordination service (which receives SIGTERM on every host) picks one common
+    step, so that all processes save the same checkpoint and stop together.
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        yield multihost_utils.reached_preemption_sync_point
+        return
+    received = []
+
+    def handler(signum, frame):
+        del frame
+        received.append(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda step: False  # signals reach the main thread only
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield lambda step: bool(received)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _log(message: str) -> None:
@@ -598,12 +663,11 @@ def evaluate_workdir(config, workdir: str) -> dict:
     optimizer, _ = make_optimizer(config, 2, 1)
     graphdef, state = create_train_state(config, optimizer)
     manager = _checkpoint_manager(workdir, config)
-    latest = manager.latest_step()
-    if latest is None:
-        raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints to evaluate.")
-    state = _restore(manager, latest, state, workdir)
+    state = _restore(manager, state, workdir)
     manager.close()
+    if state is None:
+        raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints to evaluate.")
     results = _make_evaluate(config, graphdef, sharding_lib.make_mesh())(state, probe=True)
-    metrics.MetricWriter(workdir).write(latest, results)
+    metrics.MetricWriter(workdir).write(int(state.step), results)
     _print_summary(results)
     return results

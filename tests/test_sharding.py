@@ -48,7 +48,7 @@ def test_one_and_four_devices_train_the_same_model(tmp_path, group_size):
     losses_4 = [r["train/loss"] for r in metrics.read_metrics(runs[4])]
     np.testing.assert_allclose(losses_1, losses_4, rtol=1e-5)
     for a, b in zip(_final_params(runs[1], 3), _final_params(runs[4], 3), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
 def _loop_collectives(hlo: str) -> list[str]:

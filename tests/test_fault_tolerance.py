@@ -1,0 +1,162 @@
+"""Preemption, hard kills, corrupt checkpoints and several processes, on the real command.
+
+The subprocess tests are marked ``slow`` (each starts fresh Python processes); CI runs them
+with ``pytest -m slow``.
+"""
+
+import glob
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from matching_gap import metrics, train
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+SMOKE = os.path.join(ROOT, "configs", "default.py") + ":smoke"
+QUIET = ["--config.train.final_eval=False", "--config.train.knn_every=0"]
+
+
+def _load_smoke_config():
+    spec = importlib.util.spec_from_file_location("default", SMOKE.split(":")[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("smoke")
+
+
+def _params(workdir, step):
+    """Parameters of a checkpoint, whatever the topology it was written on."""
+    config = _load_smoke_config()
+    _, state = train.create_train_state(config, train.make_optimizer(config, 3, 1)[0])
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          state)  # fmt: skip
+    path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "default")
+    restored = ocp.StandardCheckpointer().restore(path, target)
+    return [np.asarray(x) for x in jax.tree.leaves(restored.params)]
+
+
+def _command(workdir, *extra):
+    return [sys.executable, "-m", "matching_gap.main", f"--config={SMOKE}",
+            f"--workdir={workdir}", *QUIET, *extra]  # fmt: skip
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        records = metrics.read_metrics(str(workdir))
+        if records and records[-1]["step"] >= step:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    raise TimeoutError(f"no step {step} in {workdir} after {timeout} s")
+
+
+def _run(args, env=None):
+    out = subprocess.run(args, capture_output=True, text=True, env=env or _env(), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    config = _load_smoke_config()
+    config.train.final_eval = False
+    config.train.knn_every = 0
+    train.train_and_evaluate(config, str(tmp_path))  # checkpoints at 2 and 3
+    for path in glob.glob(str(tmp_path / "checkpoints" / "3" / "**" / "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "wb") as f:
+                f.write(b"garbage")
+    config.optim.num_steps = 4
+    train.train_and_evaluate(config, str(tmp_path))
+    moved = os.listdir(tmp_path / "corrupt_checkpoints")
+    assert len(moved) == 1 and moved[0].startswith("3-")  # kept, not deleted
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+    steps = [r["step"] for r in metrics.read_metrics(str(tmp_path))]
+    assert steps == [1, 2, 3, 3, 4]  # steps 3-4 were redone from the checkpoint at step 2
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen(
+        _command(tmp_path, "--config.optim.num_steps=100000",
+                 "--config.train.checkpoint_every=1000"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    _wait_for_step(tmp_path, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "rerun the same command to resume" in stdout
+    saved = [int(s) for s in os.listdir(tmp_path / "checkpoints")]
+    assert len(saved) == 1 and 5 <= saved[0] < 1000  # saved on the signal, not on schedule
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_matches_an_uninterrupted_run_bitwise(tmp_path):
+    steps = ["--config.optim.num_steps=24", "--config.train.checkpoint_every=5"]
+    _run(_command(tmp_path / "straight", *steps))
+    proc = subprocess.Popen(_command(tmp_path / "killed", *steps), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
+    _wait_for_step(tmp_path / "killed", 12, proc)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    restarted = _run(_command(tmp_path / "killed", *steps))
+    assert "Resumed from the checkpoint at step" in restarted.stdout
+    straight, killed = _params(tmp_path / "straight", 24), _params(tmp_path / "killed", 24)
+    assert len(straight) == len(killed) > 0
+    for a, b in zip(straight, killed, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_model_as_one(tmp_path):
+    _run(_command(tmp_path / "one"))
+    port = _free_port()
+    env = _env(JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    procs = [
+        subprocess.Popen(
+            _command(
+                tmp_path / "two",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "on 2 cpu device(s)" in outputs[0][0]
+    one, two = metrics.read_metrics(str(tmp_path / "one")), metrics.read_metrics(
+        str(tmp_path / "two"))  # fmt: skip
+    np.testing.assert_allclose([r["train/loss"] for r in one], [r["train/loss"] for r in two],
+                               rtol=1e-5)  # fmt: skip
+    for a, b in zip(_params(tmp_path / "one", 3), _params(tmp_path / "two", 3), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
