@@ -109,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
         compare_random_init=True,  # also evaluate the random-init encoder at the end
         time_limit_minutes=0.0,  # > 0: stop (and checkpoint) after this much training time
         run_steps=0,  # > 0: stop (and checkpoint) after this many steps in this invocation
+        fsdp=False,  # shard parameters and optimiser state over the devices (large models)
     )
     c.eval = dict(
         batch_size=1024,

@@ -37,6 +37,34 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+# Arrays smaller than this stay replicated under FSDP: gathering them costs more than it saves.
+FSDP_MIN_SIZE = 2**14
+
+
+def fsdp_shardings(tree, mesh: Mesh, min_size: int | None = None):
+    """Shards each large array of ``tree`` over the data axis along its largest divisible
+    dimension (FSDP / ZeRO-3 style); small arrays and those with no divisible dimension stay
+    replicated. XLA inserts the all-gathers and reduce-scatters this layout needs.
+
+    ``tree`` may hold arrays or ``jax.ShapeDtypeStruct``s; returns a tree of shardings.
+    """
+
+    min_size = FSDP_MIN_SIZE if min_size is None else min_size
+
+    def spec(x):
+        shape = getattr(x, "shape", ())
+        if not shape or np.prod(shape) < min_size:
+            return replicated(mesh)
+        for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+            if shape[dim] % mesh.size == 0:
+                axes = [None] * len(shape)
+                axes[dim] = DATA_AXIS
+                return NamedSharding(mesh, PartitionSpec(*axes))
+        return replicated(mesh)
+
+    return jax.tree.map(spec, tree)
+
+
 def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
     """This process's slice of the batch -> one global array sharded over the mesh."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local)

@@ -487,13 +487,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     manager = _checkpoint_manager(workdir, config)
     state = _restore(manager, state, workdir) or state
     replicated = sharding_lib.replicated(mesh)
-    state = jax.device_put(state, replicated)
+    state_sharding = sharding_lib.fsdp_shardings(state, mesh) if config.train.fsdp else replicated
+    state = jax.device_put(state, state_sharding)
     start_step = int(state.step)
 
     train_step = jax.jit(
         make_train_step(config, graphdef, optimizer, schedules, mesh),
-        in_shardings=(replicated, sharding_lib.batch_sharding(mesh)),
-        out_shardings=(replicated, replicated),
+        in_shardings=(state_sharding, sharding_lib.batch_sharding(mesh)),
+        out_shardings=(state_sharding, replicated),
     )
     evaluate = _make_evaluate(config, graphdef, mesh)
     _log(

@@ -33,10 +33,13 @@ def _final_params(workdir, step):
     return [np.asarray(x) for x in jax.tree.leaves(ocp.StandardCheckpointer().restore(path))]
 
 
-@pytest.mark.parametrize("group_size", [0, 4])
-def test_one_and_four_devices_train_the_same_model(tmp_path, group_size):
+@pytest.mark.parametrize("group_size,fsdp", [(0, False), (4, False), (4, True)])
+def test_one_and_four_devices_train_the_same_model(tmp_path, monkeypatch, group_size, fsdp):
+    # The smoke model's arrays are all small: lower the size under which FSDP replicates.
+    monkeypatch.setattr(sharding_lib, "FSDP_MIN_SIZE", 256)
     config = load("default.py", "smoke")
     config.loss.group_size = group_size
+    config.train.fsdp = fsdp
     config.train.final_eval = False
     config.train.knn_every = 0
     runs = {}
@@ -119,3 +122,14 @@ def test_global_ot_on_sharded_embeddings_equals_single_device():
     expected_value, expected_grad = single(jnp.asarray(np.asarray(x)))
     np.testing.assert_allclose(value, expected_value, rtol=1e-5)
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_fsdp_shardings_split_large_arrays_over_devices():
+    mesh = sharding_lib.make_mesh()
+    tree = {"big": jnp.zeros((64, 512)), "odd": jnp.zeros((3, 5, 4097)), "small": jnp.zeros(8)}
+    shardings = sharding_lib.fsdp_shardings(tree, mesh)
+    assert shardings["big"].spec == jax.P(None, "data")
+    assert shardings["small"].spec == jax.P()
+    assert shardings["odd"].spec == jax.P()  # no dimension divisible by 4
+    placed = jax.device_put(tree["big"], shardings["big"])
+    assert placed.addressable_shards[0].data.shape == (64, 128)
