@@ -9,6 +9,7 @@ from flax import nnx
 
 from matching_gap.models import (
     VIT_VARIANTS,
+    Attention,
     MLPHead,
     SSLModel,
     ViT,
@@ -259,3 +260,13 @@ def test_encode_cls_avgpool_concatenates_cls_and_mean_patch_token():
     np.testing.assert_allclose(feats[:, 16:], tokens[:, 1:].mean(axis=1), rtol=1e-5)
     with pytest.raises(ValueError, match="Unknown features"):
         model.encode(images, "last4")
+
+
+def test_attention_matches_the_textbook_formula():
+    attn = Attention(16, 4, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (2, 5, 16))
+    qkv = attn.qkv(x).reshape(2, 5, 3, 4, 4)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0, axis=-1)
+    expected = attn.proj(jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(2, 5, 16))
+    np.testing.assert_allclose(attn(x), expected, rtol=1e-5, atol=1e-6)
