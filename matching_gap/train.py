@@ -85,7 +85,12 @@ def make_optimizer(config, num_steps: int, epoch_steps: int) -> tuple[Any, dict]
 
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, x: x.ndim > 1 and "pos_embed" not in jax.tree_util.keystr(path),
+            lambda path, x: (
+                x.ndim > 1
+                and not any(
+                    name in jax.tree_util.keystr(path) for name in ("pos_embed", "cls_token")
+                )
+            ),
             params,
         )
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -80,8 +81,6 @@ def test_resume_continues_at_the_right_step_and_matches_uninterrupted(tmp_path):
 
 
 def _leaves(tree):
-    import jax
-
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
@@ -143,3 +142,17 @@ def test_command_line_overrides_and_unknown_keys(tmp_path):
                       cwd=tmp_path)  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert "linear_probe_top1" in evaluated.stdout
+
+
+def test_weight_decay_skips_biases_norms_cls_token_and_position_embeddings():
+    config = load("default.py", "smoke")
+    optimizer, _ = train.make_optimizer(config, 10, 1)
+    _, state = train.create_train_state(config, optimizer)
+    zeros = jax.tree.map(np.zeros_like, state.params)
+    updates, _ = optimizer.update(zeros, state.opt_state, state.params)
+    flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+    decayed = {jax.tree_util.keystr(p): bool(np.any(np.asarray(u) != 0)) for p, u in flat}
+    assert any(decayed.values()) and not all(decayed.values())
+    for path, value in decayed.items():
+        exempt = "bias" in path or "scale" in path or "pos_embed" in path or "cls_token" in path
+        assert value == (not exempt), path
