@@ -355,7 +355,11 @@ def _check_workdir_config(workdir: str, config) -> None:
     """Refuses to resume from a workdir whose checkpoints belong to a different model."""
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort())
-    if os.path.exists(path):
+    checkpoints = os.path.join(workdir, "checkpoints")
+    has_checkpoints = os.path.isdir(checkpoints) and any(
+        name.isdigit() for name in os.listdir(checkpoints)
+    )
+    if has_checkpoints and os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
         keys = ("model", "teacher")
