@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.augment = dict(
         crop_size=28,
-        crop_scale=(0.2, 1.0),
+        crop_scale=(0.35, 1.0),  # 28 px images: milder crops than ImageNet's
         num_views=2,
         flip=True,
         color_jitter_prob=0.0,
@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.loss = dict(
         name="matching_gap",  # matching_gap | m3g | info_nce | byol
-        epsilon=0.3,  # absolute unless relative_epsilon is set
+        epsilon=0.2,  # absolute unless relative_epsilon is set
         relative_epsilon="",  # "" | mean | std
         cost="sqeuclidean",
         normalize=True,
@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.optim = dict(
         batch_size=256,  # global batch of images (each seen through every view)
-        num_epochs=8.0,
+        num_epochs=9.0,
         num_steps=0,  # > 0 overrides num_epochs
         base_lr=1e-3,  # lr = base_lr * batch_size / 256
         min_lr=1e-6,
