@@ -7,6 +7,9 @@ the returned ``ConfigDict`` is locked, so a misspelt command-line override
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 LOSSES = ("matching_gap", "m3g", "info_nce", "byol")
@@ -123,6 +126,15 @@ def base_config() -> ml_collections.ConfigDict:
         probe_weight_decay=1e-4,
     )
     return c
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of a config file, as ``--config=path:arg`` would load it."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"matching_gap_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg or None)
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -258,18 +258,22 @@ def matching_gap(
         out = solver(linear_problem.LinearProblem(geom))
         f, g = jax.lax.stop_gradient(out.f), jax.lax.stop_gradient(out.g)
         ot_cost = _entropic_dual(f, g, c, eps)
-        paired = jnp.mean(jnp.diagonal(c))
-        value = paired - eps * math.log(n) - ot_cost
-        return value, {
-            "paired_cost": paired,
-            "ot_cost": ot_cost,
-            "epsilon": eps,
-            "converged": out.converged,
-            "sinkhorn_iterations": out.n_iters,
-            "marginal_error": _last_error(out.errors),
-        }
+        return _gap(jnp.mean(jnp.diagonal(c)), ot_cost, eps, n, out)
 
     return _grouped(one_problem, jnp.stack([x, y]), group_size)
+
+
+def _gap(paired: jax.Array, ot_cost: jax.Array, eps: jax.Array, n: int, out) -> tuple:
+    """``<J, C> - eps log n - OT`` and the aux of one problem solved by ``out`` (a solver
+    output with ``converged``, ``n_iters`` and ``errors``)."""
+    return paired - eps * math.log(n) - ot_cost, {
+        "paired_cost": paired,
+        "ot_cost": ot_cost,
+        "epsilon": eps,
+        "converged": out.converged,
+        "sinkhorn_iterations": out.n_iters,
+        "marginal_error": _last_error(out.errors),
+    }
 
 
 def _last_error(errors: jax.Array) -> jax.Array:
@@ -347,16 +351,7 @@ def multi_marginal_matching_gap(
         pots = [jax.lax.stop_gradient(p) for p in out.potentials]
         plan = mmsinkhorn.coupling_tensor(pots, c, eps)
         ot_cost = sum(jnp.mean(p) for p in pots) + eps * (1.0 - jnp.sum(plan))
-        diag = c[(jnp.arange(n),) * k]
-        paired = jnp.mean(diag)
-        return paired - eps * math.log(n) - ot_cost, {
-            "paired_cost": paired,
-            "ot_cost": ot_cost,
-            "epsilon": eps,
-            "converged": out.converged,
-            "sinkhorn_iterations": out.n_iters,
-            "marginal_error": _last_error(out.errors),
-        }
+        return _gap(jnp.mean(c[(jnp.arange(n),) * k]), ot_cost, eps, n, out)
 
     return _grouped(one_problem, views, group_size)
 

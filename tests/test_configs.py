@@ -1,7 +1,6 @@
 """Every config and variant loads, is locked, and is self-consistent."""
 
 import glob
-import importlib.util
 import os
 
 import pytest
@@ -20,10 +19,7 @@ VARIANTS = {
 
 
 def load(name, arg=""):
-    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(CONFIG_DIR, name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    return config_lib.load_config_file(os.path.join(CONFIG_DIR, name), arg)
 
 
 def test_every_config_file_is_covered():

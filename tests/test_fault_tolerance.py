@@ -5,7 +5,6 @@ with ``pytest -m slow``.
 """
 
 import glob
-import importlib.util
 import os
 import signal
 import socket
@@ -18,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from matching_gap import metrics, train
+from matching_gap import config_lib, metrics, train
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SMOKE = os.path.join(ROOT, "configs", "default.py") + ":smoke"
@@ -26,10 +25,8 @@ QUIET = ["--config.train.final_eval=False", "--config.train.knn_every=0"]
 
 
 def _load_smoke_config():
-    spec = importlib.util.spec_from_file_location("default", SMOKE.split(":")[0])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("smoke")
+    path, arg = SMOKE.split(":")
+    return config_lib.load_config_file(path, arg)
 
 
 def _params(workdir, step):

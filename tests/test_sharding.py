@@ -1,7 +1,6 @@
 """One device and four simulated devices give the same training; grouped OT stays local."""
 
 import functools
-import importlib.util
 import os
 import re
 
@@ -11,17 +10,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from matching_gap import losses, metrics, train
+from matching_gap import config_lib, losses, metrics, train
 from matching_gap import sharding as sharding_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def load(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load_config_file(os.path.join(ROOT, "configs", name), arg)
 
 
 def test_four_simulated_devices_are_present():

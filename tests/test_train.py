@@ -1,6 +1,5 @@
 """The real training loop, end to end, on mocked TFDS data (seconds per run)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,16 +10,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from matching_gap import metrics, train
+from matching_gap import config_lib, metrics, train
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def load(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load_config_file(os.path.join(ROOT, "configs", name), arg)
 
 
 def saved_params(workdir, step):
