@@ -457,8 +457,6 @@ def multiview_info_nce(
         terms = [
             info_nce(views[a], _rest_mean(views, a), temperature=temperature) for a in range(k)
         ]
-        if k == 2:
-            terms = terms[:1]
     return jnp.mean(jnp.stack([t[0] for t in terms])), _mean_aux([t[1] for t in terms])
 
 

@@ -426,7 +426,6 @@ def _num_train_examples(config, dataset) -> int:
 class _Progress:
     """Host-side bookkeeping between log lines: throughput, ETA, non-finite detection."""
 
-    total: int
     batch_size: int
     start_step: int
     num_devices: int
@@ -513,7 +512,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     )
 
     batches = _train_iterator(config, train_set, start_step)
-    progress = _Progress(num_steps, config.optim.batch_size, start_step, mesh.size)
+    progress = _Progress(config.optim.batch_size, start_step, mesh.size)
     time_limit = config.train.time_limit_minutes * 60
     with _preemption_notice() as preempted:
         for step in range(start_step, num_steps):

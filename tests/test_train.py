@@ -19,6 +19,14 @@ def load(name, arg=None):
     return config_lib.load_config_file(os.path.join(ROOT, "configs", name), arg)
 
 
+def quiet_smoke():
+    """The default smoke config without evaluations (tests of the loop's bookkeeping)."""
+    config = load("default.py", "smoke")
+    config.train.final_eval = False
+    config.train.knn_every = 0
+    return config
+
+
 def saved_params(workdir, step):
     path = os.path.join(workdir, "checkpoints", str(step), "default")
     return ocp.StandardCheckpointer().restore(os.path.abspath(path))["params"]
@@ -57,9 +65,7 @@ def test_smoke_variant_trains_three_steps(tmp_path, name, arg):
 
 
 def test_resume_continues_at_the_right_step_and_matches_uninterrupted(tmp_path):
-    config = load("default.py", "smoke")
-    config.train.final_eval = False
-    config.train.knn_every = 0
+    config = quiet_smoke()
     train.train_and_evaluate(config, str(tmp_path / "straight"))
 
     config.train.run_steps = 2  # interrupted after step 2 (and checkpointed) ...
@@ -81,9 +87,7 @@ def _leaves(tree):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    config = load("default.py", "smoke")
-    config.train.final_eval = False
-    config.train.knn_every = 0
+    config = quiet_smoke()
     config.optim.num_steps = 2
     train.train_and_evaluate(config, str(tmp_path))
     config.optim.num_steps = 4
@@ -95,9 +99,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_workdir_of_another_model_is_refused(tmp_path):
-    config = load("default.py", "smoke")
-    config.train.final_eval = False
-    config.train.knn_every = 0
+    config = quiet_smoke()
     config.optim.num_steps = 2
     train.train_and_evaluate(config, str(tmp_path))
     config.model.width = 48
