@@ -12,7 +12,8 @@ forward, loss, backward, AdamW, EMA), on a mesh over all devices.
         --config.optim.batch_size=256 --losses=matching_gap,info_nce
 
 The losses are timed in alternating rounds (A B A B ...) so that a noisy machine affects
-both alike.
+both alike. A last line times the view-making (``augment.make_views``) alone in the same
+rounds, as a share of the step: the first thing to check when MFU is low.
 """
 
 import statistics
@@ -23,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from matching_gap import models, train
+from matching_gap import augment, models, train
 from matching_gap import sharding as sharding_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
@@ -114,7 +115,18 @@ def main(argv):
         jax.block_until_ready(state)
         runs[name] = {"fn": compiled, "state": state, "times": []}
 
+    aug_config = augment.AugmentConfig.from_config(config.augment)
+    views_fn = jax.jit(lambda key, images: augment.make_views(key, images, aug_config))
+    key = jax.random.key(0)
+    jax.block_until_ready(views_fn(key, batch))  # compile
+    views_times = []
+
     for _ in range(_ROUNDS.value):
+        start = time.perf_counter()
+        for i in range(_STEPS.value):
+            views = views_fn(jax.random.fold_in(key, i), batch)
+        jax.block_until_ready(views)
+        views_times.append((time.perf_counter() - start) / _STEPS.value)
         for run in runs.values():
             state = run["state"]
             start = time.perf_counter()
@@ -153,6 +165,11 @@ def main(argv):
             f"| {name} | {1e3 * t:.1f} | {b / t:.0f} | {b / t / jax.device_count():.0f} | "
             f"{mfu} | {t / base:.3f}x |"
         )
+    t_views = statistics.median(views_times)
+    print(
+        f"\nview-making alone (augment.make_views, same rounds): {1e3 * t_views:.1f} ms per "
+        f"step, {100 * t_views / base:.1f}% of the {_LOSSES.value[-1]} step"
+    )
 
 
 if __name__ == "__main__":

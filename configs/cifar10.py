@@ -16,7 +16,7 @@ def get_config(arg: str | None = None):
     c = config_lib.base_config()
     c.data.update(
         source="tfds", name="cifar10", train_split="train", eval_train_split="train",
-        eval_split="test", image_size=32, channels=3, num_classes=10, in_memory=True,
+        eval_split="test", image_size=32, channels=3, in_memory=True,
     )  # fmt: skip
     c.augment.update(
         crop_size=32, crop_scale=(0.2, 1.0), mean=(0.4914, 0.4822, 0.4465),

@@ -29,7 +29,6 @@ def base_config() -> ml_collections.ConfigDict:
         eval_split="test",  # split the evaluators report on
         image_size=28,  # stored size (square) that views are cropped from
         channels=1,
-        num_classes=10,
         max_examples=0,  # 0 = all (train split)
         eval_max_examples=0,  # 0 = all (each evaluation split)
         in_memory=True,  # False: stream the training split with tf.data (ImageNet)
@@ -191,7 +190,7 @@ def imagenet_recipe(variant: str = "B/16") -> ml_collections.ConfigDict:
     c = base_config()
     c.data.update(
         source="tfds", name="imagenet2012", train_split="train", eval_train_split="train",
-        eval_split="validation", image_size=256, channels=3, num_classes=1000,
+        eval_split="validation", image_size=256, channels=3,
         in_memory=False, eval_max_examples=10_000,
     )  # fmt: skip
     c.augment.update(

@@ -638,6 +638,13 @@ def _make_evaluate(config, graphdef, mesh):
             n = config.data.eval_max_examples
             cache["train"] = _load_split(config, config.data.eval_train_split, n)
             cache["test"] = _load_split(config, config.data.eval_split, n)
+            if cache["train"].num_classes != cache["test"].num_classes:
+                raise ValueError(
+                    f"The evaluation splits {config.data.eval_train_split!r} and "
+                    f"{config.data.eval_split!r} have {cache['train'].num_classes} and "
+                    f"{cache['test'].num_classes} classes; they need the same classes (an "
+                    "image folder needs the same class sub-folders in every split)."
+                )
         return cache["train"], cache["test"]
 
     def evaluate(state: TrainState, *, probe: bool) -> dict:
@@ -651,14 +658,14 @@ def _make_evaluate(config, graphdef, mesh):
         out = {
             "eval/knn_top1": evaluators.knn_accuracy(
                 train_feats[:knn_n], train_set.labels[:knn_n], test_feats, test_set.labels,
-                num_classes=config.data.num_classes, k=config.eval.knn_k,
+                num_classes=train_set.num_classes, k=config.eval.knn_k,
                 temperature=config.eval.knn_temperature,
             )
         }  # fmt: skip
         if probe:
             out["eval/linear_probe_top1"] = evaluators.linear_probe_accuracy(
                 train_feats, train_set.labels, test_feats, test_set.labels,
-                num_classes=config.data.num_classes, epochs=config.eval.probe_epochs,
+                num_classes=train_set.num_classes, epochs=config.eval.probe_epochs,
                 batch_size=config.eval.probe_batch_size, learning_rate=config.eval.probe_lr,
                 weight_decay=config.eval.probe_weight_decay, seed=config.seed,
             )  # fmt: skip
@@ -667,16 +674,58 @@ def _make_evaluate(config, graphdef, mesh):
     return evaluate
 
 
-def evaluate_workdir(config, workdir: str) -> dict:
-    """Runs the final evaluators on the newest checkpoint of ``workdir`` (no training)."""
+def _restore_for_inference(config, workdir: str) -> tuple[Any, TrainState]:
+    """``(graphdef, state)`` of the newest checkpoint in ``workdir`` (no training)."""
     optimizer, _ = make_optimizer(config, 2, 1)
     graphdef, state = create_train_state(config, optimizer)
     manager = _checkpoint_manager(workdir, config)
     state = _restore(manager, state, workdir)
     manager.close()
     if state is None:
-        raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints to evaluate.")
+        raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train there first, "
+                                "or point --workdir at a training run.")  # fmt: skip
+    return graphdef, state
+
+
+def evaluate_workdir(config, workdir: str) -> dict:
+    """Runs the final evaluators on the newest checkpoint of ``workdir`` (no training)."""
+    graphdef, state = _restore_for_inference(config, workdir)
     results = _make_evaluate(config, graphdef, sharding_lib.make_mesh())(state, probe=True)
     metrics.MetricWriter(workdir).write(int(state.step), results)
     _print_summary(results)
     return results
+
+
+def load_encoder(workdir: str) -> tuple[Callable[[Any], jax.Array], ml_collections.ConfigDict]:
+    """The newest checkpoint of a training run as a frozen feature extractor.
+
+    Reads the config the run saved (``<workdir>/config.json``), restores the newest
+    checkpoint and returns ``(encode, config)``. ``encode(images)`` maps images
+    ``[N, H, W, C]`` (uint8, or floats in [0, 1]) of the stored size
+    ``config.data.image_size`` to features ``[N, D]``: the evaluation view (centre crop,
+    normalisation), then ``config.eval.features`` of the encoder (the EMA teacher's when the
+    run had one), as the k-NN and linear-probe evaluators see them.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir} the --workdir of a training run?")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    graphdef, state = _restore_for_inference(config, workdir)
+    params = state.teacher if config.teacher.ema else state.params
+    aug_config = augment.AugmentConfig.from_config(config.augment)
+    size, channels = config.data.image_size, config.data.channels
+
+    @jax.jit
+    def _encode(params, images):
+        model = nnx.merge(graphdef, params)
+        return model.encode(augment.center_view(images, aug_config), config.eval.features)
+
+    def encode(images) -> jax.Array:
+        images = jnp.asarray(images)
+        if images.ndim != 4 or images.shape[1:] != (size, size, channels):
+            raise ValueError(f"encode expects images [N, {size}, {size}, {channels}] (the size "
+                             f"the model was trained on), got {images.shape}.")  # fmt: skip
+        return _encode(params, images)
+
+    return encode, config

@@ -15,6 +15,7 @@ VARIANTS = {
     "vits16.py": ["", "smoke", "strong"],
     "m3g_vitb16.py": ["", "k=2", "k=3", "k=4", "k=2,smoke", "k=3,smoke", "k=4,smoke"],
     "cifar10.py": ["", "smoke", "strong"],
+    "image_folder.py": ["", "smoke"],
 }
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -154,3 +155,54 @@ def test_weight_decay_skips_biases_norms_cls_token_and_position_embeddings():
     for path, value in decayed.items():
         exempt = "bias" in path or "scale" in path or "pos_embed" in path or "cls_token" in path
         assert value == (not exempt), path
+
+
+def test_load_encoder_gives_the_features_of_the_saved_parameters(tmp_path):
+    from flax import nnx
+
+    from matching_gap import augment
+
+    config = quiet_smoke()
+    config.optim.num_steps = 2
+    train.train_and_evaluate(config, str(tmp_path))
+    encode, saved_config = train.load_encoder(str(tmp_path))
+    assert saved_config.to_dict() == json.loads(config.to_json_best_effort())
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
+    features = np.asarray(encode(images))
+
+    graphdef, init_params = nnx.split(train.create_model(config))
+
+    def features_of(params):  # the same features by hand, from a parameter tree
+        model = nnx.merge(graphdef, params)
+        view = augment.center_view(images, augment.AugmentConfig.from_config(config.augment))
+        return np.asarray(model.encode(view, config.eval.features))
+
+    np.testing.assert_allclose(features, features_of(saved_params(tmp_path, 2)), atol=1e-5)
+    init = features_of(nnx.to_pure_dict(init_params))
+    assert features.shape == (5, 2 * config.model.width) and not np.allclose(features, init)
+    with pytest.raises(ValueError, match=r"images \[N, 28, 28, 1\]"):
+        encode(images[:, :14])
+    with pytest.raises(FileNotFoundError, match="--workdir of a training run"):
+        train.load_encoder(str(tmp_path / "nothing"))
+
+
+def test_image_folder_config_trains_on_a_folder_of_images(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 10), ("val", 3)):
+        for c, cls in enumerate(["circle", "stripes"]):
+            folder = tmp_path / "images" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 80, (60, 80, 3), dtype=np.uint8)
+                pixels[::4] += np.uint8(120 * c)  # the class shows in the image
+                Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+    config = load("image_folder.py", "smoke")
+    config.data.update(source="image_folder", mock=False, data_dir=str(tmp_path / "images"))
+    results = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert 0.0 <= results["eval/linear_probe_top1"] <= 1.0
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "3"]
+    shutil.rmtree(tmp_path / "images" / "val" / "stripes")  # a class missing from val
+    with pytest.raises(ValueError, match="same class sub-folders"):
+        train.evaluate_workdir(config, str(tmp_path / "run"))

@@ -1,0 +1,33 @@
+"""Your own images: the CPU demo's recipe on a folder of labelled images.
+
+    python -m matching_gap.main --config=configs/image_folder.py --workdir=DIR \
+        --config.data.data_dir=/path/to/images
+
+Layout: ``/path/to/images/train/<class>/*.jpg|png`` for pretraining (the labels are not used
+for it) and ``/path/to/images/val/<class>/...`` with the same class folders for the k-NN and
+linear-probe evaluations (``--config.data.eval_split=train`` evaluates on the training images
+if there is no ``val``). Images are loaded into memory, their shorter side resized to
+``data.image_size`` and centre-cropped; views are random crops resized to
+``augment.crop_size``. A small ViT (patch 8 on 64-pixel crops) trains on a CPU; for a GPU
+and more images start from ``configs/vits16.py`` with ``--config.data.source=image_folder``.
+
+Variant ``:smoke``: three steps on mocked data (the tests).
+"""
+
+from matching_gap import config_lib
+
+
+def get_config(arg: str | None = None):
+    words = config_lib.parse_arg(arg, ("smoke",))
+    c = config_lib.base_config()
+    c.data.update(
+        source="image_folder", data_dir="", train_split="train", eval_train_split="train",
+        eval_split="val", image_size=72, channels=3,
+    )  # fmt: skip
+    c.augment.update(crop_size=64, crop_scale=(0.25, 1.0), mean=config_lib.IMAGENET_MEAN,
+                     std=config_lib.IMAGENET_STD, eval_crop_fraction=64 / 72)  # fmt: skip
+    c.model.update(image_size=64, channels=3, patch_size=8)
+    c.optim.num_epochs = 100.0  # small folders: many passes
+    if "smoke" in words:
+        config_lib.make_smoke(c, image_size=64)
+    return config_lib.finalize(c)

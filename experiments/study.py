@@ -1,0 +1,388 @@
+"""The small-scale study: the matching gap against InfoNCE and BYOL on Fashion-MNIST.
+
+    python experiments/study.py                       # run every missing cell, then report
+    python experiments/study.py --max_minutes=30      # run for 30 minutes, resume later
+    python experiments/study.py --report_only         # table + plots from results.json
+
+Every cell trains the CPU demo model of ``configs/default.py`` (ViT width 64 / depth 4 /
+patch 7, batch 256) for the same number of steps and evaluates it with the demo's linear
+probe and weighted k-NN on the 10k test images. Groups of cells:
+
+- ``cropflip``: matching gap (epsilon 0.2), InfoNCE (temperature 0.1), BYOL (EMA teacher
+  and predictor), random-resized crop + flip only;
+- ``strong``: the same three with BYOL's colour jitter / blur / solarisation on top;
+- ``m3g``: the multi-marginal matching gap with k = 2, 3, 4 views (epsilon 0.05 on the
+  circular variance, which for k = 2 is the matching gap's 0.2; OT problems of 16 images);
+- ``epsilon``: the matching gap at several epsilons (0.2 is shared with ``cropflip``);
+- ``cifar10``: the ``cropflip`` losses on CIFAR-10, only when ``--cifar10_data_dir`` holds a
+  prepared TFDS ``cifar10``.
+
+Each cell's budget is a fixed number of optimiser steps (``--epochs`` of Fashion-MNIST),
+sized so that a cell takes a few minutes on a 2-core CPU: steps, not minutes, so that a
+busy machine changes how long the study takes and not its results. The minutes each cell
+took are recorded beside its accuracy. A cell's workdir under ``--workdir`` holds its
+checkpoints, so an interrupted cell resumes where it stopped and finished cells are never
+rerun. Finished cells are also collected in ``experiments/study/results.json``, from which
+``--report_only`` rebuilds ``experiments/study/results.md`` and the PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(EXPERIMENTS)
+OUT = os.path.join(EXPERIMENTS, "study")
+LOSS_LABELS = {"matching_gap": "matching gap", "info_nce": "InfoNCE", "byol": "BYOL"}
+EPSILONS = (0.05, 0.2, 0.8, 3.2)  # factors of 4; 0.2 is the cropflip cell
+M3G_VIEWS = (2, 3, 4)
+GROUPS = ("cropflip", "strong", "m3g", "epsilon", "cifar10")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    group: str
+    label: str  # the row of the results table
+    seed: int
+    overrides: tuple[tuple[str, object], ...] = ()  # ("loss.name", "info_nce"), ...
+    strong: bool = False
+    dataset: str = "fashion_mnist"
+    curve: bool = False  # k-NN during training, for the accuracy-over-training plot
+    random_init: bool = False  # also evaluate the untrained encoder
+
+    @property
+    def name(self) -> str:
+        slug = self.label.replace(" ", "_").replace("=", "").replace(".", "p")
+        return f"{self.group}-{slug}-seed{self.seed}"
+
+
+def _loss_overrides(loss: str) -> tuple[tuple[str, object], ...]:
+    if loss == "byol":
+        return (("loss.name", "byol"), ("teacher.ema", True), ("model.use_predictor", True))
+    return (("loss.name", loss),)
+
+
+def make_cells(seeds, groups, cifar10: bool) -> list[Cell]:
+    """The study's cells, group by group, so that a partial run finishes whole groups."""
+    cells = []
+    for group in groups:
+        for seed in seeds:
+            if group in ("cropflip", "strong", "cifar10"):
+                if group == "cifar10" and not cifar10:
+                    continue
+                for loss, label in LOSS_LABELS.items():
+                    cells.append(Cell(
+                        group, label, seed, _loss_overrides(loss), strong=group == "strong",
+                        dataset="cifar10" if group == "cifar10" else "fashion_mnist",
+                        curve=group != "cifar10",
+                        random_init=loss == "matching_gap" and group != "strong",
+                    ))  # fmt: skip
+            elif group == "m3g":
+                for k in M3G_VIEWS:
+                    overrides = (("loss.name", "m3g"), ("augment.num_views", k),
+                                 ("loss.epsilon", 0.05), ("loss.group_size", 16))  # fmt: skip
+                    cells.append(Cell(group, f"k={k}", seed, overrides))
+            elif group == "epsilon":
+                for eps in EPSILONS:
+                    if eps != 0.2:  # the cropflip matching-gap cell
+                        cells.append(Cell(group, f"eps={eps}", seed, (("loss.epsilon", eps),)))
+            else:
+                raise ValueError(f"Unknown group {group!r}; valid: {GROUPS}.")
+    return cells
+
+
+def cell_config(cell: Cell, epochs: float, *, data_dir: str = "", cifar10_data_dir: str = ""):
+    """The full training config of one cell."""
+    from matching_gap import config_lib
+
+    c = config_lib.load_config_file(os.path.join(REPO, "configs", "default.py"))
+    c.seed = cell.seed
+    c.optim.num_epochs = epochs
+    c.optim.warmup_epochs = min(1.0, epochs / 8)
+    num_examples = 50_000 if cell.dataset == "cifar10" else 60_000
+    steps = int(epochs * num_examples // c.optim.batch_size)
+    c.train.update(
+        log_every=50, checkpoint_every=max(steps // 4, 1), knn_every=steps // 4 if cell.curve
+        else 0, compare_random_init=cell.random_init,
+    )  # fmt: skip
+    if data_dir:
+        c.data.data_dir = data_dir
+    if cell.dataset == "cifar10":
+        c.data.update(source="tfds", name="cifar10", data_dir=cifar10_data_dir, image_size=32,
+                      channels=3)  # fmt: skip
+        c.augment.update(crop_size=32, mean=(0.4914, 0.4822, 0.4465),
+                         std=(0.2470, 0.2435, 0.2616))  # fmt: skip
+        c.model.update(image_size=32, channels=3, patch_size=4)
+    if cell.strong:
+        config_lib.strong_augmentations(c)
+    for key, value in cell.overrides:
+        section, field = key.split(".")
+        c[section][field] = value
+    return c
+
+
+def _finished_record(cell: Cell, workdir: str, results: dict, minutes: float, epochs: float):
+    from matching_gap import metrics
+
+    rows = metrics.read_metrics(workdir)
+    curve = [(r["step"], r["eval/knn_top1"]) for r in rows
+             if "eval/knn_top1" in r and "eval/linear_probe_top1" not in r]  # fmt: skip
+    final_step = max(r["step"] for r in rows)
+    curve.append((final_step, results["eval/knn_top1"]))
+    return {
+        "name": cell.name, "group": cell.group, "label": cell.label, "seed": cell.seed,
+        "overrides": [list(o) for o in cell.overrides], "strong": cell.strong,
+        "dataset": cell.dataset, "epochs": epochs, "steps": final_step,
+        "minutes": round(minutes, 2),
+        "linear_probe_top1": results["eval/linear_probe_top1"],
+        "knn_top1": results["eval/knn_top1"],
+        "random_init_linear_probe_top1": results.get("eval/random_init_linear_probe_top1"),
+        "random_init_knn_top1": results.get("eval/random_init_knn_top1"),
+        "knn_curve": curve,
+    }  # fmt: skip
+
+
+def run(args) -> None:
+    from matching_gap import train
+
+    groups = args.groups.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    cifar10 = bool(args.cifar10_data_dir) and os.path.isdir(
+        os.path.join(args.cifar10_data_dir, "cifar10"))  # fmt: skip
+    if "cifar10" in groups and not cifar10:
+        print("CIFAR-10 cells skipped: no prepared TFDS cifar10 under --cifar10_data_dir "
+              f"({args.cifar10_data_dir or 'not given'}).")  # fmt: skip
+    results_path = os.path.join(args.out, "results.json")
+    records = _load_records(results_path)
+    budgets = {r["epochs"] for r in records.values()} - {args.epochs}
+    if budgets:
+        sys.exit(
+            f"{results_path} holds cells trained for {sorted(budgets)} epochs, not "
+            f"--epochs={args.epochs}: pass that --epochs, or another --out and --workdir."
+        )
+    cells = make_cells(seeds, groups, cifar10)
+    todo = [c for c in cells if c.name not in records]
+    print(f"{len(cells) - len(todo)} of {len(cells)} cells done; running {len(todo)}.")
+    start = time.perf_counter()
+    for i, cell in enumerate(todo):
+        spent = (time.perf_counter() - start) / 60
+        if args.max_minutes and spent >= args.max_minutes:
+            print(f"--max_minutes={args.max_minutes} reached; rerun to continue.")
+            break
+        config = cell_config(cell, args.epochs, data_dir=args.data_dir,
+                             cifar10_data_dir=args.cifar10_data_dir)  # fmt: skip
+        if args.max_minutes:  # stop mid-cell with a checkpoint; the next run resumes it
+            config.train.time_limit_minutes = args.max_minutes - spent
+        workdir = os.path.join(args.workdir, cell.name)
+        print(f"\n=== cell {i + 1}/{len(todo)}: {cell.name} ({workdir})", flush=True)
+        t0 = time.perf_counter()
+        results = train.train_and_evaluate(config, workdir)
+        if not results:
+            print(f"{cell.name} stopped before its last step; rerun to resume it.")
+            break
+        minutes = (time.perf_counter() - t0) / 60
+        records[cell.name] = _finished_record(cell, workdir, results, minutes, args.epochs)
+        _save_records(results_path, records)
+    write_report(records, args.out)
+
+
+def _load_records(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {r["name"]: r for r in json.load(f)}
+
+
+def _save_records(path: str, records: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(sorted(records.values(), key=lambda r: r["name"]), f, indent=1)
+    os.replace(tmp, path)  # never a half-written results file
+
+
+# ------------------------------------------------------------------------------ the report
+
+
+def _stats(values) -> str:
+    v = 100 * np.asarray(values, dtype=float)
+    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+
+
+def _rows(records: dict, group: str) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for r in sorted(records.values(), key=lambda r: r["seed"]):
+        if r["group"] == group:
+            rows.setdefault(r["label"], []).append(r)
+    return rows
+
+
+def summarize(records: dict) -> str:
+    """The markdown tables: mean ± std (over seeds) of linear-probe and k-NN top-1, in %."""
+    titles = {
+        "cropflip": "Crop + flip only",
+        "strong": "Crop + flip + colour jitter, grayscale, blur, solarisation",
+        "m3g": "M3G: k views (epsilon 0.05 on the circular variance, OT groups of 16)",
+        "epsilon": "Matching gap, crop + flip, epsilon sweep",
+        "cifar10": "CIFAR-10, crop + flip only",
+    }
+    lines = []
+    for group in GROUPS:
+        rows = _rows(records, group)
+        if group == "epsilon":  # the sweep's 0.2 point is the cropflip matching-gap cell
+            shared = _rows(records, "cropflip").get("matching gap")
+            if shared:
+                rows["eps=0.2"] = shared
+            rows = dict(sorted(rows.items(), key=lambda kv: float(kv[0].split("=")[1])))
+        if not rows:
+            continue
+        lines += [f"### {titles[group]}", "",
+                  "| cell | seeds | linear probe (%) | k-NN (%) | steps | minutes / cell |",
+                  "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for label, rs in rows.items():
+            lines.append(
+                f"| {label} | {len(rs)} | {_stats([r['linear_probe_top1'] for r in rs])} | "
+                f"{_stats([r['knn_top1'] for r in rs])} | {rs[0]['steps']} | "
+                f"{np.mean([r['minutes'] for r in rs]):.1f} |"
+            )
+            random = [r for r in rs if r.get("random_init_linear_probe_top1") is not None]
+            if random:
+                lines.append(
+                    f"| random-init encoder | {len(random)} | "
+                    f"{_stats([r['random_init_linear_probe_top1'] for r in random])} | "
+                    f"{_stats([r['random_init_knn_top1'] for r in random])} | 0 | |"
+                )
+        lines.append("")
+    lines += _claim(records)
+    return "\n".join(lines)
+
+
+def _claim(records: dict) -> list[str]:
+    """Matching gap minus InfoNCE, per seed (same seed = same init and data order)."""
+    out = []
+    for group in ("cropflip", "strong", "cifar10"):
+        rows = _rows(records, group)
+        mg = {r["seed"]: r for r in rows.get("matching gap", [])}
+        nce = {r["seed"]: r for r in rows.get("InfoNCE", [])}
+        seeds = sorted(set(mg) & set(nce))
+        if not seeds:
+            continue
+        for metric, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "k-NN")):
+            d = [100 * (mg[s][metric] - nce[s][metric]) for s in seeds]
+            sd = np.std(d, ddof=1) if len(d) > 1 else float("nan")
+            out.append(f"- {group}: matching gap − InfoNCE, {name}: {np.mean(d):+.2f} points "
+                       f"(per-seed differences {', '.join(f'{x:+.2f}' for x in d)}; "
+                       f"std {sd:.2f})")  # fmt: skip
+    return out and ["Paired differences (same seed):", ""] + out + [""]
+
+
+def plot(records: dict, out: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    groups = [g for g in ("cropflip", "strong") if _rows(records, g)]
+    if groups:
+        fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+        for ax, group in zip(axes[0], groups, strict=True):
+            for label, rs in _rows(records, group).items():
+                steps = np.array([s for s, _ in rs[0]["knn_curve"]])
+                acc = 100 * np.array([[a for _, a in r["knn_curve"]] for r in rs
+                                      if len(r["knn_curve"]) == len(steps)])  # fmt: skip
+                mean, std = acc.mean(0), acc.std(0)
+                ax.plot(steps, mean, marker="o", label=f"{label} ({len(acc)} seeds)")
+                ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+            ax.set(title=group, xlabel="training step", ylabel="k-NN top-1 (%)")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        written.append(os.path.join(out, "accuracy_over_training.png"))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
+    rows = _rows(records, "epsilon")
+    shared = _rows(records, "cropflip")
+    if rows:
+        if "matching gap" in shared:
+            rows["eps=0.2"] = shared["matching gap"]
+        eps = sorted(rows, key=lambda label: float(label.split("=")[1]))
+        x = np.array([float(e.split("=")[1]) for e in eps])
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for metric, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "k-NN")):
+            acc = [100 * np.array([r[metric] for r in rows[e]]) for e in eps]
+            ax.errorbar(x, [a.mean() for a in acc], yerr=[a.std() for a in acc], marker="o",
+                        capsize=3, label=f"matching gap, {name}")  # fmt: skip
+            if "InfoNCE" in shared:
+                ref = 100 * np.mean([r[metric] for r in shared["InfoNCE"]])
+                ax.axhline(ref, linestyle="--", color=ax.lines[-1].get_color(), alpha=0.6,
+                           label=f"InfoNCE (t = 0.1), {name}")  # fmt: skip
+        ax.set(
+            xscale="log",
+            xlabel="epsilon (squared Euclidean cost of unit vectors)",
+            ylabel="top-1 (%)",
+            title="accuracy vs epsilon (mean ± std over seeds)",
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(os.path.join(out, "accuracy_vs_epsilon.png"))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def write_report(records: dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    table = summarize(records)
+    header = ("<!-- Written by `python experiments/study.py`; do not edit by hand. -->\n\n"
+              f"{len(records)} cells. Mean ± std over seeds; every cell is the demo ViT of "
+              "configs/default.py trained for the same number of steps.\n\n")  # fmt: skip
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(header + table)
+    print(table)
+    for path in plot(records, out):
+        print(f"wrote {os.path.relpath(path, REPO)}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--workdir",
+        default="/tmp/matching_gap_study",
+        help="where the cells train (checkpoints; kept for resuming)",
+    )
+    p.add_argument("--out", default=OUT, help="results.json, results.md and the plots")
+    p.add_argument("--groups", default="cropflip,strong,m3g,epsilon,cifar10")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--epochs", type=float, default=2.0, help="training budget of every cell")
+    p.add_argument(
+        "--max_minutes",
+        type=float,
+        default=0.0,
+        help="> 0: stop (checkpointing the running cell) after this long",
+    )
+    p.add_argument("--data_dir", default="", help="Fashion-MNIST IDX dir (default: Debian's)")
+    p.add_argument("--cifar10_data_dir", default="", help="a TFDS data_dir with cifar10")
+    p.add_argument("--report_only", action="store_true")
+    args = p.parse_args(argv)
+    if args.report_only:
+        records = _load_records(os.path.join(args.out, "results.json"))
+        if not records:
+            sys.exit(f"No results in {args.out}/results.json; run the study first.")
+        write_report(records, args.out)
+    else:
+        sys.path.insert(0, REPO)
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

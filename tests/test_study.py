@@ -1,0 +1,70 @@
+"""experiments/study.py: every cell's config is valid, and the report's statistics are right."""
+
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+spec = importlib.util.spec_from_file_location(
+    "study", os.path.join(ROOT, "experiments", "study.py")
+)
+study = importlib.util.module_from_spec(spec)
+sys.modules["study"] = study  # dataclasses look their module up
+spec.loader.exec_module(study)
+
+
+def test_cells_cover_the_study_and_their_configs_are_valid():
+    cells = study.make_cells([0, 1, 2], study.GROUPS, cifar10=True)
+    names = [c.name for c in cells]
+    assert len(names) == len(set(names))
+    # 3 losses x 3 augmentation regimes (incl. CIFAR-10) + 3 M3G k + 5 extra epsilons, 3 seeds.
+    assert len(cells) == 3 * (3 * 3 + 3 + len(study.EPSILONS) - 1)
+    for cell in cells:
+        c = study.cell_config(cell, epochs=2.0, cifar10_data_dir="/tfds")
+        assert c.is_locked and c.seed == cell.seed
+        for key, value in cell.overrides:
+            section, field = key.split(".")
+            assert c[section][field] == value
+        assert c.optim.batch_size % (c.loss.group_size or 1) == 0
+        assert c.model.image_size == c.augment.crop_size
+        assert c.model.channels == c.data.channels == len(c.augment.mean)
+        if cell.strong:
+            assert c.augment.color_jitter_prob > 0
+        if cell.group == "m3g":
+            assert c.loss.name == "m3g" and c.augment.num_views == int(cell.label[-1])
+    assert {c.dataset for c in cells if c.group == "cifar10"} == {"cifar10"}
+    assert not [c for c in study.make_cells([0], study.GROUPS, cifar10=False)
+                if c.group == "cifar10"]  # fmt: skip
+
+
+def _record(group, label, seed, probe, knn):
+    return {
+        "name": f"{group}-{label}-{seed}", "group": group, "label": label, "seed": seed,
+        "steps": 468, "minutes": 2.0, "linear_probe_top1": probe, "knn_top1": knn,
+        "knn_curve": [[117, knn - 0.02], [468, knn]],
+    }  # fmt: skip
+
+
+def test_report_statistics_and_paired_differences(tmp_path):
+    records = {}
+    for seed, (mg, nce) in enumerate([(0.80, 0.79), (0.82, 0.80), (0.84, 0.84)]):
+        for label, probe in (("matching gap", mg), ("InfoNCE", nce)):
+            r = _record("cropflip", label, seed, probe, probe - 0.05)
+            records[r["name"]] = r
+    r = _record("epsilon", "eps=0.4", 0, 0.70, 0.60)
+    records[r["name"]] = r
+    table = study.summarize(records)
+    assert "| matching gap | 3 | 82.00 ± 2.00 | 77.00 ± 2.00 | 468 | 2.0 |" in table
+    # The sweep's 0.2 point is the cropflip matching-gap cell, sorted by epsilon.
+    assert table.index("| eps=0.2 | 3 |") < table.index("| eps=0.4 | 1 | 70.00 ± 0.00")
+    diffs = np.array([1.0, 2.0, 0.0])
+    assert f"linear probe: {diffs.mean():+.2f} points" in table
+    assert f"std {diffs.std(ddof=1):.2f}" in table
+    pytest.importorskip("matplotlib")
+    written = study.plot(records, str(tmp_path))
+    assert sorted(os.path.basename(p) for p in written) == [
+        "accuracy_over_training.png", "accuracy_vs_epsilon.png"]  # fmt: skip
+    assert all(os.path.getsize(p) > 1000 for p in written)
