@@ -619,19 +619,27 @@ def _print_summary(results: dict) -> None:
     _log("\n".join(lines))
 
 
+def _make_encode(config, graphdef) -> Callable[[Any, jax.Array], jax.Array]:
+    """Jitted ``encode(params, images) -> features``: the evaluation view (centre crop,
+    normalisation), then ``config.eval.features`` of the encoder."""
+    aug_config = augment.AugmentConfig.from_config(config.augment)
+
+    @jax.jit
+    def encode(params, images):
+        model = nnx.merge(graphdef, params)
+        return model.encode(augment.center_view(images, aug_config), config.eval.features)
+
+    return encode
+
+
 def _make_evaluate(config, graphdef, mesh):
     """``evaluate(state, probe) -> {"eval/knn_top1": ..., "eval/linear_probe_top1": ...}``.
 
     Evaluates the teacher when there is one (as DINO), else the student. The labelled
     splits are loaded on first use and kept.
     """
-    aug_config = augment.AugmentConfig.from_config(config.augment)
+    encode = _make_encode(config, graphdef)
     cache = {}
-
-    @jax.jit
-    def encode(params, images):
-        model = nnx.merge(graphdef, params)
-        return model.encode(augment.center_view(images, aug_config), config.eval.features)
 
     def splits():
         if not cache:
@@ -713,13 +721,8 @@ def load_encoder(workdir: str) -> tuple[Callable[[Any], jax.Array], ml_collectio
         config = ml_collections.ConfigDict(json.load(f))
     graphdef, state = _restore_for_inference(config, workdir)
     params = state.teacher if config.teacher.ema else state.params
-    aug_config = augment.AugmentConfig.from_config(config.augment)
     size, channels = config.data.image_size, config.data.channels
-
-    @jax.jit
-    def _encode(params, images):
-        model = nnx.merge(graphdef, params)
-        return model.encode(augment.center_view(images, aug_config), config.eval.features)
+    _encode = _make_encode(config, graphdef)
 
     def encode(images) -> jax.Array:
         images = jnp.asarray(images)
