@@ -12,8 +12,10 @@ forward, loss, backward, AdamW, EMA), on a mesh over all devices.
         --config.optim.batch_size=256 --losses=matching_gap,info_nce
 
 The losses are timed in alternating rounds (A B A B ...) so that a noisy machine affects
-both alike. A last line times the view-making (``augment.make_views``) alone in the same
-rounds, as a share of the step: the first thing to check when MFU is low.
+both alike. A line below the table gives XLA's own FLOP and byte counts of the compiled step
+(a check on the analytic FLOPs; the bytes depend on the backend's fusion). A last line times
+the view-making (``augment.make_views``) alone in the same rounds, as a share of the step:
+the first thing to check when MFU is low.
 """
 
 import statistics
@@ -82,6 +84,17 @@ def step_flops(config) -> float:
     return per_image * config.optim.batch_size
 
 
+def _xla_cost(compiled) -> dict:
+    """XLA's count of the compiled step's FLOPs and bytes accessed, as the executable reports
+    it (for the whole step on the CPU backend, also with several devices)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return {}
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return {k: cost[k] for k in ("flops", "bytes accessed") if cost and k in cost}
+
+
 def build(config, loss_name, mesh):
     config = config.copy_and_resolve_references()
     config.loss.name = loss_name
@@ -113,7 +126,7 @@ def main(argv):
         compiled = step.lower(state, batch).compile()
         state, _ = compiled(state, batch)  # warm-up
         jax.block_until_ready(state)
-        runs[name] = {"fn": compiled, "state": state, "times": []}
+        runs[name] = {"fn": compiled, "state": state, "times": [], "cost": _xla_cost(compiled)}
 
     aug_config = augment.AugmentConfig.from_config(config.augment)
     views_fn = jax.jit(lambda key, images: augment.make_views(key, images, aug_config))
@@ -164,6 +177,16 @@ def main(argv):
         print(
             f"| {name} | {1e3 * t:.1f} | {b / t:.0f} | {b / t / jax.device_count():.0f} | "
             f"{mfu} | {t / base:.3f}x |"
+        )
+    cost = runs[_LOSSES.value[-1]]["cost"]
+    if cost:
+        # A second count of the MFU numerator (it adds augmentation, loss and optimizer
+        # FLOPs), and the bytes the step moves as this backend fused it.
+        print(
+            f"\nXLA cost analysis of the {_LOSSES.value[-1]} step: "
+            f"{cost.get('flops', float('nan')) / 1e12:.4g} TFLOP "
+            f"({cost.get('flops', float('nan')) / flops:.3f}x the model FLOPs above), "
+            f"{cost.get('bytes accessed', float('nan')) / 1e9:.4g} GB accessed"
         )
     t_views = statistics.median(views_times)
     print(

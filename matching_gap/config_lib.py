@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
         drop_path_rate=0.0,
         dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
         remat=False,
+        attention="xla",  # xla | cudnn (flash attention: GPU and bfloat16 only)
         projector_hidden_dim=256,
         projector_dim=64,
         projector_layers=2,
@@ -170,7 +171,7 @@ def make_smoke(config: ml_collections.ConfigDict, *, image_size: int = 32) -> No
     config.model.update(
         variant="", width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
         image_size=image_size, projector_hidden_dim=64, projector_dim=32,
-        predictor_hidden_dim=64, dtype="float32", remat=False,
+        predictor_hidden_dim=64, dtype="float32", remat=False, attention="xla",
     )  # fmt: skip
     config.optim.batch_size = 16
     config.optim.num_steps = 3

@@ -36,6 +36,9 @@ VIT_VARIANTS: dict[str, dict[str, int]] = {
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _POOLINGS = ("cls", "mean")
+# "xla": XLA's attention (scores materialised, softmax in float32), on every device and dtype.
+# "cudnn": cuDNN's fused flash-attention kernel; GPUs only, bfloat16 compute only.
+_ATTENTIONS = ("xla", "cudnn")
 
 # DINO / timm initialise every linear layer and the learned tokens with a truncated normal of
 # std 0.02; keeping the same scheme keeps published hyper-parameters (lr, wd) meaningful.
@@ -85,14 +88,30 @@ def _linear(in_features: int, out_features: int, *, dtype, param_dtype, rngs) ->
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with a fused qkv projection (same parameters as timm)."""
+    """Multi-head self-attention with a fused qkv projection (same parameters as timm).
 
-    def __init__(self, width: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    ``implementation`` is ``"xla"`` or ``"cudnn"`` (see :data:`_ATTENTIONS`); both compute
+    the same function of the same parameters, so a checkpoint works with either.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        implementation: str = "xla",
+    ):
         if width % num_heads:
             raise ValueError(f"width ({width}) must be divisible by num_heads ({num_heads}).")
+        if implementation not in _ATTENTIONS:
+            raise ValueError(f"attention must be one of {_ATTENTIONS}, got {implementation!r}.")
         self.num_heads = num_heads
         self.head_dim = width // num_heads
         self.dtype = dtype
+        self.implementation = implementation
         self.qkv = _linear(width, 3 * width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.proj = _linear(width, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -100,9 +119,17 @@ class Attention(nnx.Module):
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        # JAX's fused attention: a flash-attention kernel (cuDNN) on GPUs where it applies,
-        # XLA's reference implementation (softmax in float32) elsewhere.
-        out = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        if self.implementation == "cudnn" and (
+            jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16)
+        ):
+            raise ValueError(
+                "model.attention='cudnn' (cuDNN flash attention) needs a GPU and "
+                f"model.dtype='bfloat16'; got backend {jax.default_backend()!r} and dtype "
+                f"{q.dtype}. Use model.attention='xla', which computes the same function."
+            )
+        out = jax.nn.dot_product_attention(
+            q, k, v, scale=self.head_dim**-0.5, implementation=self.implementation
+        )
         return self.proj(out.reshape(b, n, -1))
 
 
@@ -131,11 +158,19 @@ class EncoderBlock(nnx.Module):
         dtype,
         param_dtype,
         rngs: nnx.Rngs,
+        attention: str = "xla",
     ):
         self.drop_path_rate = float(drop_path_rate)
         norm_kw = dict(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = nnx.LayerNorm(width, **norm_kw)
-        self.attn = Attention(width, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn = Attention(
+            width,
+            num_heads,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            implementation=attention,
+        )
         self.norm2 = nnx.LayerNorm(width, **norm_kw)
         self.mlp = MLP(width, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -166,6 +201,7 @@ class ViT(nnx.Module):
         drop_path_rate: stochastic depth rate of the last block; increases linearly from 0.
         dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay in ``param_dtype``.
         remat: rematerialise each block in the backward pass (saves activation memory).
+        attention: ``"xla"`` or ``"cudnn"`` (flash attention; GPU and bfloat16 only).
         rngs: used for initialisation only.
     """
 
@@ -184,6 +220,7 @@ class ViT(nnx.Module):
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         remat: bool = False,
+        attention: str = "xla",
         rngs: nnx.Rngs,
     ):
         if pooling not in _POOLINGS:
@@ -236,6 +273,7 @@ class ViT(nnx.Module):
                     dtype=dtype,
                     param_dtype=param_dtype,
                     rngs=rngs,
+                    attention=attention,
                 )
                 for rate in rates
             ]
@@ -369,7 +407,8 @@ def create_model(model_config, *, rngs: nnx.Rngs) -> SSLModel:
 
     Fields: ``variant`` (e.g. ``"B/16"``; ``""`` uses ``width``, ``depth``, ``num_heads``,
     ``mlp_dim`` and ``patch_size``), ``image_size``, ``channels``, ``pooling``,
-    ``drop_path_rate``, ``dtype`` (``"float32"`` or ``"bfloat16"``), ``remat``,
+    ``drop_path_rate``, ``dtype`` (``"float32"`` or ``"bfloat16"``), ``remat``, ``attention``
+    (``"xla"``, the default, or ``"cudnn"``),
     ``projector_hidden_dim``, ``projector_dim``, ``projector_layers``, ``use_predictor``,
     ``predictor_hidden_dim`` and optionally ``predictor_layers`` (default: ``projector_layers``).
     """
@@ -408,6 +447,15 @@ def create_model(model_config, *, rngs: nnx.Rngs) -> SSLModel:
     if dtype_name not in _DTYPES:
         raise ValueError(f"model.dtype must be one of {list(_DTYPES)}, got {dtype_name!r}.")
     dtype = _DTYPES[dtype_name]
+    attention = _get(cfg, "attention", "xla")
+    if attention not in _ATTENTIONS:
+        raise ValueError(f"model.attention must be one of {_ATTENTIONS}, got {attention!r}.")
+    if attention == "cudnn" and (dtype_name != "bfloat16" or jax.default_backend() != "gpu"):
+        raise ValueError(
+            "model.attention='cudnn' (cuDNN flash attention) needs a GPU and "
+            f"model.dtype='bfloat16'; got backend {jax.default_backend()!r} and dtype "
+            f"{dtype_name!r}. Use model.attention='xla', which computes the same function."
+        )
 
     head_sizes = {
         k: int(_get(cfg, k)) for k in ("projector_hidden_dim", "projector_dim", "projector_layers")
@@ -424,6 +472,7 @@ def create_model(model_config, *, rngs: nnx.Rngs) -> SSLModel:
         drop_path_rate=drop_path_rate,
         dtype=dtype,
         remat=bool(_get(cfg, "remat", False)),
+        attention=attention,
         rngs=rngs,
     )
     projector = MLPHead(

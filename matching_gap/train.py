@@ -367,7 +367,7 @@ def _check_workdir_config(workdir: str, config) -> None:
             f"{section}.{k}: {saved.get(section, {}).get(k)!r} -> {v!r}"
             for section in keys
             for k, v in current[section].items()
-            if saved.get(section, {}).get(k) != v and k not in ("dtype", "remat")
+            if saved.get(section, {}).get(k) != v and k not in ("dtype", "remat", "attention")
         ]
         if changed:
             raise ValueError(
@@ -712,13 +712,16 @@ def load_encoder(workdir: str) -> tuple[Callable[[Any], jax.Array], ml_collectio
     ``[N, H, W, C]`` (uint8, or floats in [0, 1]) of the stored size
     ``config.data.image_size`` to features ``[N, D]``: the evaluation view (centre crop,
     normalisation), then ``config.eval.features`` of the encoder (the EMA teacher's when the
-    run had one), as the k-NN and linear-probe evaluators see them.
+    run had one), as the k-NN and linear-probe evaluators see them. A run trained with
+    ``model.attention='cudnn'`` is read with XLA's attention on a machine without a GPU.
     """
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} the --workdir of a training run?")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
+    if config.model.get("attention") == "cudnn" and jax.default_backend() != "gpu":
+        config.model.attention = "xla"  # the same function of the same parameters
     graphdef, state = _restore_for_inference(config, workdir)
     params = state.teacher if config.teacher.ema else state.params
     size, channels = config.data.image_size, config.data.channels

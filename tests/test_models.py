@@ -237,6 +237,8 @@ def test_create_model_variant():
         (dict(variant="Q/16"), "variant"),
         (dict(drop_path_rate=1.0), "drop_path_rate"),
         (dict(projector_layers=0), "projector_layers"),
+        (dict(attention="flash"), "attention"),
+        (dict(attention="cudnn"), "needs a GPU and model.dtype='bfloat16'"),
     ],
 )
 def test_create_model_errors(overrides, match):
@@ -270,3 +272,12 @@ def test_attention_matches_the_textbook_formula():
     weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0, axis=-1)
     expected = attn.proj(jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(2, 5, 16))
     np.testing.assert_allclose(attn(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN attention runs on GPUs")
+def test_cudnn_attention_off_gpu_says_to_use_xla():
+    with pytest.raises(ValueError, match="needs a GPU.*Use model.attention='xla'"):
+        create_model(_config(attention="cudnn", dtype="bfloat16"), rngs=nnx.Rngs(0))
+    vit = _tiny_vit(attention="cudnn", dtype=jnp.bfloat16)  # the module alone checks too
+    with pytest.raises(ValueError, match="needs a GPU.*Use model.attention='xla'"):
+        vit(_images(2))

@@ -184,6 +184,11 @@ def test_load_encoder_gives_the_features_of_the_saved_parameters(tmp_path):
         encode(images[:, :14])
     with pytest.raises(FileNotFoundError, match="--workdir of a training run"):
         train.load_encoder(str(tmp_path / "nothing"))
+    if jax.default_backend() != "gpu":  # a run trained with cuDNN attention, read on a CPU
+        saved_config.model.attention = "cudnn"
+        (tmp_path / "config.json").write_text(saved_config.to_json())
+        encode, _ = train.load_encoder(str(tmp_path))
+        np.testing.assert_array_equal(encode(images), features)
 
 
 def test_image_folder_config_trains_on_a_folder_of_images(tmp_path):

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU throughput check of ViT-B/16 (224, bf16) as one prepared run, for a machine with
+# one or more GPUs and JAX, Flax, Optax and Orbax installed. It times the training step with
+# the matching gap and InfoNCE side by side (benchmarks/train_throughput.py) for:
+#
+#   b256_xla      2 global views, batch 256, XLA attention (the figure recorded so far)
+#   b256_cudnn    the same with cuDNN flash attention (--config.model.attention=cudnn)
+#   b128_mc_xla   the paper's multi-crop (2 x 224 + 10 x 96), batch 128, XLA attention
+#   b128_mc_cudnn the same with cuDNN flash attention
+#
+# and prints one table per variant; $OUT (default benchmarks/results/gpu_check) gets each
+# variant's whole log (<variant>.log) and environment.txt. A variant that fails or runs past $VARIANT_TIMEOUT seconds is reported and
+# the script goes on. Usage, from the repository root:
+#
+#   bash benchmarks/gpu_check.sh                  # all variants
+#   bash benchmarks/gpu_check.sh b256_cudnn       # some of them
+#
+# With the `device` tool (no network there; ott-jax, jaxopt and ml-collections travel as
+# wheels in .whl/, see ../shared/ENV.md):
+#
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+#     && PYTHONPATH=/tmp/site bash benchmarks/gpu_check.sh
+set -uo pipefail
+
+out=${OUT:-benchmarks/results/gpu_check}
+config=${CONFIG:-configs/vitb16.py}
+timeout_s=${VARIANT_TIMEOUT:-170}
+
+declare -A flags=(
+  [b256_xla]="--config.augment.num_local_crops=0 --config.optim.batch_size=256"
+  [b256_cudnn]="--config.augment.num_local_crops=0 --config.optim.batch_size=256 --config.model.attention=cudnn"
+  [b128_mc_xla]="--config.optim.batch_size=128"
+  [b128_mc_cudnn]="--config.optim.batch_size=128 --config.model.attention=cudnn"
+)
+known=(b256_xla b256_cudnn b128_mc_xla b128_mc_cudnn)
+order=("${known[@]}")
+if (($#)); then order=("$@"); fi
+
+for name in "${order[@]}"; do
+  if [[ -z "${flags[$name]+set}" ]]; then
+    echo "unknown variant $name; known: ${known[*]}" >&2
+    exit 2
+  fi
+done
+
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  python3 -c "import jax, flax, optax, ott; print('jax', jax.__version__, 'flax', \
+flax.__version__, 'optax', optax.__version__, 'ott', ott.__version__, jax.devices())"
+} 2>&1 | tee "$out/environment.txt"
+
+for name in "${order[@]}"; do
+  echo
+  echo "== $name: $config ${flags[$name]}"
+  # shellcheck disable=SC2086  # the flags are meant to split into words
+  timeout "$timeout_s" python3 benchmarks/train_throughput.py --config="$config" \
+    ${flags[$name]} --rounds=3 --steps_per_round=5 >"$out/$name.log" 2>&1
+  status=$?
+  # The table and the view-making line; the end of the log when the run failed.
+  if ((status == 0)); then
+    grep -E '^(model FLOPs|device:|\||XLA cost|view-making)' "$out/$name.log"
+  else
+    echo "FAILED (exit $status$( ((status == 124)) && echo ", over ${timeout_s} s")):"
+    tail -n 15 "$out/$name.log"
+  fi
+done
