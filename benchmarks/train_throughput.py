@@ -84,15 +84,17 @@ def step_flops(config) -> float:
     return per_image * config.optim.batch_size
 
 
-def _xla_cost(compiled) -> dict:
+def _xla_cost(compiled) -> tuple[float, float] | None:
     """XLA's count of the compiled step's FLOPs and bytes accessed, as the executable reports
-    it (for the whole step on the CPU backend, also with several devices)."""
+    it (for the whole step on the CPU backend, also with several devices); None if absent."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # not every backend implements it
-        return {}
+        return None
     cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return {k: cost[k] for k in ("flops", "bytes accessed") if cost and k in cost}
+    if not cost:
+        return None
+    return cost.get("flops", float("nan")), cost.get("bytes accessed", float("nan"))
 
 
 def build(config, loss_name, mesh):
@@ -126,18 +128,17 @@ def main(argv):
         compiled = step.lower(state, batch).compile()
         state, _ = compiled(state, batch)  # warm-up
         jax.block_until_ready(state)
-        runs[name] = {"fn": compiled, "state": state, "times": [], "cost": _xla_cost(compiled)}
+        runs[name] = {"fn": compiled, "state": state, "times": []}
 
     aug_config = augment.AugmentConfig.from_config(config.augment)
-    views_fn = jax.jit(lambda key, images: augment.make_views(key, images, aug_config))
     key = jax.random.key(0)
-    jax.block_until_ready(views_fn(key, batch))  # compile
+    jax.block_until_ready(augment.make_views(key, batch, aug_config))  # compile (it is jitted)
     views_times = []
 
     for _ in range(_ROUNDS.value):
         start = time.perf_counter()
         for i in range(_STEPS.value):
-            views = views_fn(jax.random.fold_in(key, i), batch)
+            views = augment.make_views(jax.random.fold_in(key, i), batch, aug_config)
         jax.block_until_ready(views)
         views_times.append((time.perf_counter() - start) / _STEPS.value)
         for run in runs.values():
@@ -178,15 +179,15 @@ def main(argv):
             f"| {name} | {1e3 * t:.1f} | {b / t:.0f} | {b / t / jax.device_count():.0f} | "
             f"{mfu} | {t / base:.3f}x |"
         )
-    cost = runs[_LOSSES.value[-1]]["cost"]
+    cost = _xla_cost(runs[_LOSSES.value[-1]]["fn"])
     if cost:
         # A second count of the MFU numerator (it adds augmentation, loss and optimizer
         # FLOPs), and the bytes the step moves as this backend fused it.
+        xla_flops, xla_bytes = cost
         print(
-            f"\nXLA cost analysis of the {_LOSSES.value[-1]} step: "
-            f"{cost.get('flops', float('nan')) / 1e12:.4g} TFLOP "
-            f"({cost.get('flops', float('nan')) / flops:.3f}x the model FLOPs above), "
-            f"{cost.get('bytes accessed', float('nan')) / 1e9:.4g} GB accessed"
+            f"\nXLA cost analysis of the {_LOSSES.value[-1]} step: {xla_flops / 1e12:.4g} "
+            f"TFLOP ({xla_flops / flops:.3f}x the model FLOPs above), "
+            f"{xla_bytes / 1e9:.4g} GB accessed"
         )
     t_views = statistics.median(views_times)
     print(

@@ -242,6 +242,16 @@ def _rows(records: dict, group: str) -> dict[str, list[dict]]:
     return rows
 
 
+def _epsilon_rows(records: dict) -> dict[str, list[dict]]:
+    """The epsilon sweep's rows by ascending epsilon; its 0.2 point is the cropflip
+    matching-gap cell."""
+    rows = _rows(records, "epsilon")
+    shared = _rows(records, "cropflip").get("matching gap")
+    if shared:
+        rows["eps=0.2"] = shared
+    return dict(sorted(rows.items(), key=lambda kv: _order(kv[0])))
+
+
 def summarize(records: dict) -> str:
     """The markdown tables: mean ± std (over seeds) of linear-probe and k-NN top-1, in %."""
     titles = {
@@ -253,12 +263,7 @@ def summarize(records: dict) -> str:
     }
     lines = []
     for group in GROUPS:
-        rows = _rows(records, group)
-        if group == "epsilon":  # the sweep's 0.2 point is the cropflip matching-gap cell
-            shared = _rows(records, "cropflip").get("matching gap")
-            if shared:
-                rows["eps=0.2"] = shared
-            rows = dict(sorted(rows.items(), key=lambda kv: _order(kv[0])))
+        rows = _epsilon_rows(records) if group == "epsilon" else _rows(records, group)
         if not rows:
             continue
         lines += [f"### {titles[group]}", "",
@@ -338,12 +343,10 @@ def plot(records: dict, out: str) -> list[str]:
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
 
-    rows = _rows(records, "epsilon")
-    shared = _rows(records, "cropflip")
-    if rows:
-        if "matching gap" in shared:
-            rows["eps=0.2"] = shared["matching gap"]
-        eps = sorted(rows, key=lambda label: float(label.split("=")[1]))
+    if _rows(records, "epsilon"):
+        rows = _epsilon_rows(records)
+        shared = _rows(records, "cropflip")
+        eps = list(rows)
         x = np.array([float(e.split("=")[1]) for e in eps])
         fig, ax = plt.subplots(figsize=(6, 4))
         for metric, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "k-NN")):

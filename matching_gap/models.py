@@ -40,6 +40,18 @@ _POOLINGS = ("cls", "mean")
 # "cudnn": cuDNN's fused flash-attention kernel; GPUs only, bfloat16 compute only.
 _ATTENTIONS = ("xla", "cudnn")
 
+
+def _check_cudnn_attention(dtype) -> None:
+    """cuDNN's flash attention runs on GPUs in 16-bit floats only: say so before it fails."""
+    if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            "model.attention='cudnn' (cuDNN flash attention) needs a GPU and "
+            f"model.dtype='bfloat16'; got backend {jax.default_backend()!r} and dtype "
+            f"{jnp.dtype(dtype).name!r}. Use model.attention='xla', which computes the same "
+            "function."
+        )
+
+
 # DINO / timm initialise every linear layer and the learned tokens with a truncated normal of
 # std 0.02; keeping the same scheme keeps published hyper-parameters (lr, wd) meaningful.
 _trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
@@ -119,14 +131,8 @@ class Attention(nnx.Module):
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if self.implementation == "cudnn" and (
-            jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16)
-        ):
-            raise ValueError(
-                "model.attention='cudnn' (cuDNN flash attention) needs a GPU and "
-                f"model.dtype='bfloat16'; got backend {jax.default_backend()!r} and dtype "
-                f"{q.dtype}. Use model.attention='xla', which computes the same function."
-            )
+        if self.implementation == "cudnn":
+            _check_cudnn_attention(q.dtype)
         out = jax.nn.dot_product_attention(
             q, k, v, scale=self.head_dim**-0.5, implementation=self.implementation
         )
@@ -450,12 +456,8 @@ def create_model(model_config, *, rngs: nnx.Rngs) -> SSLModel:
     attention = _get(cfg, "attention", "xla")
     if attention not in _ATTENTIONS:
         raise ValueError(f"model.attention must be one of {_ATTENTIONS}, got {attention!r}.")
-    if attention == "cudnn" and (dtype_name != "bfloat16" or jax.default_backend() != "gpu"):
-        raise ValueError(
-            "model.attention='cudnn' (cuDNN flash attention) needs a GPU and "
-            f"model.dtype='bfloat16'; got backend {jax.default_backend()!r} and dtype "
-            f"{dtype_name!r}. Use model.attention='xla', which computes the same function."
-        )
+    if attention == "cudnn":
+        _check_cudnn_attention(dtype)
 
     head_sizes = {
         k: int(_get(cfg, k)) for k in ("projector_hidden_dim", "projector_dim", "projector_layers")
