@@ -97,20 +97,32 @@ def _xla_cost(compiled) -> tuple[float, float] | None:
     return cost.get("flops", float("nan")), cost.get("bytes accessed", float("nan"))
 
 
-def build(config, loss_name, mesh):
+def build(config, loss_name, mesh, *, donate=True):
+    """The train step exactly as ``train.train_and_evaluate`` jits it, and a fresh state."""
     config = config.copy_and_resolve_references()
     config.loss.name = loss_name
     if loss_name == "byol":
         config.teacher.ema = True
     optimizer, schedules = train.make_optimizer(config, 1000, 100)
-    graphdef, state = train.create_train_state(config, optimizer)
-    replicated = sharding_lib.replicated(mesh)
-    step = jax.jit(
-        train.make_train_step(config, graphdef, optimizer, schedules, mesh),
-        in_shardings=(replicated, sharding_lib.batch_sharding(mesh)),
-        out_shardings=(replicated, replicated),
-    )
-    return step, jax.device_put(state, replicated)
+    graphdef, _, shardings = train.abstract_train_state(config, optimizer, mesh)
+    step = train.jit_train_step(config, graphdef, optimizer, schedules, mesh, shardings,
+                                donate=donate)  # fmt: skip
+    return step, train.init_train_state(config, optimizer, shardings)
+
+
+def _memory(compiled) -> str:
+    """XLA's memory figure of a compiled step (arguments, outputs, temporaries, aliased)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return "not reported by this backend"
+    if m is None:
+        return "not reported by this backend"
+    gb = lambda n: f"{n / 1e9:.3f} GB"
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+    return (f"arguments {gb(m.argument_size_in_bytes)}, outputs {gb(m.output_size_in_bytes)}, "
+            f"temporaries {gb(m.temp_size_in_bytes)}, aliased {gb(m.alias_size_in_bytes)}; "
+            f"peak without aliasing {gb(total - m.alias_size_in_bytes)}")  # fmt: skip
 
 
 def main(argv):
@@ -121,6 +133,13 @@ def main(argv):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (b // jax.process_count(), s, s, c), dtype=np.uint8)
     batch = sharding_lib.global_batch(images, mesh)
+
+    # Buffer donation (the train loop's default) against none, as XLA reports it.
+    for donate in (False, True):
+        step, state = build(config, _LOSSES.value[-1], mesh, donate=donate)
+        print(f"memory, {_LOSSES.value[-1]} step, donation {'on ' if donate else 'off'}: "
+              f"{_memory(step.lower(state, batch).compile())}")  # fmt: skip
+        del step, state
 
     runs = {}
     for name in _LOSSES.value:

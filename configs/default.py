@@ -4,7 +4,8 @@
 
 Data: the IDX files of the Debian package ``dataset-fashion-mnist``
 (``apt-get install dataset-fashion-mnist``), or ``--config.data.data_dir=DIR``.
-Variants: ``configs/default.py:smoke`` (3 steps on mocked TFDS data, for tests),
+Variants: ``configs/default.py:smoke`` (3 steps of TFDS fashion_mnist: the tests run it on
+``tfds.testing.mock_data``),
 ``:info_nce``, ``:byol`` (same model and budget, the baselines).
 """
 

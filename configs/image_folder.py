@@ -11,7 +11,7 @@ if there is no ``val``). Images are loaded into memory, their shorter side resiz
 ``augment.crop_size``. A small ViT (patch 8 on 64-pixel crops) trains on a CPU; for a GPU
 and more images start from ``configs/vits16.py`` with ``--config.data.source=image_folder``.
 
-Variant ``:smoke``: three steps on mocked data (the tests).
+Variant ``:smoke``: three steps (the tests run it on ``tfds.testing.mock_data``).
 """
 
 from matching_gap import config_lib

@@ -17,7 +17,8 @@ from that. Evaluation during training is a k-NN monitor and a linear probe on 10
 subsets of train / validation; the paper's full linear-probe protocol is a separate job.
 
 Variants: ``:strong`` (colour jitter, grayscale, blur, solarize: the strong-augmentation
-regime), ``:smoke`` (3 CPU steps on mocked data, tiny backbone), combinable: ``:strong,smoke``.
+regime), ``:smoke`` (3 CPU steps, tiny backbone; the tests run it on
+``tfds.testing.mock_data``), combinable: ``:strong,smoke``.
 """
 
 from matching_gap import config_lib

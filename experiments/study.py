@@ -108,7 +108,7 @@ def make_cells(seeds, groups, cifar10: bool) -> list[Cell]:
 
 def cell_config(cell: Cell, epochs: float, *, data_dir: str = "", cifar10_data_dir: str = ""):
     """The full training config of one cell."""
-    from matching_gap import config_lib
+    from matching_gap import config_lib, train
 
     c = config_lib.load_config_file(os.path.join(REPO, "configs", "default.py"))
     c.seed = cell.seed
@@ -116,7 +116,7 @@ def cell_config(cell: Cell, epochs: float, *, data_dir: str = "", cifar10_data_d
     c.optim.num_epochs = epochs
     c.optim.warmup_epochs = min(1.0, epochs / 8)
     num_examples = 50_000 if cell.dataset == "cifar10" else 60_000
-    steps = int(epochs * num_examples // c.optim.batch_size)
+    steps = train.total_steps(c, num_examples)
     c.train.update(
         log_every=50, checkpoint_every=max(steps // 4, 1), knn_every=steps // 4 if cell.curve
         else 0, compare_random_init=cell.random_init,
@@ -192,8 +192,9 @@ def run(args) -> None:
         workdir = os.path.join(args.workdir, cell.name)
         print(f"\n=== cell {i + 1}/{len(todo)}: {cell.name} ({workdir})", flush=True)
         t0 = time.perf_counter()
-        results = train.train_and_evaluate(config, workdir)
-        if not results:
+        outcome = train.train_and_evaluate(config, workdir)
+        results = outcome.results
+        if not outcome.finished:
             print(f"{cell.name} stopped before its last step; rerun to resume it.")
             break
         minutes = (time.perf_counter() - t0) / 60

@@ -29,7 +29,10 @@ import jax.numpy as jnp
 # before falling back to the whole image (as torchvision does).
 _CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _CROP_TRIES = 10
-_LUMA = (0.2989, 0.587, 0.114)
+# ITU-R BT.601 luma weights (those of PIL's convert("L")): the one RGB -> grey weighting of
+# the package, used here and by the loaders in matching_gap.data. They sum to 1, so grey
+# pixels keep their value.
+LUMA = (0.299, 0.587, 0.114)
 _BLUR_SIGMA = (0.1, 2.0)
 
 # All the randomness of one view is one row of uniforms, drawn for every view of the batch
@@ -175,7 +178,7 @@ def _sample_crop_box(u: jax.Array, height: int, width: int, scale: tuple[float, 
 
 def _gray(x: jax.Array) -> jax.Array:
     """[H, W, 3] -> [H, W, 1] luminance."""
-    return x @ jnp.asarray(_LUMA, x.dtype)[:, None]
+    return x @ jnp.asarray(LUMA, x.dtype)[:, None]
 
 
 def _rgb_to_hsv(x: jax.Array) -> jax.Array:
@@ -287,7 +290,7 @@ def _views(u: jax.Array, x: jax.Array, cfg: AugmentConfig, size: int, scale) -> 
 @functools.partial(jax.jit, static_argnums=2)
 def make_views(
     key: jax.Array, images: jax.Array, cfg: AugmentConfig
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array | None]:
     """Random normalised views of a batch of images.
 
     Args:
@@ -296,9 +299,9 @@ def make_views(
       cfg: the (static, hashable) augmentation settings.
 
     Returns:
-      float32 ``[num_views, b, crop_size, crop_size, c]``; with ``num_local_crops > 0``,
-      the tuple ``(global_views, local_views)``, local views being
-      ``[num_local_crops, b, local_crop_size, local_crop_size, c]``.
+      ``(global_views, local_views)``: float32 ``[num_views, b, crop_size, crop_size, c]``
+      and ``[num_local_crops, b, local_crop_size, local_crop_size, c]``, or None without
+      local crops.
     """
     x = _to_unit(images)
     if x.ndim != 4:
@@ -308,7 +311,7 @@ def make_views(
     views = _views(u[: cfg.num_views], x, cfg, cfg.crop_size, cfg.crop_scale)
     views = _normalise(views, cfg)
     if not cfg.num_local_crops:
-        return views
+        return views, None
     local = _views(u[cfg.num_views :], x, cfg, cfg.local_crop_size, cfg.local_crop_scale)
     return views, _normalise(local, cfg)
 
@@ -321,6 +324,12 @@ def center_view(images: jax.Array, cfg: AugmentConfig) -> jax.Array:
     ``eval_crop_fraction`` of its shorter side (0.875 with 256 -> 224 is the ImageNet
     protocol); a smaller one keeps its whole centred square. Either is then resized
     (bilinear, antialiased) to ``crop_size`` and normalised like the training views.
+
+    This works on images the loaders (``matching_gap.data``) already stored at
+    ``data.image_size``: shorter side resized to it, then its centre square, with the same
+    bilinear antialiased filter. The two steps compose into the usual evaluation crop,
+    e.g. ``data.image_size=256``, ``eval_crop_fraction=0.875``, ``crop_size=224`` is
+    "resize to 256, centre crop 224".
     """
     x = _to_unit(images)
     if x.ndim != 4:

@@ -1,18 +1,35 @@
-"""The configuration schema: every field a run reads, with its default.
+"""The configuration schema: every field a run reads, with its default, and its rules.
 
 Configs in ``configs/`` start from :func:`base_config` and change what their recipe needs;
 the returned ``ConfigDict`` is locked, so a misspelt command-line override
-(``--config.loss.epsilon=0.1``) fails with the list of valid keys (see :func:`check_keys`).
+(``--config.loss.epsilonn=0.1``) fails (:func:`check_override` names the close matches).
+:func:`validate` checks every value and every combination of sections once, before a run
+writes or compiles anything, and raises :class:`errors.ConfigError` naming the key.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib.util
+import numbers
 import os
+import re
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import ml_collections
 
+from matching_gap import errors
+
 LOSSES = ("matching_gap", "m3g", "info_nce", "byol")
+_T = TypeVar("_T")
+OT_LOSSES = ("matching_gap", "m3g")  # the losses that solve OT problems (epsilon, groups)
+
+
+class ConfigWarning(UserWarning):
+    """A config that runs, but probably not as intended; the message says why."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -33,8 +50,6 @@ def base_config() -> ml_collections.ConfigDict:
         eval_max_examples=0,  # 0 = all (each evaluation split)
         in_memory=True,  # False: stream the training split with tf.data (ImageNet)
         shuffle_buffer=10_000,
-        mock=False,  # run on tfds.testing.mock_data (smoke tests, no data needed)
-        mock_num_examples=64,
     )
     c.augment = dict(
         crop_size=28,
@@ -153,18 +168,17 @@ def parse_arg(arg: str | None, known: tuple[str, ...]) -> set[str]:
 
 
 def make_smoke(config: ml_collections.ConfigDict, *, image_size: int = 32) -> None:
-    """Shrinks a config in place to a few CPU steps on ``tfds.testing.mock_data``.
+    """Shrinks a config in place to a few CPU steps of its TFDS dataset: run it inside
+    ``tfds.testing.mock_data`` (as the tests do) or on a prepared ``data_dir``.
 
     The loss, teacher and head structure stay those of the recipe; the backbone becomes a
     2-block ViT of width 32 so that three steps and both evaluators take seconds.
     """
-    config.data.mock = True
     config.data.source = "tfds"
     config.data.in_memory = True
     config.data.image_size = image_size
     config.data.max_examples = 0
     config.data.eval_max_examples = 0
-    config.data.mock_num_examples = 64
     config.augment.crop_size = image_size
     if config.augment.num_local_crops:
         config.augment.local_crop_size = image_size // 2
@@ -177,7 +191,7 @@ def make_smoke(config: ml_collections.ConfigDict, *, image_size: int = 32) -> No
     config.optim.num_steps = 3
     config.optim.warmup_epochs = 0.0
     if config.loss.group_size:
-        config.loss.group_size = 8
+        config.loss.group_size = 4  # divides the per-device batch on 4 simulated devices
     config.train.update(log_every=1, checkpoint_every=2, knn_every=2)
     config.eval.update(batch_size=32, knn_k=5, probe_epochs=2, probe_batch_size=32)
 
@@ -222,3 +236,271 @@ def strong_augmentations(c: ml_collections.ConfigDict) -> None:
         color_jitter_prob=0.8, color_jitter_strength=1.0, grayscale_prob=0.2,
         blur_prob=0.5, solarize_prob=0.1,
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def typed_section(cls: type[_T], cfg: Any, section: str) -> _T:
+    """``cls(**cfg)`` for a frozen dataclass that types one config section (its
+    ``__post_init__`` holds the section's rules); unknown or missing fields are a
+    :class:`errors.ConfigError`. ``cfg``: a ``ConfigDict`` or a mapping."""
+    values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    fields = dataclasses.fields(cls)
+    unknown = sorted(set(values) - {f.name for f in fields})
+    required = [f.name for f in fields if f.init and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]  # fmt: skip
+    missing = [name for name in required if name not in values]
+    if unknown or missing:
+        raise errors.ConfigError(
+            f"{section}: unknown fields {unknown}, missing fields {missing}; the fields are "
+            f"{[f.name for f in fields]}."
+        )
+    return cls(**values)
+
+
+def check_override(config: ml_collections.ConfigDict, path: str) -> None:
+    """Raises :class:`errors.ConfigError` unless ``path`` (``"loss.epsilon"``) is a key of
+    ``config``; the message names the closest valid keys."""
+    node, parts = config, path.split(".")
+    for depth, key in enumerate(parts):
+        parent = ".".join(parts[:depth])
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise errors.ConfigError(
+                f"Unknown config key {path!r}: {parent} is a value, not a section."
+            )
+        if key not in node:
+            names = [f"{parent}.{k}" if parent else k for k in node]
+            close = difflib.get_close_matches(".".join(parts[: depth + 1]), names, n=3)
+            if close:
+                hint = f"did you mean {' or '.join(close)}?"
+            else:
+                where = f" in {parent}" if parent else ""
+                hint = f"valid keys{where}: {', '.join(sorted(node))}."
+            raise errors.ConfigError(f"Unknown config key {path!r}; {hint}")
+        node = node[key]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+# One rule per scalar field that no typed section (augment, model, data) checks:
+# key -> (test, what the value must be).
+_Rule = tuple[Callable[[Any], bool], str]
+_POSITIVE_INT: _Rule = (lambda v: _is_int(v) and v > 0, "a positive integer")
+_COUNT: _Rule = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+_POSITIVE: _Rule = (lambda v: _is_real(v) and v > 0, "> 0")
+_NON_NEGATIVE: _Rule = (lambda v: _is_real(v) and v >= 0, ">= 0")
+_FRACTION: _Rule = (lambda v: _is_real(v) and 0 <= v <= 1, "in [0, 1]")
+_BETA: _Rule = (lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)")
+_SCALAR_RULES: dict[str, _Rule] = {
+    "seed": (_is_int, "an integer"),
+    "loss.temperature": _POSITIVE,
+    "loss.group_size": (lambda v: _is_int(v) and (v == 0 or v >= 2), "0 (one OT problem) or >= 2"),
+    "loss.sinkhorn_threshold": _POSITIVE,
+    "loss.sinkhorn_max_iterations": _POSITIVE_INT,
+    "teacher.momentum": _FRACTION,
+    "teacher.momentum_end": _FRACTION,
+    "optim.batch_size": (lambda v: _is_int(v) and v >= 2,
+                         "an integer >= 2 (the losses contrast the images of a batch)"),
+    "optim.num_epochs": _NON_NEGATIVE,
+    "optim.num_steps": _COUNT,
+    "optim.base_lr": _POSITIVE,
+    "optim.min_lr": _NON_NEGATIVE,
+    "optim.warmup_epochs": _NON_NEGATIVE,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.weight_decay_end": _NON_NEGATIVE,
+    "optim.grad_clip": (_NON_NEGATIVE[0], ">= 0 (0 = no clipping)"),
+    "optim.b1": _BETA,
+    "optim.b2": _BETA,
+    "train.log_every": _POSITIVE_INT,
+    "train.checkpoint_every": _POSITIVE_INT,
+    "train.keep_checkpoints": _POSITIVE_INT,
+    "train.knn_every": (_COUNT[0], "an integer >= 0 (0 = only at the end)"),
+    "train.time_limit_minutes": (_NON_NEGATIVE[0], ">= 0 (0 = no limit)"),
+    "train.run_steps": (_COUNT[0], "an integer >= 0 (0 = no limit)"),
+    "eval.batch_size": _POSITIVE_INT,
+    "eval.knn_k": _POSITIVE_INT,
+    "eval.knn_temperature": _POSITIVE,
+    "eval.knn_train_examples": (_COUNT[0], "an integer >= 0 (0 = all)"),
+    "eval.probe_epochs": _POSITIVE_INT,
+    "eval.probe_batch_size": _POSITIVE_INT,
+    "eval.probe_lr": _POSITIVE,
+    "eval.probe_weight_decay": _NON_NEGATIVE,
+}  # fmt: skip
+
+
+def _value(config, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _section_error(section: str, error: ValueError) -> errors.ConfigError:
+    """A typed section's ValueError as a ConfigError that names the ``section.key``."""
+    if isinstance(error, errors.ConfigError):
+        return error
+    message = str(error)
+    first = re.match(r"\w+", message)
+    named = first is not None and first.group(0) in base_config()[section]
+    return errors.ConfigError(f"{section}.{message}" if named else f"{section}: {message}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+    """Checks every section of a run's config and how the sections fit together.
+
+    Runs before anything is written or compiled, without TensorFlow and without reading
+    data. ``num_devices``: the devices the batch is split over.
+
+    Raises:
+      errors.ConfigError: naming the key, the bad value and the fix.
+
+    Warns (:class:`ConfigWarning`) about settings that run but probably not as meant.
+    """
+    # Imported here: config files import this module, and building a config should not
+    # wait for JAX, Flax and OTT (seconds), e.g. to report a misspelt key.
+    from matching_gap import augment, data, losses, models
+
+    for key, (ok, rule) in _SCALAR_RULES.items():
+        if not ok(_value(config, key)):
+            raise errors.ConfigError(f"{key} must be {rule}, got {_value(config, key)!r}.")
+    choices_of = {
+        "loss.name": LOSSES,
+        "loss.cost": losses.COSTS,
+        "loss.multiview_mode": losses.MULTIVIEW_MODES,
+        "eval.features": models.FEATURES,
+    }
+    for key, choices in choices_of.items():
+        if _value(config, key) not in choices:
+            raise errors.ConfigError(
+                f"{key} must be one of {list(choices)}, got {_value(config, key)!r}."
+            )
+    try:
+        losses._check_epsilon(config.loss.epsilon, config.loss.relative_epsilon or None)
+    except ValueError as e:
+        raise _section_error("loss", e) from None
+    typed = {"augment": augment.AugmentConfig, "model": models.ModelConfig,
+             "data": data.DataConfig}  # fmt: skip
+    sections = {}
+    for section, cls in typed.items():
+        try:
+            sections[section] = cls.from_config(config[section])
+        except ValueError as e:
+            raise _section_error(section, e) from None
+    _check_combinations(config, sections["augment"], sections["model"], num_devices)
+
+
+def _check_combinations(config, aug, model, num_devices: int) -> None:
+    """The rules that tie sections together (and to the number of devices)."""
+    loss, optim = config.loss, config.optim
+    if not _is_int(num_devices) or num_devices <= 0:
+        raise ValueError(f"num_devices must be a positive integer, got {num_devices!r}.")
+    if optim.num_steps == 0 and optim.num_epochs <= 0:
+        raise errors.ConfigError(
+            f"optim.num_epochs is {optim.num_epochs} and optim.num_steps is 0: set one of "
+            "them to the length of the run."
+        )
+    peak_lr = optim.base_lr * optim.batch_size / 256
+    if optim.min_lr > peak_lr:
+        raise errors.ConfigError(
+            f"optim.min_lr ({optim.min_lr}) is above the peak learning rate base_lr * "
+            f"batch_size / 256 = {peak_lr:g}; lower min_lr or raise base_lr."
+        )
+    if optim.batch_size % num_devices:
+        raise errors.ConfigError(
+            f"optim.batch_size ({optim.batch_size}) must be divisible by the number of "
+            f"devices ({num_devices}); use a multiple of {num_devices}."
+        )
+    if model.image_size != aug.crop_size:
+        raise errors.ConfigError(
+            f"model.image_size ({model.image_size}) must equal augment.crop_size "
+            f"({aug.crop_size}): the model sees the crops. Set both to the same size."
+        )
+    if not model.channels == config.data.channels == len(aug.mean):
+        raise errors.ConfigError(
+            f"model.channels ({model.channels}), data.channels ({config.data.channels}) and "
+            f"the length of augment.mean / augment.std ({len(aug.mean)}) must agree: one "
+            "normalisation constant per image channel."
+        )
+    patch = model.encoder_sizes()["patch_size"]
+    if aug.num_local_crops and aug.local_crop_size % patch:
+        raise errors.ConfigError(
+            f"augment.local_crop_size ({aug.local_crop_size}) must be a multiple of the "
+            f"patch size ({patch}): the ViT cuts every crop into whole patches."
+        )
+    if config.eval.features == "cls_avgpool" and model.pooling != "cls":
+        raise errors.ConfigError(
+            f"eval.features='cls_avgpool' needs model.pooling='cls', got {model.pooling!r}; "
+            "set eval.features='pooled'."
+        )
+    _check_views(config, aug)
+    if loss.name in OT_LOSSES and loss.group_size:
+        _check_groups(loss.group_size, optim.batch_size, num_devices)
+    # Shared weights run each unordered pair of views once, student -> target, so with a
+    # predictor only the later view of a pair goes through it, and gradients flow through
+    # both branches. That is a well-defined (asymmetric) objective and a possible ablation,
+    # hence a warning, not an error; but it is rarely what enabling a predictor means
+    # (BYOL / SimSiam: both directions, stop-gradient targets).
+    symmetric = loss.name == "matching_gap" or (
+        loss.name == "info_nce"
+        and not (loss.multiview_mode == "one_vs_rest" and aug.num_local_crops == 0)
+    )
+    if symmetric and model.use_predictor and not config.teacher.ema:
+        warnings.warn(
+            f"model.use_predictor=True with shared weights (teacher.ema=False) and "
+            f"loss.name={loss.name!r}: each pair of views is compared in one direction only "
+            "(the predictor sees one view of each pair, with no stop-gradient on the other). "
+            "Use teacher.ema=True, model.use_predictor=False, or loss.name='byol'.",
+            ConfigWarning,
+            stacklevel=1,  # here, not the caller: main and train both validate; warn once
+        )
+
+
+def _check_views(config, aug) -> None:
+    """Every loss needs two views of each image; M3G compares global views only."""
+    name, ema = config.loss.name, config.teacher.ema
+    if name == "m3g":
+        if aug.num_local_crops:
+            role = ("the EMA teacher sees global views only, so the k-tuples cannot include "
+                    "local crops" if ema else "without a teacher the k-tuples would mix the "
+                    "local crops in as extra marginals of a different size and view")  # fmt: skip
+            raise errors.ConfigError(
+                f"loss.name='m3g' takes global views only, got augment.num_local_crops="
+                f"{aug.num_local_crops} ({role}). Set augment.num_local_crops=0 and choose "
+                "k with augment.num_views."
+            )
+        if aug.num_views < 2:
+            raise errors.ConfigError(
+                f"loss.name='m3g' needs augment.num_views >= 2 (k views), got {aug.num_views}."
+            )
+    elif aug.num_views + aug.num_local_crops < 2:
+        raise errors.ConfigError(
+            f"augment.num_views={aug.num_views} with no local crops gives no pair of views to "
+            "compare: set augment.num_views >= 2."
+        )
+
+
+def _check_groups(group_size: int, batch_size: int, num_devices: int) -> None:
+    """OT groups must tile the batch; tiling each device's share keeps the solve local."""
+    if batch_size % group_size:
+        raise errors.ConfigError(
+            f"loss.group_size ({group_size}) must divide optim.batch_size ({batch_size}); "
+            "use a batch that is a multiple of the group size, or group_size=0 for one "
+            "problem over the whole batch."
+        )
+    per_device = batch_size // num_devices
+    if per_device % group_size:
+        warnings.warn(
+            f"loss.group_size ({group_size}) does not divide the per-device batch "
+            f"(optim.batch_size {batch_size} / {num_devices} devices = {per_device}): the OT "
+            "problems are solved on embeddings gathered from every device (slower, more "
+            f"memory). Use a batch_size that is a multiple of {group_size * num_devices}.",
+            ConfigWarning,
+            stacklevel=1,  # as above
+        )

@@ -1,35 +1,66 @@
 """Labelled image sources for training and evaluation, handed out as numpy batches.
 
-Three sources are supported, chosen by ``data_config.source``:
+Three sources are supported, chosen by ``DataConfig.source``:
 
 * ``"fashion_mnist_idx"``: the original Fashion-MNIST IDX files (Debian package
-  ``dataset-fashion-mnist``), read without TensorFlow.
+  ``dataset-fashion-mnist``), read with numpy.
 * ``"tfds"``: any TFDS image-classification dataset prepared in a local ``data_dir``.
   Small ones are loaded into memory with :func:`load_split`; ImageNet-size ones are
   streamed with :func:`iterate_tfds`.
 * ``"image_folder"``: a directory with one sub-folder of .jpg/.jpeg/.png files per class.
+  Unreadable files are skipped with one warning that names them.
 
-Every image is brought to ``image_size x image_size x channels`` uint8 at load time, so
-that the augmentation code (``matching_gap.augment``) sees fixed-size arrays.
+The settings are a :class:`DataConfig`, built from the experiment's ``config.data`` with
+:meth:`DataConfig.from_config`.
+
+Every image is brought to ``image_size x image_size x channels`` uint8 at load time by one
+TensorFlow function for all sources (:func:`_tf_prepare_image`): colour to grey with the
+weights ``matching_gap.augment.LUMA``, shorter side resized to ``image_size`` (bilinear,
+antialiased), then the centre square. The augmentation code (``matching_gap.augment``)
+thus sees fixed-size arrays.
+
+``max_examples`` keeps a class-balanced subset of an IDX or image-folder split (round robin
+over the classes, a fixed random order within each class), and the first records of a
+TFDS split (TFDS shuffles the records when it prepares a dataset).
 
 The in-memory batch iterator :func:`train_batches` is a pure function of ``(seed, step)``:
 a run restarted from a checkpoint at step ``s`` sees exactly the batches it would have
 seen without the interruption.
 
-TensorFlow and TFDS are imported only inside the functions that need them, so the rest of
-the package (and machines without TensorFlow) can import this module.
+TensorFlow is imported only through :func:`import_tensorflow`, inside the functions that
+need it, so the rest of the package (and machines without TensorFlow) can import this
+module; IDX files already at the configured size and channels load without TensorFlow.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
+import numbers
 import os
 import struct
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from absl import logging
+
+from matching_gap.augment import LUMA
+from matching_gap.errors import ConfigError, DataError, DataNotFoundError
+
+__all__ = [
+    "DataConfig",
+    "DataNotFoundError",
+    "Dataset",
+    "eval_batches",
+    "import_tensorflow",
+    "iterate_tfds",
+    "load_split",
+    "read_idx_images",
+    "read_idx_labels",
+    "train_batches",
+]
 
 SOURCES = ("fashion_mnist_idx", "tfds", "image_folder")
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -45,10 +76,104 @@ _IDX_LABELS_MAGIC = 2049
 
 # Encoded ImageNet JPEGs average ~110 kB, so this buffer holds ~1 GB per process.
 _DEFAULT_SHUFFLE_BUFFER = 10_000
+# How many unreadable image-folder files the warning names one by one.
+_SKIPPED_NAMED = 10
 
 
-class DataNotFoundError(FileNotFoundError):
-    """The requested data is not on this machine; the message says how to get it."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the images come from and the size they are stored at (``config.data``).
+
+    Attributes:
+      source: one of :data:`SOURCES`.
+      name: the TFDS dataset name (``source="tfds"`` only).
+      data_dir: the IDX folder, TFDS data_dir or image-folder root ("" = the default).
+      train_split, eval_train_split, eval_split: the split trained on, the labelled split
+        evaluators fit on and the one they report on.
+      image_size: stored (square) size that views are cropped from.
+      channels: 1 or 3.
+      max_examples: 0 = all of the training split, else a subset of that many.
+      eval_max_examples: the same for each evaluation split.
+      in_memory: False streams the training split with tf.data (TFDS only).
+      shuffle_buffer: the streaming shuffle buffer, in examples.
+    """
+
+    source: str
+    name: str = ""
+    data_dir: str = ""
+    train_split: str = "train"
+    eval_train_split: str = "train"
+    eval_split: str = "test"
+    image_size: int
+    channels: int
+    max_examples: int = 0
+    eval_max_examples: int = 0
+    in_memory: bool = True
+    shuffle_buffer: int = _DEFAULT_SHUFFLE_BUFFER
+
+    def __post_init__(self):
+        ints = ("image_size", "channels", "max_examples", "eval_max_examples", "shuffle_buffer")
+        for name in ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(f"data.{name} must be an int, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        strings = ("source", "name", "data_dir", "train_split", "eval_train_split", "eval_split")
+        for name in strings:
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"data.{name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.in_memory, bool):
+            raise ConfigError(f"data.in_memory must be True or False, got {self.in_memory!r}")
+        if self.source not in SOURCES:
+            raise ConfigError(
+                f"unknown data.source {self.source!r}; valid sources: {', '.join(SOURCES)}"
+            )
+        if self.image_size <= 0:
+            raise ConfigError(f"data.image_size must be a positive int, got {self.image_size}")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
+        for name in ("max_examples", "eval_max_examples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name} must be >= 0 (0 = all), got {getattr(self, name)}")
+        if self.shuffle_buffer <= 0:
+            raise ConfigError(f"data.shuffle_buffer must be positive, got {self.shuffle_buffer}")
+        if self.source == "tfds" and not self.name:
+            raise ConfigError("data.source='tfds' needs data.name, a TFDS name such as cifar10")
+        if self.source == "image_folder" and not self.data_dir:
+            raise ConfigError(
+                "data.source='image_folder' needs --config.data.data_dir=ROOT, a folder with "
+                "ROOT/<split>/<class_name>/*.{jpg,jpeg,png}"
+            )
+        if self.source == "fashion_mnist_idx":
+            splits = (self.train_split, self.eval_train_split, self.eval_split)
+            if not set(splits) <= set(_IDX_FILES):
+                raise ConfigError(
+                    f"fashion_mnist_idx has splits {sorted(_IDX_FILES)}; data.train_split, "
+                    f"eval_train_split and eval_split are {list(splits)}"
+                )
+        if not self.in_memory and self.source != "tfds":
+            raise ConfigError(
+                "data.in_memory=False streams with tf.data and needs data.source='tfds'; "
+                f"source {self.source!r} loads into memory (data.in_memory=True)"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> DataConfig:
+        """Builds the config from a ConfigDict (or mapping) with the same field names."""
+        values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        missing = sorted(
+            name
+            for name, f in fields.items()
+            if name not in values and f.default is dataclasses.MISSING
+        )
+        if unknown or missing:
+            raise ConfigError(
+                f"data config: unknown fields {unknown}, missing fields {missing}; "
+                f"the fields are {sorted(fields)}"
+            )
+        return cls(**values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,78 +189,129 @@ class Dataset:
         return int(self.labels.shape[0])
 
 
+def _class_balanced_subset(labels: np.ndarray, count: int) -> np.ndarray:
+    """Sorted indices of ``count`` examples taken round robin over the classes.
+
+    Each class is visited in a fixed random order (seed 0), so the subset depends only on
+    ``labels`` and ``count``; a class that runs out drops out of the later rounds.
+    """
+    if count >= len(labels):
+        return np.arange(len(labels))
+    order = np.random.default_rng(0).permutation(len(labels))
+    rank = np.empty(len(labels), np.int64)  # position of each example within its class
+    for label in np.unique(labels):
+        members = order[labels[order] == label]
+        rank[members] = np.arange(len(members))
+    return np.sort(np.lexsort((labels, rank))[:count])
+
+
 # --------------------------------------------------------------------------------------
-# Config access and image geometry shared by the sources.
+# TensorFlow: the import, and the one image preparation all sources share.
 
 
-def _field(cfg: Any, name: str, default: Any = None) -> Any:
-    # ConfigDict raises AttributeError for unknown fields; plain namespaces work too.
-    value = getattr(cfg, name, default)
-    return default if value is None else value
+@functools.cache
+def import_tensorflow():
+    """Imports TensorFlow for input pipelines with the GPUs hidden from it; returns ``tf``.
+
+    Left visible, TensorFlow would reserve accelerator memory that JAX needs. Hiding fails
+    (RuntimeError) once TensorFlow has initialised its devices; that is logged and kept.
+    """
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError as e:
+        logging.warning("TensorFlow had already initialised its devices: %s", e)
+    return tf
 
 
-def _common_fields(data_config: Any) -> tuple[int, int, int]:
-    image_size = int(_field(data_config, "image_size", 0))
-    channels = int(_field(data_config, "channels", 0))
-    max_examples = int(_field(data_config, "max_examples", 0))
-    if image_size <= 0:
-        raise ValueError(f"data.image_size must be a positive int, got {image_size}")
-    if channels not in (1, 3):
-        raise ValueError(f"data.channels must be 1 or 3, got {channels}")
-    if max_examples < 0:
-        raise ValueError(f"data.max_examples must be >= 0 (0 = all), got {max_examples}")
-    return image_size, channels, max_examples
+def _import_tfds():
+    import_tensorflow()  # first, so that TFDS finds TensorFlow with the GPUs hidden
+    import tensorflow_datasets as tfds
+
+    return tfds
 
 
-def _resized_hw(h: int, w: int, size: int) -> tuple[int, int]:
-    """Size after scaling the shorter side to ``size`` (never below ``size``)."""
-    scale = size / min(h, w)
-    return max(size, round(h * scale)), max(size, round(w * scale))
+def _tf_prepare_image(image, *, encoded: bool, image_size: int, channels: int):
+    """TF op: encoded bytes or uint8 [h, w, c] -> uint8 [image_size, image_size, channels].
+
+    Colour becomes grey with the weights ``LUMA``, grey becomes colour by repetition; then
+    the shorter side is resized to ``image_size`` (bilinear, antialiased) and the centre
+    square is kept. A batch ``[b, h, w, c]`` of same-size decoded images works too.
+    """
+    tf = import_tensorflow()
+    if encoded:
+        # Always RGB: decoders asked for one channel use their own grey weights (libpng's
+        # differ from libjpeg's), and the conversion below uses LUMA.
+        image = tf.io.decode_image(image, channels=3, expand_animations=False)
+    have = image.shape[-1]
+    if have == 4:
+        image, have = image[..., :3], 3
+    if have not in (1, 3):
+        raise DataError(f"images have {have} channels; only 1 (grey) and 3 (RGB) are read")
+    if have == 1 and channels == 3:
+        image = tf.repeat(image, 3, axis=-1)
+    elif have == 3 and channels == 1:
+        gray = tf.tensordot(tf.cast(image, tf.float32), tf.constant(LUMA, tf.float32), 1)
+        image = tf.cast(tf.clip_by_value(tf.round(gray), 0.0, 255.0), tf.uint8)[..., None]
+    size = image_size
+    shape = tf.shape(image)
+    h, w = shape[-3], shape[-2]
+
+    def resize_crop():
+        scale = size / tf.cast(tf.minimum(h, w), tf.float32)
+        new_h = tf.maximum(size, tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32))
+        new_w = tf.maximum(size, tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32))
+        resized = tf.image.resize(image, [new_h, new_w], method="bilinear", antialias=True)
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        cropped = resized[..., top : top + size, left : left + size, :]
+        return tf.cast(tf.clip_by_value(tf.round(cropped), 0.0, 255.0), tf.uint8)
+
+    same = tf.logical_and(tf.equal(h, size), tf.equal(w, size))
+    image = tf.cond(same, lambda: tf.cast(image, tf.uint8), resize_crop)
+    return tf.ensure_shape(image, image.shape[:-3].concatenate([size, size, channels]))
 
 
-def _convert_channels_np(image: np.ndarray, channels: int) -> np.ndarray:
-    """[h, w, c] uint8 -> [h, w, channels] uint8."""
-    c = image.shape[-1]
-    if c == channels:
-        return image
-    if c == 1 and channels == 3:
-        return np.repeat(image, 3, axis=-1)
-    if c == 3 and channels == 1:
-        # ITU-R 601-2 luma, the same weights PIL's convert("L") and tf.image use.
-        luma = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        return np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None]
-    if c == 4:
-        return _convert_channels_np(image[..., :3], channels)
-    raise ValueError(f"cannot convert an image with {c} channels to {channels}")
+def _prepare_fn(*, encoded: bool, image_size: int, channels: int):
+    """``{"image", "label"}`` -> ``{"image": uint8 [S, S, channels], "label": int32}``.
+
+    Also maps a batch of same-size decoded images, with a batch of labels, at once.
+    """
+    tf = import_tensorflow()
+
+    def prepare(example):
+        image = _tf_prepare_image(
+            example["image"], encoded=encoded, image_size=image_size, channels=channels
+        )
+        return {"image": image, "label": tf.cast(example["label"], tf.int32)}
+
+    return prepare
 
 
-def _resize_crop_np(image: np.ndarray, size: int) -> np.ndarray:
-    """[h, w, c] uint8 -> [size, size, c]: shorter side to ``size``, then centre crop."""
-    h, w, c = image.shape
-    if (h, w) == (size, size):
-        return image
-    from PIL import Image
-
-    new_h, new_w = _resized_hw(h, w, size)
-    pil = Image.fromarray(image[..., 0] if c == 1 else image)
-    # Pillow's BILINEAR widens its kernel when shrinking, i.e. it is antialiased.
-    resized = np.asarray(pil.resize((new_w, new_h), Image.BILINEAR))
-    if c == 1:
-        resized = resized[..., None]
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return resized[top : top + size, left : left + size]
+def _deterministic(ds):
+    options = import_tensorflow().data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
 
 
-def _standardise_np(images: np.ndarray, image_size: int, channels: int) -> np.ndarray:
-    """uint8 [n, h, w, c] -> uint8 [n, image_size, image_size, channels]."""
-    if images.shape[1:3] != (image_size, image_size):
-        out = np.empty((images.shape[0], image_size, image_size, images.shape[3]), np.uint8)
-        for i, image in enumerate(images):
-            out[i] = _resize_crop_np(image, image_size)
-        images = out
-    if images.shape[3] != channels:
-        images = np.stack([_convert_channels_np(image, channels) for image in images])
-    return images
+def _prepare_in_memory(
+    ds, *, encoded: bool, image_size: int, channels: int, batched: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """A tf.data set of ``{"image", "label"}`` -> uint8 [n, S, S, channels], int32 [n].
+
+    ``batched``: ``ds`` yields batches of same-size decoded images, prepared a batch at
+    a time (several times faster than one by one).
+    """
+    tf = import_tensorflow()
+    prepare = _prepare_fn(encoded=encoded, image_size=image_size, channels=channels)
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _deterministic(ds if batched else ds.batch(1024))
+    images = [np.zeros((0, image_size, image_size, channels), np.uint8)]
+    labels = [np.zeros(0, np.int32)]
+    for batch in ds.as_numpy_iterator():
+        images.append(batch["image"])
+        labels.append(batch["label"])
+    return np.concatenate(images), np.concatenate(labels)
 
 
 # --------------------------------------------------------------------------------------
@@ -156,18 +332,26 @@ def _open_idx(directory: str, stem: str):
     )
 
 
+def _idx_error(directory: str, stem: str, problem: str) -> DataError:
+    return DataError(
+        f"{os.path.join(directory, stem)}[.gz] is not a valid IDX file: {problem}. Replace "
+        "it with the original (`apt-get install --reinstall dataset-fashion-mnist`), or "
+        "point --config.data.data_dir at a folder with intact files."
+    )
+
+
 def read_idx_images(directory: str, stem: str) -> np.ndarray:
     """Reads an IDX3 image file (magic 2051) as uint8 [n, rows, cols, 1]."""
     with _open_idx(directory, stem) as f:
         header = f.read(16)
         if len(header) != 16:
-            raise ValueError(f"{stem}: truncated IDX header")
+            raise _idx_error(directory, stem, "truncated header")
         magic, n, rows, cols = struct.unpack(">IIII", header)
         if magic != _IDX_IMAGES_MAGIC:
-            raise ValueError(f"{stem}: bad IDX image magic {magic}, want {_IDX_IMAGES_MAGIC}")
+            raise _idx_error(directory, stem, f"magic {magic}, want {_IDX_IMAGES_MAGIC}")
         data = np.frombuffer(f.read(), dtype=np.uint8)
     if data.size != n * rows * cols:
-        raise ValueError(f"{stem}: {data.size} pixels, header says {n}x{rows}x{cols}")
+        raise _idx_error(directory, stem, f"{data.size} pixels, header says {n}x{rows}x{cols}")
     return data.reshape(n, rows, cols, 1)
 
 
@@ -176,29 +360,44 @@ def read_idx_labels(directory: str, stem: str) -> np.ndarray:
     with _open_idx(directory, stem) as f:
         header = f.read(8)
         if len(header) != 8:
-            raise ValueError(f"{stem}: truncated IDX header")
+            raise _idx_error(directory, stem, "truncated header")
         magic, n = struct.unpack(">II", header)
         if magic != _IDX_LABELS_MAGIC:
-            raise ValueError(f"{stem}: bad IDX label magic {magic}, want {_IDX_LABELS_MAGIC}")
+            raise _idx_error(directory, stem, f"magic {magic}, want {_IDX_LABELS_MAGIC}")
         data = np.frombuffer(f.read(), dtype=np.uint8)
     if data.size != n:
-        raise ValueError(f"{stem}: {data.size} labels, header says {n}")
+        raise _idx_error(directory, stem, f"{data.size} labels, header says {n}")
     return data.astype(np.int32)
 
 
-def _load_fashion_mnist_idx(data_config: Any, split: str) -> Dataset:
-    image_size, channels, max_examples = _common_fields(data_config)
+def _load_fashion_mnist_idx(cfg: DataConfig, split: str) -> Dataset:
     if split not in _IDX_FILES:
-        raise ValueError(f"fashion_mnist_idx has splits {sorted(_IDX_FILES)}, got {split!r}")
-    directory = _field(data_config, "data_dir", "") or DEFAULT_FASHION_MNIST_DIR
+        raise DataError(
+            f"fashion_mnist_idx has splits {sorted(_IDX_FILES)}, got {split!r}; set "
+            "--config.data.train_split / eval_train_split / eval_split to one of them"
+        )
+    directory = cfg.data_dir or DEFAULT_FASHION_MNIST_DIR
     image_stem, label_stem = _IDX_FILES[split]
     images = read_idx_images(directory, image_stem)
     labels = read_idx_labels(directory, label_stem)
     if len(images) != len(labels):
-        raise ValueError(f"{directory}: {len(images)} images but {len(labels)} labels")
-    if max_examples:
-        images, labels = images[:max_examples], labels[:max_examples]
-    images = _standardise_np(images, image_size, channels)
+        raise DataError(
+            f"{directory}: {image_stem} has {len(images)} images but {label_stem} has "
+            f"{len(labels)} labels; the two files come from different datasets"
+        )
+    if cfg.max_examples:
+        keep = _class_balanced_subset(labels, cfg.max_examples)
+        images, labels = images[keep], labels[keep]
+    if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
+        tf = import_tensorflow()
+        ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+        images, labels = _prepare_in_memory(
+            ds.batch(1024),
+            encoded=False,
+            image_size=cfg.image_size,
+            channels=cfg.channels,
+            batched=True,
+        )
     return Dataset(images, labels, FASHION_MNIST_CLASSES, "fashion_mnist")
 
 
@@ -215,10 +414,25 @@ def _image_folder_error(root: str, problem: str) -> DataNotFoundError:
     )
 
 
-def _load_image_folder(data_config: Any, split: str) -> Dataset:
-    image_size, channels, max_examples = _common_fields(data_config)
-    root = _field(data_config, "data_dir", "")
-    if not root or not os.path.isdir(root):
+def _read_image_files(files: list[tuple[str, int]], skipped: list[str]) -> Iterator[dict]:
+    """Yields ``{"image": uint8 [h, w, 3], "label"}``; unreadable files go to ``skipped``."""
+    from PIL import Image
+
+    for path, label in files:
+        try:
+            with Image.open(path) as pil:
+                # RGB even for grey files, so that every image has 3 channels here and
+                # the one grey conversion (LUMA) happens in _tf_prepare_image.
+                image = np.asarray(pil.convert("RGB"))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            skipped.append(f"{path} ({type(e).__name__}: {e})")
+            continue
+        yield {"image": image, "label": label}
+
+
+def _load_image_folder(cfg: DataConfig, split: str) -> Dataset:
+    root = cfg.data_dir
+    if not os.path.isdir(root):
         raise _image_folder_error(root, "data_dir is not a directory")
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
@@ -239,20 +453,37 @@ def _load_image_folder(data_config: Any, split: str) -> Dataset:
         files.extend((os.path.join(cls_dir, name), label) for name in names)
     if not files:
         raise _image_folder_error(root, f"no .jpg/.jpeg/.png files under {split_dir!r}")
-    if max_examples:
-        files = files[:max_examples]
+    if cfg.max_examples:
+        keep = _class_balanced_subset(np.array([label for _, label in files]), cfg.max_examples)
+        files = [files[i] for i in keep]
 
-    from PIL import Image
-
-    images = np.empty((len(files), image_size, image_size, channels), np.uint8)
-    for i, (path, _) in enumerate(files):
-        with Image.open(path) as pil:
-            pil = pil.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(pil)
-        if channels == 1:
-            array = array[..., None]
-        images[i] = _resize_crop_np(array, image_size)
-    labels = np.array([label for _, label in files], np.int32)
+    tf = import_tensorflow()
+    skipped: list[str] = []
+    signature = {
+        "image": tf.TensorSpec([None, None, 3], tf.uint8),
+        "label": tf.TensorSpec([], tf.int32),
+    }
+    ds = tf.data.Dataset.from_generator(
+        lambda: _read_image_files(files, skipped), output_signature=signature
+    )
+    images, labels = _prepare_in_memory(
+        ds, encoded=False, image_size=cfg.image_size, channels=cfg.channels
+    )
+    if skipped:
+        extra = len(skipped) - _SKIPPED_NAMED
+        logging.warning(
+            "image_folder: skipped %d of %d image files that cannot be read (delete or "
+            "re-encode them): %s%s",
+            len(skipped),
+            len(files),
+            "; ".join(skipped[:_SKIPPED_NAMED]),
+            f"; and {extra} more" if extra > 0 else "",
+        )
+    if not len(labels):
+        raise DataError(
+            f"image_folder: none of the {len(files)} image files under {split_dir!r} can be "
+            f"read (first: {skipped[0]}). Re-encode them as JPEG or PNG."
+        )
     name = os.path.basename(os.path.normpath(root))
     return Dataset(images, labels, len(classes), name)
 
@@ -278,27 +509,28 @@ def _tfds_missing(name: str, data_dir: str | None, cause: Exception) -> DataNotF
     )
 
 
-def _tfds_builder(data_config: Any):
+def _tfds_builder(cfg: DataConfig):
     """Returns (builder, image_feature_is_encoded), failing at once when data is missing."""
-    import tensorflow_datasets as tfds
+    tfds = _import_tfds()
 
-    name = _field(data_config, "name", "")
-    if not name:
-        raise ValueError("data.name must name a TFDS dataset when data.source='tfds'")
-    data_dir = _field(data_config, "data_dir", "") or None
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        builder = tfds.builder(cfg.name, data_dir=cfg.data_dir or None)
     except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(f"unknown TFDS dataset name {name!r}: {str(e)[:200]}") from e
+        raise DataError(
+            f"unknown TFDS dataset name {cfg.name!r} (fix --config.data.name): {str(e)[:200]}"
+        ) from e
     features = builder.info.features
     if "image" not in features or "label" not in features:
-        raise ValueError(f"TFDS dataset {name!r} has no 'image'/'label' features")
+        raise DataError(
+            f"TFDS dataset {cfg.name!r} has no 'image'/'label' features; choose an image "
+            "classification dataset"
+        )
     return builder, isinstance(features["image"], tfds.features.Image)
 
 
 def _tfds_dataset(builder, encoded: bool, split, *, shuffle_seed: int | None):
-    """builder.as_dataset with download errors turned into DataNotFoundError."""
-    import tensorflow_datasets as tfds
+    """builder.as_dataset with missing data and bad splits turned into user errors."""
+    tfds = _import_tfds()
 
     kwargs: dict[str, Any] = {}
     if encoded:
@@ -315,63 +547,28 @@ def _tfds_dataset(builder, encoded: bool, split, *, shuffle_seed: int | None):
     except AssertionError as e:
         # tfds signals "not prepared" with an AssertionError ("could not find data in").
         raise _tfds_missing(builder.name, builder.data_dir, e) from e
+    except ValueError as e:  # an unknown split or a malformed slice
+        raise DataError(
+            f"TFDS dataset {builder.name!r} cannot read split {split!r} ({e}); its splits "
+            f"are {sorted(builder.info.splits)}, sliced like 'train[:10%]'"
+        ) from e
 
 
-def _tf_prepare_image(image, *, encoded: bool, image_size: int, channels: int):
-    """TF op: encoded bytes or uint8 [h, w, c] -> uint8 [image_size, image_size, channels]."""
-    import tensorflow as tf
-
-    if encoded:
-        image = tf.io.decode_image(image, channels=channels, expand_animations=False)
-    else:
-        if image.shape[-1] == 1 and channels == 3:
-            image = tf.image.grayscale_to_rgb(image)
-        elif image.shape[-1] == 3 and channels == 1:
-            image = tf.image.rgb_to_grayscale(image)
-    size = image_size
-    shape = tf.shape(image)
-    h, w = shape[0], shape[1]
-
-    def resize_crop():
-        scale = size / tf.cast(tf.minimum(h, w), tf.float32)
-        new_h = tf.maximum(size, tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32))
-        new_w = tf.maximum(size, tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32))
-        resized = tf.image.resize(image, [new_h, new_w], method="bilinear", antialias=True)
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        cropped = resized[top : top + size, left : left + size]
-        return tf.cast(tf.clip_by_value(tf.round(cropped), 0.0, 255.0), tf.uint8)
-
-    same = tf.logical_and(tf.equal(h, size), tf.equal(w, size))
-    image = tf.cond(same, lambda: tf.cast(image, tf.uint8), resize_crop)
-    return tf.ensure_shape(image, [size, size, channels])
-
-
-def _load_tfds(data_config: Any, split: str) -> Dataset:
-    import tensorflow as tf
-
-    image_size, channels, max_examples = _common_fields(data_config)
-    builder, encoded = _tfds_builder(data_config)
+def _load_tfds(cfg: DataConfig, split: str) -> Dataset:
+    builder, encoded = _tfds_builder(cfg)
     ds = _tfds_dataset(builder, encoded, split, shuffle_seed=None)
-    if max_examples:
-        ds = ds.take(max_examples)
-
-    def prepare(example):
-        image = _tf_prepare_image(
-            example["image"], encoded=encoded, image_size=image_size, channels=channels
+    if cfg.max_examples:
+        ds = ds.take(cfg.max_examples)
+    images, labels = _prepare_in_memory(
+        ds, encoded=encoded, image_size=cfg.image_size, channels=cfg.channels
+    )
+    if not len(labels):
+        raise DataError(
+            f"TFDS dataset {builder.name!r} split {split!r} is empty; choose another split "
+            f"(it has {sorted(builder.info.splits)})"
         )
-        return image, tf.cast(example["label"], tf.int32)
-
-    options = tf.data.Options()
-    options.deterministic = True
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(1024).with_options(options)
-    images, labels = [], []
-    for image_batch, label_batch in ds.as_numpy_iterator():
-        images.append(image_batch)
-        labels.append(label_batch)
-    if not images:
-        raise DataNotFoundError(f"TFDS dataset {builder.name!r} split {split!r} is empty")
     num_classes = builder.info.features["label"].num_classes
-    return Dataset(np.concatenate(images), np.concatenate(labels), num_classes, builder.name)
+    return Dataset(images, labels, num_classes, builder.name)
 
 
 def _epoch_seed(seed: int, process_index: int, epoch: int) -> int:
@@ -381,7 +578,7 @@ def _epoch_seed(seed: int, process_index: int, epoch: int) -> int:
 
 
 def iterate_tfds(
-    data_config: Any,
+    data_config: DataConfig,
     split: str,
     *,
     batch_size: int,
@@ -401,28 +598,31 @@ def iterate_tfds(
 
     ``data_config.max_examples`` (0 = all) keeps the first ``max_examples //
     process_count`` records of this process's slice, and turns file shuffling off.
-    Optional ``data_config.shuffle_buffer`` (default 10000) sizes the shuffle buffer.
+    ``data_config.shuffle_buffer`` sizes the shuffle buffer.
 
     Yields dicts ``{"image": uint8 [batch_size, S, S, c], "label": int32 [batch_size]}``.
     """
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-    image_size, channels, max_examples = _common_fields(data_config)
+    _check_data_config(data_config)
+    if data_config.source != "tfds":
+        raise ConfigError(f"iterate_tfds streams TFDS data, not source {data_config.source!r}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
-    buffer = int(_field(data_config, "shuffle_buffer", _DEFAULT_SHUFFLE_BUFFER))
+    tf, tfds = import_tensorflow(), _import_tfds()
+    max_examples = data_config.max_examples
     builder, encoded = _tfds_builder(data_config)
     process_split = tfds.split_for_jax_process(
         split, process_index=process_index, process_count=process_count, drop_remainder=True
     )
     local_max = max_examples // process_count if max_examples else 0
     if max_examples and local_max == 0:
-        raise ValueError(f"max_examples={max_examples} < process_count={process_count}")
+        raise DataError(
+            f"data.max_examples={max_examples} leaves no example to some of the "
+            f"{process_count} processes; raise it to at least {process_count}"
+        )
 
     def raw_epoch(epoch: int):
         epoch_seed = _epoch_seed(seed, process_index, epoch)
@@ -441,31 +641,28 @@ def iterate_tfds(
             num_examples = min(num_examples, local_max)
     steps_per_epoch = num_examples // batch_size
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise DataError(
             f"{builder.name} {split!r}: process {process_index} has {num_examples} examples, "
-            f"fewer than the per-process batch size {batch_size}"
+            f"fewer than the per-process batch size {batch_size}; lower "
+            "--config.optim.batch_size or raise data.max_examples"
         )
-
-    def prepare(example):
-        image = _tf_prepare_image(
-            example["image"], encoded=encoded, image_size=image_size, channels=channels
-        )
-        return {"image": image, "label": tf.cast(example["label"], tf.int32)}
-
-    options = tf.data.Options()
-    options.deterministic = True
+    prepare = _prepare_fn(
+        encoded=encoded, image_size=data_config.image_size, channels=data_config.channels
+    )
 
     def batches() -> Iterator[dict]:
         epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
         while True:
             ds, epoch_seed = raw_epoch(epoch)
             ds = ds.shuffle(
-                min(buffer, num_examples), seed=epoch_seed, reshuffle_each_iteration=False
+                min(data_config.shuffle_buffer, num_examples),
+                seed=epoch_seed,
+                reshuffle_each_iteration=False,
             )
             ds = ds.take(steps_per_epoch * batch_size).skip(step_in_epoch * batch_size)
             ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
             ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-            yield from ds.with_options(options).as_numpy_iterator()
+            yield from _deterministic(ds).as_numpy_iterator()
             epoch, step_in_epoch = epoch + 1, 0
 
     # Not a generator itself, so that missing data and bad arguments raise at the call.
@@ -476,16 +673,59 @@ def iterate_tfds(
 # Public entry point and in-memory batch iterators.
 
 
-def load_split(data_config: Any, split: str) -> Dataset:
-    """Loads one split of the configured source into memory (see the module docstring)."""
-    source = _field(data_config, "source", "")
-    if source == "fashion_mnist_idx":
-        return _load_fashion_mnist_idx(data_config, split)
-    if source == "tfds":
-        return _load_tfds(data_config, split)
-    if source == "image_folder":
-        return _load_image_folder(data_config, split)
-    raise ValueError(f"unknown data.source {source!r}; valid sources: {', '.join(SOURCES)}")
+def _check_data_config(data_config: Any) -> None:
+    if not isinstance(data_config, DataConfig):
+        raise TypeError(
+            "expected a data.DataConfig (build one with DataConfig.from_config(config.data)), "
+            f"got {type(data_config).__name__}"
+        )
+
+
+def load_split(data_config: DataConfig, split: str, max_examples: int | None = None) -> Dataset:
+    """Loads one split of the configured source into memory (see the module docstring).
+
+    ``max_examples`` (0 = all), when given, replaces ``data_config.max_examples``: pass
+    ``data_config.eval_max_examples`` for an evaluation split.
+    """
+    _check_data_config(data_config)
+    if max_examples is not None:
+        data_config = dataclasses.replace(data_config, max_examples=max_examples)
+    loaders = {
+        "fashion_mnist_idx": _load_fashion_mnist_idx,
+        "tfds": _load_tfds,
+        "image_folder": _load_image_folder,
+    }
+    return loaders[data_config.source](data_config, split)
+
+
+def training_split(data_config: DataConfig) -> tuple[Dataset | None, int]:
+    """``(dataset, num_examples)`` of ``train_split``: in memory, or (streamed,
+    ``in_memory=False``) None and its size from the TFDS metadata. Missing data fails here."""
+    _check_data_config(data_config)
+    if data_config.in_memory:
+        dataset = load_split(data_config, data_config.train_split)
+        return dataset, len(dataset)
+    builder, encoded = _tfds_builder(data_config)
+    _tfds_dataset(builder, encoded, data_config.train_split, shuffle_seed=None)  # prepared?
+    n = builder.info.splits[data_config.train_split].num_examples
+    return None, min(n, data_config.max_examples) if data_config.max_examples else n
+
+
+def train_iterator(
+    data_config: DataConfig, dataset: Dataset | None, *, batch_size: int, seed: int,
+    start_step: int,
+) -> Iterator[dict]:  # fmt: skip
+    """This process's share of the global training batches from ``start_step`` on: over the
+    in-memory ``dataset`` (:func:`train_batches`) or streamed (:func:`iterate_tfds`)."""
+    import jax
+
+    where = dict(start_step=start_step, process_index=jax.process_index(),
+                 process_count=jax.process_count())  # fmt: skip
+    if dataset is not None:
+        return train_batches(dataset, batch_size=batch_size, seed=seed, **where)
+    local_batch = batch_size // jax.process_count()
+    return iterate_tfds(data_config, data_config.train_split, batch_size=local_batch, seed=seed,
+                        **where)  # fmt: skip
 
 
 def train_batches(
@@ -517,7 +757,10 @@ def train_batches(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if n < batch_size:
-        raise ValueError(f"dataset {dataset.name!r} has {n} examples < batch_size {batch_size}")
+        raise DataError(
+            f"dataset {dataset.name!r} has {n} examples < batch_size {batch_size}; lower "
+            "--config.optim.batch_size or raise data.max_examples"
+        )
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     local = batch_size // process_count

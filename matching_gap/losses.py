@@ -134,14 +134,23 @@ def _grouped(
     return jnp.mean(values), reduce_aux(aux)
 
 
+# How an aux entry summarises many problems (``reduce_aux``, and across devices in
+# ``sharding.per_device_groups``): the worst case for the solver's health, else the mean.
+AUX_REDUCTIONS: Mapping[str, str] = {
+    "converged": "all",
+    "sinkhorn_iterations": "max",
+    "marginal_error": "max",
+}
+
+
 def reduce_aux(aux: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Summarises the ``aux`` of a batch of problems (a leading axis on every entry).
 
     ``converged`` is the AND, ``sinkhorn_iterations`` and ``marginal_error`` the maxima,
-    everything else the mean.
+    everything else the mean (:data:`AUX_REDUCTIONS`).
     """
-    reduce = {"converged": jnp.all, "sinkhorn_iterations": jnp.max, "marginal_error": jnp.max}
-    return {k: reduce.get(k, jnp.mean)(v) for k, v in aux.items()}
+    reduce = {"all": jnp.all, "max": jnp.max, "mean": jnp.mean}
+    return {k: reduce[AUX_REDUCTIONS.get(k, "mean")](v) for k, v in aux.items()}
 
 
 def cost_matrix(x: jax.Array, y: jax.Array, cost: str = "sqeuclidean") -> jax.Array:
@@ -428,8 +437,10 @@ def _rest_mean(views: jax.Array, index: int) -> jax.Array:
     return (jnp.sum(normed, axis=0) - normed[index]) / (k - 1)
 
 
-def _mean_aux(auxes: list[dict]) -> dict:
-    return {key: jnp.mean(jnp.stack([a[key] for a in auxes])) for key in auxes[0]}
+def _mean_of_terms(terms: list[tuple[jax.Array, dict]]) -> tuple[jax.Array, dict]:
+    """``(value, aux)`` of several losses -> their mean value and :func:`reduce_aux`."""
+    values, aux = jax.tree.map(lambda *leaves: jnp.stack(leaves), *terms)
+    return jnp.mean(values), reduce_aux(aux)
 
 
 def multiview_info_nce(
@@ -457,7 +468,7 @@ def multiview_info_nce(
         terms = [
             info_nce(views[a], _rest_mean(views, a), temperature=temperature) for a in range(k)
         ]
-    return jnp.mean(jnp.stack([t[0] for t in terms])), _mean_aux([t[1] for t in terms])
+    return _mean_of_terms(terms)
 
 
 def multiview_byol(
@@ -485,4 +496,4 @@ def multiview_byol(
         terms = [byol_loss(p[a], t[b]) for a in range(k) for b in range(k) if a != b]
     else:
         terms = [byol_loss(p[a], _rest_mean(t, a)) for a in range(k)]
-    return jnp.mean(jnp.stack([x[0] for x in terms])), _mean_aux([x[1] for x in terms])
+    return _mean_of_terms(terms)

@@ -4,6 +4,9 @@ Trains (resuming from ``--workdir`` if it holds checkpoints) and evaluates; with
 ``--mode=evaluate`` only runs the evaluators on the newest checkpoint of ``--workdir``.
 Override any config field from the command line: ``--config.loss.epsilon=0.1``.
 
+A mistake in the command line, the config or the data (:class:`errors.UserError`) is
+reported in a line or two on stderr, before anything is written, with exit status 2.
+
 Several hosts: run the same command on every host. ``jax.distributed`` is initialised
 automatically on TPU pods and SLURM/Open MPI clusters; elsewhere pass
 ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``. The workdir must be
@@ -12,13 +15,21 @@ on storage that every host sees (a bucket or a shared file system).
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads data here
+# Before anything imports TensorFlow (the input pipelines): its C++ start-up notices (oneDNN,
+# CUDA not found, ...) say nothing a user of this program can act on.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import logging as std_logging  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
 
 import jax  # noqa: E402
+import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from matching_gap import train  # noqa: E402
+from matching_gap import config_lib, errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
@@ -32,6 +43,72 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "auto: initialise jax.distributed when flags or a cluster environment ask for it.")  # fmt: skip
 flags.mark_flags_as_required(["config", "workdir"])
+
+_USAGE = "usage: python -m matching_gap.main --config=configs/default.py --workdir=DIR"
+USER_ERROR_STATUS = 2
+
+
+def _exit_with(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(USER_ERROR_STATUS)
+
+
+def _config_spec(argv: list[str]) -> str | None:
+    """The value of ``--config`` (``path[:arg]``) on the command line, if any."""
+    for i, word in enumerate(argv):
+        if word.startswith(("--config=", "-config=")):
+            return word.split("=", 1)[1]
+        if word in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _overridden_keys(argv: list[str]) -> list[str]:
+    """``loss.epsilon`` for every ``--config.loss.epsilon=...`` (or ``--noconfig.x.y``)."""
+    keys = []
+    for word in argv:
+        name = word.lstrip("-").split("=", 1)[0]
+        for prefix in ("config.", "noconfig."):
+            if word.startswith("-") and name.startswith(prefix):
+                keys.append(name[len(prefix) :])
+    return keys
+
+
+def _describe_flag_error(error: Exception, argv: list[str]) -> str:
+    """One or two lines for a command line that failed to parse: a missing or raising
+    config file, or an unknown ``--config.*`` key with its close matches."""
+    spec = _config_spec(argv)
+    if spec:
+        path, _, arg = spec.partition(":")
+        if not os.path.isfile(path):
+            return f"--config={spec}: there is no config file {path!r}."
+        try:
+            config = config_lib.load_config_file(path, arg)
+        except Exception as e:  # noqa: BLE001 (whatever the file raised, say where)
+            frames = [f for f in traceback.extract_tb(e.__traceback__)
+                      if os.path.abspath(f.filename) == os.path.abspath(path)]  # fmt: skip
+            where = f" (line {frames[-1].lineno})" if frames else ""
+            return f"--config={spec}: the config file raised {type(e).__name__}{where}: {e}"
+        for key in _overridden_keys(argv):
+            try:
+                config_lib.check_override(config, key)
+            except errors.ConfigError as e:
+                return str(e)
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    message = lines[0] if lines else type(error).__name__
+    return message if spec else f"{message}\n{_USAGE}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing; a command line or config file that fails becomes a short
+    message and exit status 2 (instead of chained tracebacks from absl and ml_collections)."""
+    try:
+        remaining = flags.FLAGS(argv)
+        if not isinstance(_CONFIG.value, ml_collections.ConfigDict):
+            raise errors.ConfigError("--config is not a config file")  # ml_collections defers
+    except Exception as e:  # noqa: BLE001 (all of it comes from the command line)
+        _exit_with(_describe_flag_error(e, argv))
+    return remaining
 
 
 def _cluster_environment() -> bool:
@@ -50,31 +127,50 @@ def initialize_distributed() -> None:
     ):
         return
     if explicit and (_NUM_PROCESSES.value is None or _PROCESS_ID.value is None):
-        raise app.UsageError("--coordinator_address needs --num_processes and --process_id.")
+        _exit_with("--coordinator_address needs --num_processes and --process_id.")
     jax.distributed.initialize(
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value,
     )  # fmt: skip
 
 
+_default_show_warning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Config warnings as one line; every other warning as Python prints it."""
+    if issubclass(category, config_lib.ConfigWarning):
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+    else:
+        _default_show_warning(message, category, filename, lineno, file, line)
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        _exit_with(f"unexpected arguments {argv[1:]}.\n{_USAGE}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # progress is printed; Orbax's INFO is noise
+    std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)
+    warnings.showwarning = _show_warning
     initialize_distributed()
-    # TensorFlow is only used for input pipelines: keep it off any accelerator.
+    config, workdir = _CONFIG.value, _WORKDIR.value
     try:
-        import tensorflow as tf
+        config_lib.validate(config, num_devices=jax.device_count())
+        # Imported here, so that command-line mistakes are reported without the wait.
+        if _MODE.value == "evaluate":
+            try:
+                from matching_gap.evaluate import evaluate_workdir
+            except ModuleNotFoundError:  # until the evaluation code moves out of train.py
+                from matching_gap.train import evaluate_workdir
 
-        tf.config.set_visible_devices([], "GPU")
-    except ImportError:
-        pass
-    if _MODE.value == "evaluate":
-        train.evaluate_workdir(_CONFIG.value, _WORKDIR.value)
-    else:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+            evaluate_workdir(config, workdir)
+        else:
+            from matching_gap import train
+
+            train.train_and_evaluate(config, workdir)
+    except errors.UserError as e:
+        _exit_with(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -11,12 +11,14 @@ Contents:
 * :class:`ViT`: a standard pre-LayerNorm ViT (as in DINO / timm) returning pooled features.
 * :class:`MLPHead`: ``Linear -> GELU -> ... -> Linear`` projector / predictor.
 * :class:`SSLModel`: encoder + projector + optional predictor.
-* :data:`VIT_VARIANTS`, :func:`parse_variant` and :func:`create_model` to build models from
-  an ``ml_collections.ConfigDict``.
+* :class:`ModelConfig`: the ``model`` section of a config, typed and validated once;
+  :func:`create_model` builds an :class:`SSLModel` from it (:data:`VIT_VARIANTS` and
+  :func:`parse_variant` name the standard sizes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -24,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from matching_gap import config_lib, errors
 
 Array = jax.Array
 
@@ -39,12 +43,49 @@ _POOLINGS = ("cls", "mean")
 # "xla": XLA's attention (scores materialised, softmax in float32), on every device and dtype.
 # "cudnn": cuDNN's fused flash-attention kernel; GPUs only, bfloat16 compute only.
 _ATTENTIONS = ("xla", "cudnn")
+# What SSLModel.encode returns for the evaluators (config key eval.features).
+FEATURES = ("pooled", "cls_avgpool")
+
+
+def _check_encoder(
+    sizes: dict[str, int], *, pooling: str, drop_path_rate: float, attention: str, prefix: str
+) -> None:
+    """The ViT's rules, for :class:`ModelConfig` (``prefix="model."``) and a standalone ViT.
+
+    ``sizes``: ``width``, ``depth``, ``num_heads``, ``mlp_dim``, ``patch_size``,
+    ``image_size`` and ``channels``.
+    """
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+            raise errors.ConfigError(f"{prefix}{name} must be a positive integer, got {value!r}.")
+    width, num_heads = sizes["width"], sizes["num_heads"]
+    image_size, patch_size = sizes["image_size"], sizes["patch_size"]
+    if width % num_heads:
+        raise errors.ConfigError(
+            f"{prefix}width ({width}) must be divisible by {prefix}num_heads ({num_heads}); "
+            "change one of them."
+        )
+    if image_size % patch_size:
+        raise errors.ConfigError(
+            f"{prefix}image_size ({image_size}) must be divisible by the patch size "
+            f"({patch_size}); change the image size or the patch size."
+        )
+    if pooling not in _POOLINGS:
+        raise errors.ConfigError(f"{prefix}pooling must be one of {_POOLINGS}, got {pooling!r}.")
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise errors.ConfigError(
+            f"{prefix}drop_path_rate must be in [0, 1), got {drop_path_rate!r}."
+        )
+    if attention not in _ATTENTIONS:
+        raise errors.ConfigError(
+            f"{prefix}attention must be one of {_ATTENTIONS}, got {attention!r}."
+        )
 
 
 def _check_cudnn_attention(dtype) -> None:
     """cuDNN's flash attention runs on GPUs in 16-bit floats only: say so before it fails."""
     if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(
+        raise errors.ConfigError(
             "model.attention='cudnn' (cuDNN flash attention) needs a GPU and "
             f"model.dtype='bfloat16'; got backend {jax.default_backend()!r} and dtype "
             f"{jnp.dtype(dtype).name!r}. Use model.attention='xla', which computes the same "
@@ -116,10 +157,6 @@ class Attention(nnx.Module):
         rngs: nnx.Rngs,
         implementation: str = "xla",
     ):
-        if width % num_heads:
-            raise ValueError(f"width ({width}) must be divisible by num_heads ({num_heads}).")
-        if implementation not in _ATTENTIONS:
-            raise ValueError(f"attention must be one of {_ATTENTIONS}, got {implementation!r}.")
         self.num_heads = num_heads
         self.head_dim = width // num_heads
         self.dtype = dtype
@@ -229,16 +266,10 @@ class ViT(nnx.Module):
         attention: str = "xla",
         rngs: nnx.Rngs,
     ):
-        if pooling not in _POOLINGS:
-            raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}.")
-        if width % num_heads:
-            raise ValueError(f"width ({width}) must be divisible by num_heads ({num_heads}).")
-        if image_size % patch_size:
-            raise ValueError(
-                f"image_size ({image_size}) must be divisible by patch_size ({patch_size})."
-            )
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}.")
+        sizes = dict(width=width, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+                     patch_size=patch_size, image_size=image_size, channels=channels)  # fmt: skip
+        _check_encoder(sizes, pooling=pooling, drop_path_rate=drop_path_rate,
+                       attention=attention, prefix="")  # fmt: skip
         self.width = width
         self.num_features = width
         self.depth = depth
@@ -401,107 +432,106 @@ class SSLModel(nnx.Module):
                 raise ValueError('features="cls_avgpool" needs a model with pooling="cls".')
             tokens = self.encoder.tokens(images).astype(jnp.float32)
             return jnp.concatenate([tokens[:, 0], jnp.mean(tokens[:, 1:], axis=1)], axis=-1)
-        raise ValueError(f"Unknown features {features!r}; valid: 'pooled', 'cls_avgpool'.")
+        raise ValueError(f"Unknown features {features!r}; valid: {list(FEATURES)}.")
 
 
-def _get(config, name: str, default: Any = None) -> Any:
-    return config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The ``model`` section of a config, checked once here (:meth:`__post_init__`).
 
-
-def create_model(model_config, *, rngs: nnx.Rngs) -> SSLModel:
-    """Builds an :class:`SSLModel` from an ``ml_collections.ConfigDict``.
-
-    Fields: ``variant`` (e.g. ``"B/16"``; ``""`` uses ``width``, ``depth``, ``num_heads``,
-    ``mlp_dim`` and ``patch_size``), ``image_size``, ``channels``, ``pooling``,
-    ``drop_path_rate``, ``dtype`` (``"float32"`` or ``"bfloat16"``), ``remat``, ``attention``
-    (``"xla"``, the default, or ``"cudnn"``),
-    ``projector_hidden_dim``, ``projector_dim``, ``projector_layers``, ``use_predictor``,
-    ``predictor_hidden_dim`` and optionally ``predictor_layers`` (default: ``projector_layers``).
+    ``variant`` (e.g. ``"B/16"``) sets the encoder sizes; ``""`` takes ``width``, ``depth``,
+    ``num_heads``, ``mlp_dim`` and ``patch_size``. ``predictor_hidden_dim`` and
+    ``predictor_layers`` default to the projector's. ``attention="cudnn"`` needs a GPU and
+    ``dtype="bfloat16"``. Errors are :class:`errors.ConfigError` naming the ``model.`` key.
     """
-    cfg = model_config
-    variant = _get(cfg, "variant", "") or ""
-    if variant:
-        sizes = parse_variant(variant)
-    else:
-        sizes = {k: _get(cfg, k) for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size")}
+
+    image_size: int
+    channels: int = 3
+    variant: str = ""
+    width: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_dim: int | None = None
+    patch_size: int | None = None
+    pooling: str = "cls"
+    drop_path_rate: float = 0.0
+    dtype: str = "float32"
+    remat: bool = False
+    attention: str = "xla"
+    projector_hidden_dim: int = 2048
+    projector_dim: int = 256
+    projector_layers: int = 2
+    use_predictor: bool = False
+    predictor_hidden_dim: int | None = None
+    predictor_layers: int | None = None
+
+    def __post_init__(self):
+        _check_encoder(
+            dict(self.encoder_sizes(), image_size=self.image_size, channels=self.channels),
+            pooling=self.pooling, drop_path_rate=self.drop_path_rate, attention=self.attention,
+            prefix="model.",
+        )  # fmt: skip
+        if self.dtype not in _DTYPES:
+            raise errors.ConfigError(
+                f"model.dtype must be one of {list(_DTYPES)}, got {self.dtype!r}."
+            )
+        if self.attention == "cudnn":
+            _check_cudnn_attention(_DTYPES[self.dtype])
+        heads = dict(
+            projector_hidden_dim=self.projector_hidden_dim, projector_dim=self.projector_dim,
+            projector_layers=self.projector_layers,
+        )  # fmt: skip
+        if self.use_predictor:
+            heads.update(predictor_hidden_dim=self.predictor_hidden_dim,
+                         predictor_layers=self.predictor_layers)  # fmt: skip
+        for name, value in heads.items():
+            if value is not None and (not isinstance(value, int | np.integer) or value <= 0):
+                raise errors.ConfigError(f"model.{name} must be a positive integer, got {value!r}.")
+
+    def encoder_sizes(self) -> dict[str, int]:
+        """``width``, ``depth``, ``num_heads``, ``mlp_dim``, ``patch_size`` of the ViT."""
+        if self.variant:
+            try:
+                return parse_variant(self.variant)
+            except ValueError as e:
+                raise errors.ConfigError(f"model.variant: {e}") from None
+        sizes = {k: getattr(self, k) for k in ("width", "depth", "num_heads", "mlp_dim",
+                                              "patch_size")}  # fmt: skip
         missing = [k for k, v in sizes.items() if v is None]
         if missing:
-            raise ValueError(f"model.variant is empty, so model.{missing} must be set.")
-    for name, value in sizes.items():
-        if int(value) != value or value <= 0:
-            raise ValueError(f"model.{name} must be a positive integer, got {value!r}.")
-    sizes = {k: int(v) for k, v in sizes.items()}
-    if sizes["width"] % sizes["num_heads"]:
-        raise ValueError(
-            f"model.width ({sizes['width']}) must be divisible by model.num_heads "
-            f"({sizes['num_heads']}); change one of them."
-        )
-
-    image_size = int(_get(cfg, "image_size"))
-    if image_size % sizes["patch_size"]:
-        raise ValueError(
-            f"model.image_size ({image_size}) must be divisible by the patch size "
-            f"({sizes['patch_size']}); change image_size or the patch size."
-        )
-    pooling = _get(cfg, "pooling", "cls")
-    if pooling not in _POOLINGS:
-        raise ValueError(f"model.pooling must be one of {_POOLINGS}, got {pooling!r}.")
-    drop_path_rate = float(_get(cfg, "drop_path_rate", 0.0))
-    if not 0.0 <= drop_path_rate < 1.0:
-        raise ValueError(f"model.drop_path_rate must be in [0, 1), got {drop_path_rate}.")
-    dtype_name = _get(cfg, "dtype", "float32")
-    if dtype_name not in _DTYPES:
-        raise ValueError(f"model.dtype must be one of {list(_DTYPES)}, got {dtype_name!r}.")
-    dtype = _DTYPES[dtype_name]
-    attention = _get(cfg, "attention", "xla")
-    if attention not in _ATTENTIONS:
-        raise ValueError(f"model.attention must be one of {_ATTENTIONS}, got {attention!r}.")
-    if attention == "cudnn":
-        _check_cudnn_attention(dtype)
-
-    head_sizes = {
-        k: int(_get(cfg, k)) for k in ("projector_hidden_dim", "projector_dim", "projector_layers")
-    }
-    for name, value in head_sizes.items():
-        if value <= 0:
-            raise ValueError(f"model.{name} must be a positive integer, got {value}.")
-
-    encoder = ViT(
-        **sizes,
-        image_size=image_size,
-        channels=int(_get(cfg, "channels", 3)),
-        pooling=pooling,
-        drop_path_rate=drop_path_rate,
-        dtype=dtype,
-        remat=bool(_get(cfg, "remat", False)),
-        attention=attention,
-        rngs=rngs,
-    )
-    projector = MLPHead(
-        encoder.num_features,
-        head_sizes["projector_hidden_dim"],
-        head_sizes["projector_dim"],
-        head_sizes["projector_layers"],
-        dtype=dtype,
-        rngs=rngs,
-    )
-    predictor = None
-    if _get(cfg, "use_predictor", False):
-        predictor_hidden = int(
-            _get(cfg, "predictor_hidden_dim", head_sizes["projector_hidden_dim"])
-        )
-        predictor_layers = int(_get(cfg, "predictor_layers", head_sizes["projector_layers"]))
-        if predictor_hidden <= 0 or predictor_layers <= 0:
-            raise ValueError(
-                "model.predictor_hidden_dim and model.predictor_layers must be positive, got "
-                f"{predictor_hidden} and {predictor_layers}."
+            raise errors.ConfigError(
+                f"model.variant is empty, so model.{missing} must be set (or set a variant "
+                "such as 'S/16')."
             )
+        return sizes
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ModelConfig:
+        """From the ``model`` section of a config (a ``ConfigDict`` or mapping)."""
+        return config_lib.typed_section(cls, cfg, "model")
+
+
+def create_model(model_config: ModelConfig | Any, *, rngs: nnx.Rngs) -> SSLModel:
+    """Builds an :class:`SSLModel` from a :class:`ModelConfig` (or the ``model`` section of
+    a config, read with :meth:`ModelConfig.from_config`)."""
+    cfg = model_config
+    if not isinstance(cfg, ModelConfig):
+        cfg = ModelConfig.from_config(cfg)
+    dtype = _DTYPES[cfg.dtype]
+    encoder = ViT(
+        **cfg.encoder_sizes(), image_size=cfg.image_size, channels=cfg.channels,
+        pooling=cfg.pooling, drop_path_rate=cfg.drop_path_rate, dtype=dtype, remat=cfg.remat,
+        attention=cfg.attention, rngs=rngs,
+    )  # fmt: skip
+    projector = MLPHead(
+        encoder.num_features, cfg.projector_hidden_dim, cfg.projector_dim,
+        cfg.projector_layers, dtype=dtype, rngs=rngs,
+    )  # fmt: skip
+    predictor = None
+    if cfg.use_predictor:
         predictor = MLPHead(
-            head_sizes["projector_dim"],
-            predictor_hidden,
-            head_sizes["projector_dim"],
-            predictor_layers,
-            dtype=dtype,
+            cfg.projector_dim, cfg.predictor_hidden_dim or cfg.projector_hidden_dim,
+            cfg.projector_dim, cfg.predictor_layers or cfg.projector_layers, dtype=dtype,
             rngs=rngs,
-        )
+        )  # fmt: skip
     return SSLModel(encoder, projector, predictor)

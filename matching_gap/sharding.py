@@ -1,4 +1,5 @@
-"""Device mesh and shardings: the batch is split over all devices, parameters replicated.
+"""Device mesh and shardings: the batch split over all devices; parameters replicated, or
+sharded FSDP-style (``train.fsdp``: :func:`fsdp_shardings`); OT groups solved per device.
 
 Built on ``jax.sharding`` alone. The mesh has one axis, ``"data"``, spanning every device of
 every process; with one CPU it is a 1-device mesh and the same code path runs.
@@ -12,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from matching_gap.losses import AUX_REDUCTIONS
 
 DATA_AXIS = "data"
 
@@ -85,14 +88,14 @@ def per_device_groups(
     """
     spec = PartitionSpec(None, DATA_AXIS)
     reduce = {
-        "converged": lambda v, axis: jax.lax.pmin(v.astype(jnp.int32), axis).astype(bool),
-        "sinkhorn_iterations": jax.lax.pmax,
-        "marginal_error": jax.lax.pmax,
+        "all": lambda v, axis: jax.lax.pmin(v.astype(jnp.int32), axis).astype(bool),
+        "max": jax.lax.pmax,
+        "mean": jax.lax.pmean,
     }
 
     def local(student, targets):
         value, aux = loss_fn(student, targets)
-        aux = {k: reduce.get(k, jax.lax.pmean)(v, DATA_AXIS) for k, v in aux.items()}
+        aux = {k: reduce[AUX_REDUCTIONS.get(k, "mean")](v, DATA_AXIS) for k, v in aux.items()}
         return jax.lax.pmean(value, DATA_AXIS), aux
 
     def wrapped(student, targets):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matching_gap.augment import AugmentConfig, center_view, make_views
+from matching_gap import augment
+from matching_gap.augment import LUMA, AugmentConfig, center_view, make_views
 
 UNIT = dict(mean=(0.0,), std=(1.0,))  # views equal x / 255, easy to compare
 RGB_UNIT = dict(mean=(0.0,) * 3, std=(1.0,) * 3)
@@ -19,8 +20,9 @@ def _images(b=4, size=16, c=1, seed=0):
 def test_shapes_and_dtypes():
     images = _images(b=3, size=20, c=3)
     cfg = AugmentConfig(crop_size=12, num_views=3, mean=(0.5,) * 3, std=(0.25,) * 3)
-    views = make_views(jax.random.key(0), images, cfg)
+    views, no_local = make_views(jax.random.key(0), images, cfg)
     assert views.shape == (3, 3, 12, 12, 3) and views.dtype == jnp.float32
+    assert no_local is None  # the same (global, local) pair without local crops
 
     cfg = AugmentConfig(crop_size=12, num_local_crops=4, local_crop_size=6)
     global_views, local_views = make_views(jax.random.key(0), _images(b=3, size=20), cfg)
@@ -30,11 +32,11 @@ def test_shapes_and_dtypes():
 
 def test_full_crop_without_flip_is_the_image():
     images = _images()
-    views = make_views(jax.random.key(1), images, AugmentConfig(crop_size=16, **IDENTITY))
+    views = make_views(jax.random.key(1), images, AugmentConfig(crop_size=16, **IDENTITY))[0]
     for view in views:
         np.testing.assert_allclose(view, images / 255.0, atol=1e-5)
     # To another size it is the bilinear resize of the whole image.
-    views = make_views(jax.random.key(1), images, AugmentConfig(crop_size=8, **IDENTITY))
+    views = make_views(jax.random.key(1), images, AugmentConfig(crop_size=8, **IDENTITY))[0]
     expected = jax.image.resize(images / 255.0, (4, 8, 8, 1), "linear", antialias=True)
     np.testing.assert_allclose(views[0], expected, atol=1e-5)
 
@@ -42,7 +44,7 @@ def test_full_crop_without_flip_is_the_image():
 def test_flip_only_is_np_flip():
     images = _images(b=32)
     cfg = AugmentConfig(crop_size=16, crop_scale=(1.0, 1.0), flip=True, **UNIT)
-    views = np.asarray(make_views(jax.random.key(2), images, cfg))
+    views = np.asarray(make_views(jax.random.key(2), images, cfg)[0])
     unit = images / 255.0
     flipped = [
         np.allclose(v, np.flip(x, axis=1), atol=1e-5) for v, x in zip(views[0], unit, strict=True)
@@ -55,16 +57,16 @@ def test_flip_only_is_np_flip():
 def test_random_crop_stays_inside_the_image():
     # A constant image stays constant under any crop box and resample.
     images = np.full((8, 16, 16, 1), 200, np.uint8)
-    views = make_views(jax.random.key(3), images, AugmentConfig(crop_size=10, **UNIT))
+    views = make_views(jax.random.key(3), images, AugmentConfig(crop_size=10, **UNIT))[0]
     np.testing.assert_allclose(views, 200 / 255.0, atol=1e-5)
 
 
 def test_determinism_and_independence():
     images = np.repeat(_images(b=1), 4, axis=0)  # the same image four times
     cfg = AugmentConfig(crop_size=12, color_jitter_prob=0.8, blur_prob=0.5, solarize_prob=0.2)
-    a = make_views(jax.random.key(4), images, cfg)
-    b = make_views(jax.random.key(4), images, cfg)
-    c = make_views(jax.random.key(5), images, cfg)
+    a = make_views(jax.random.key(4), images, cfg)[0]
+    b = make_views(jax.random.key(4), images, cfg)[0]
+    c = make_views(jax.random.key(5), images, cfg)[0]
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
     flat = np.asarray(a).reshape(8, -1)  # 2 views x 4 copies of one image
@@ -72,7 +74,7 @@ def test_determinism_and_independence():
         for j in range(i):
             assert not np.allclose(flat[i], flat[j]), (i, j)
     # Legacy uint32 keys work too.
-    assert make_views(jax.random.PRNGKey(0), images, cfg).shape == (2, 4, 12, 12, 1)
+    assert make_views(jax.random.PRNGKey(0), images, cfg)[0].shape == (2, 4, 12, 12, 1)
 
 
 def test_jit_inside_jit():
@@ -103,10 +105,19 @@ def test_jit_inside_jit():
 
 def test_grayscale_gives_equal_channels():
     cfg = AugmentConfig(crop_size=16, grayscale_prob=1.0, **{**IDENTITY, **RGB_UNIT})
-    views = np.asarray(make_views(jax.random.key(7), _images(c=3), cfg))
+    views = np.asarray(make_views(jax.random.key(7), _images(c=3), cfg)[0])
     np.testing.assert_allclose(views[..., 0], views[..., 1], atol=1e-6)
     np.testing.assert_allclose(views[..., 0], views[..., 2], atol=1e-6)
     assert views.std() > 0.1  # not blanked out
+
+
+def test_grayscale_uses_the_package_luma():
+    # The loaders in matching_gap.data convert colour to grey with the same constant.
+    images = _images(b=2, size=8, c=3) / 255.0
+    expected = images @ np.asarray(LUMA, np.float64)
+    gray = augment._gray(jnp.asarray(images, jnp.float32))
+    np.testing.assert_allclose(gray[..., 0], expected, atol=2e-6)
+    assert sum(LUMA) == pytest.approx(1.0, abs=1e-12)  # grey pixels keep their value
 
 
 def test_colour_ops_change_the_image_and_keep_range():
@@ -114,7 +125,7 @@ def test_colour_ops_change_the_image_and_keep_range():
     # Blur's sigma scales with crop_size / 224: at 16 pixels it is invisible, so use 64.
     for field in ("color_jitter_prob", "blur_prob", "solarize_prob"):
         cfg = AugmentConfig(crop_size=64, **{**IDENTITY, **RGB_UNIT, field: 1.0})
-        views = np.asarray(make_views(jax.random.key(8), images, cfg))
+        views = np.asarray(make_views(jax.random.key(8), images, cfg)[0])
         assert views.min() >= 0.0 and views.max() <= 1.0, field
         assert not np.allclose(views[0], images / 255.0, atol=1e-3), field
         if field != "solarize_prob":  # blur and jitter keep the overall brightness
@@ -125,14 +136,14 @@ def test_solarize_inverts_bright_pixels():
     images = np.array([0, 64, 128, 192, 255], np.uint8).reshape(1, 1, 5, 1)
     images = np.broadcast_to(images, (1, 5, 5, 1))
     cfg = AugmentConfig(crop_size=5, solarize_prob=1.0, **IDENTITY)
-    views = np.asarray(make_views(jax.random.key(9), images, cfg))[0, 0, 0, :, 0]
+    views = np.asarray(make_views(jax.random.key(9), images, cfg)[0])[0, 0, 0, :, 0]
     np.testing.assert_allclose(views, [0, 64 / 255, 127 / 255, 63 / 255, 0], atol=1e-5)
 
 
 def test_normalisation():
     images = np.full((2, 8, 8, 3), 51, np.uint8)  # 0.2
     cfg = AugmentConfig(crop_size=8, mean=(0.1, 0.2, 0.3), std=(0.5, 1.0, 2.0))
-    views = np.asarray(make_views(jax.random.key(10), images, cfg))
+    views = np.asarray(make_views(jax.random.key(10), images, cfg)[0])
     np.testing.assert_allclose(views[..., 0], 0.2, atol=1e-5)
     np.testing.assert_allclose(views[..., 1], 0.0, atol=1e-5)
     np.testing.assert_allclose(views[..., 2], -0.05, atol=1e-5)

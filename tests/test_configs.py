@@ -1,11 +1,13 @@
-"""Every config and variant loads, is locked, and is self-consistent."""
+"""Every config and variant loads, is locked and passes validate(); every rule of
+validate() fires on the value or combination it is about."""
 
 import glob
 import os
+import warnings
 
 import pytest
 
-from matching_gap import config_lib
+from matching_gap import config_lib, errors, models
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -29,15 +31,16 @@ def test_every_config_file_is_covered():
 
 
 @pytest.mark.parametrize("name,arg", [(n, a) for n, args in VARIANTS.items() for a in args])
-def test_config_loads_locked_and_consistent(name, arg):
+def test_config_loads_locked_and_valid(name, arg):
     c = load(name, arg)
     assert c.is_locked
-    assert c.model.image_size == c.augment.crop_size
-    assert c.model.channels == c.data.channels == len(c.augment.mean)
-    assert c.loss.name in config_lib.LOSSES
-    assert c.optim.batch_size % (c.loss.group_size or 1) == 0
+    if name == "image_folder.py" and "smoke" not in arg:
+        c.data.data_dir = "/path/to/images"  # the override its docstring asks for
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", config_lib.ConfigWarning)
+        config_lib.validate(c)
     if "smoke" in arg:
-        assert c.data.mock and c.optim.num_steps == 3
+        assert c.data.source in ("tfds", "image_folder") and c.optim.num_steps == 3
     with pytest.raises(AttributeError, match="Did you mean"):
         c.loss.epsilonn = 0.1
 
@@ -62,3 +65,191 @@ def test_unknown_variant_is_rejected():
         load("default.py", "smok")
     with pytest.raises(ValueError, match="k must be"):
         load("m3g_vitb16.py", "k=5")
+
+
+# ------------------------------------------------------------------------ validate()
+
+
+def config_with(overrides: dict, base: str = "default.py"):
+    """``configs/<base>`` with ``{"section.key": value}`` overrides (as --config.* sets them)."""
+    c = load(base)
+    c.update_from_flattened_dict(overrides)
+    return c
+
+
+def assert_rejected(overrides: dict, match: str, num_devices: int = 1, base: str = "default.py"):
+    with pytest.raises(errors.ConfigError, match=match):
+        config_lib.validate(config_with(overrides, base), num_devices=num_devices)
+
+
+# One bad value per scalar rule: (key, value). test_every_scalar_rule_is_tested keeps
+# this list in step with config_lib._SCALAR_RULES.
+BAD_SCALARS = [
+    ("loss.temperature", 0.0),
+    ("loss.group_size", 1),
+    ("loss.sinkhorn_threshold", -1e-3),
+    ("loss.sinkhorn_max_iterations", 0),
+    ("teacher.momentum", 1.5),
+    ("teacher.momentum_end", -0.1),
+    ("optim.batch_size", 1),
+    ("optim.num_epochs", -1.0),
+    ("optim.num_steps", -1),
+    ("optim.base_lr", 0.0),
+    ("optim.min_lr", -1e-6),
+    ("optim.warmup_epochs", -1.0),
+    ("optim.weight_decay", -0.1),
+    ("optim.weight_decay_end", -0.1),
+    ("optim.grad_clip", -1.0),
+    ("optim.b1", 1.0),
+    ("optim.b2", 1.0),
+    ("train.log_every", 0),
+    ("train.checkpoint_every", 0),
+    ("train.keep_checkpoints", 0),
+    ("train.knn_every", -1),
+    ("train.time_limit_minutes", -1.0),
+    ("train.run_steps", -1),
+    ("eval.batch_size", 0),
+    ("eval.knn_k", 0),
+    ("eval.knn_temperature", 0.0),
+    ("eval.knn_train_examples", -1),
+    ("eval.probe_epochs", 0),
+    ("eval.probe_batch_size", 0),
+    ("eval.probe_lr", 0.0),
+    ("eval.probe_weight_decay", -1.0),
+]
+
+
+def test_every_scalar_rule_is_tested():
+    assert {k for k, _ in BAD_SCALARS} | {"seed"} == set(config_lib._SCALAR_RULES)
+
+
+@pytest.mark.parametrize("key,value", BAD_SCALARS)
+def test_bad_scalar_is_rejected_with_key_and_value(key, value):
+    assert_rejected({key: value}, rf"^{key} must be .*got {value!r}")
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("loss.name", "simclr"), ("loss.cost", "l1"), ("loss.multiview_mode", "all"),
+     ("eval.features", "last4")],
+)  # fmt: skip
+def test_unknown_choice_is_rejected_with_the_valid_ones(key, value):
+    assert_rejected({key: value}, rf"^{key} must be one of \[.*got '{value}'")
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"loss.epsilon": -1.0}, r"^loss\.epsilon must be > 0, got -1\.0"),
+        ({"loss.epsilon": 0.0}, r"^loss\.epsilon must be > 0"),
+        ({"loss.relative_epsilon": "median"}, r"^loss\.relative_epsilon must be one of"),
+        ({"augment.crop_size": 0}, r"^augment\.crop_size must be positive"),
+        ({"augment.std": (0.0,)}, r"^augment\.std must be positive"),
+        ({"model.num_heads": 5}, r"^model\.width \(64\) must be divisible by model\.num_heads"),
+        ({"model.variant": "Q/16"}, r"^model\.variant: Unknown ViT variant 'Q/16'"),
+        ({"model.dtype": "float16"}, r"^model\.dtype must be one of"),
+        ({"model.projector_dim": 0}, r"^model\.projector_dim must be a positive integer"),
+        ({"data.channels": 2}, r"data\.channels must be 1 or 3"),
+        ({"data.source": "csv"}, r"data\.source"),
+    ],
+)
+def test_typed_sections_are_checked(overrides, match):
+    assert_rejected(overrides, match)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"model.image_size": 21, "model.patch_size": 7},
+         r"model\.image_size \(21\) must equal augment\.crop_size \(28\)"),
+        ({"data.channels": 3}, r"model\.channels \(1\), data\.channels \(3\)"),
+        ({"augment.mean": (0.5, 0.5, 0.5), "augment.std": (0.5, 0.5, 0.5)},
+         r"augment\.mean / augment\.std \(3\) must agree"),
+        ({"augment.num_local_crops": 2, "augment.local_crop_size": 12},
+         r"augment\.local_crop_size \(12\) must be a multiple of the patch size \(7\)"),
+        ({"model.pooling": "mean"}, r"eval\.features='cls_avgpool' needs model\.pooling='cls'"),
+        ({"augment.num_views": 1}, r"augment\.num_views=1 with no local crops"),
+        ({"loss.name": "m3g", "augment.num_views": 1}, r"'m3g' needs augment\.num_views >= 2"),
+        ({"loss.group_size": 48}, r"loss\.group_size \(48\) must divide optim\.batch_size"),
+        ({"optim.num_epochs": 0.0}, r"optim\.num_epochs is 0\.0 and optim\.num_steps is 0"),
+        ({"optim.min_lr": 0.01}, r"optim\.min_lr \(0\.01\) is above the peak learning rate"),
+    ],
+)  # fmt: skip
+def test_sections_must_fit_together(overrides, match):
+    assert_rejected(overrides, match)
+
+
+def test_group_size_is_only_checked_for_the_ot_losses():
+    config_lib.validate(config_with({"loss.name": "info_nce", "loss.group_size": 48}))
+
+
+def test_batch_must_split_over_the_devices():
+    assert_rejected({}, r"optim\.batch_size \(256\) must be divisible .* devices \(3\)", 3)
+    config_lib.validate(load("default.py"), num_devices=4)
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_m3g_takes_global_views_only(ema):
+    # With a teacher the k-tuples are built from its global views; without one the local
+    # crops would silently join the k-tuples as extra marginals.
+    role = "EMA teacher sees global views only" if ema else "without a teacher"
+    overrides = {"loss.name": "m3g", "teacher.ema": ema, "augment.num_local_crops": 2,
+                 "augment.local_crop_size": 14}  # fmt: skip
+    assert_rejected(overrides, rf"'m3g' takes global views only.*{role}.*num_local_crops=0")
+    overrides["augment.num_local_crops"] = 0
+    config_lib.validate(config_with(overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides,warns",
+    [
+        ({}, True),
+        ({"loss.name": "info_nce"}, True),
+        ({"teacher.ema": True}, False),  # stop-gradient targets, every ordered pair
+        ({"loss.name": "byol"}, False),  # byol runs both directions
+        ({"loss.name": "info_nce", "loss.multiview_mode": "one_vs_rest"}, False),
+        ({"model.use_predictor": False}, False),
+    ],
+)
+def test_shared_weights_with_a_predictor_warn_of_a_one_directional_loss(overrides, warns):
+    config = config_with({"model.use_predictor": True, "teacher.ema": False, **overrides})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config_lib.validate(config)
+    messages = [str(w.message) for w in caught if w.category is config_lib.ConfigWarning]
+    assert bool(messages) == warns
+    if warns:
+        assert "one direction only" in messages[0] and "teacher.ema=True" in messages[0]
+
+
+def test_groups_that_split_across_devices_warn_of_the_gathered_path():
+    config = config_with({"loss.group_size": 64})  # batch 256
+    with pytest.warns(config_lib.ConfigWarning, match=r"per-device batch .* 256 / 8 devices = 32"):
+        config_lib.validate(config, num_devices=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", config_lib.ConfigWarning)
+        config_lib.validate(config, num_devices=4)  # 64 per device: one group each
+        config_lib.validate(config_with({"loss.name": "byol", "loss.group_size": 64}), 8)
+
+
+def test_check_override_names_close_keys():
+    c = load("default.py")
+    config_lib.check_override(c, "loss.epsilon")
+    with pytest.raises(errors.ConfigError, match=r"'loss\.epsilonn'; did you mean loss\.epsilon"):
+        config_lib.check_override(c, "loss.epsilonn")
+    with pytest.raises(errors.ConfigError, match=r"did you mean loss\?"):
+        config_lib.check_override(c, "los.epsilon")
+    with pytest.raises(errors.ConfigError, match=r"valid keys in loss: cost, epsilon"):
+        config_lib.check_override(c, "loss.zzzzzz")
+    with pytest.raises(errors.ConfigError, match=r"loss\.epsilon is a value, not a section"):
+        config_lib.check_override(c, "loss.epsilon.value")
+
+
+def test_typed_section_rejects_unknown_and_missing_fields():
+    model = load("default.py").model.to_dict()
+    assert config_lib.typed_section(models.ModelConfig, model, "model").width == 64
+    with pytest.raises(errors.ConfigError, match=r"model: unknown fields \['widht'\]"):
+        config_lib.typed_section(models.ModelConfig, {**model, "widht": 8}, "model")
+    del model["image_size"]
+    with pytest.raises(errors.ConfigError, match=r"missing fields \['image_size'\]"):
+        models.ModelConfig.from_config(model)

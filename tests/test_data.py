@@ -1,6 +1,8 @@
 """Tests of matching_gap.data: the three image sources and the batch iterators."""
 
+import dataclasses
 import gzip
+import logging
 import os
 import struct
 import time
@@ -8,19 +10,84 @@ import time
 import numpy as np
 import pytest
 
-from matching_gap import data
-
-ml_collections = pytest.importorskip("ml_collections")
+from matching_gap import augment, data, errors
 
 FASHION_DIR = data.DEFAULT_FASHION_MNIST_DIR
+ONE_PROCESS = dict(seed=0, start_step=0, process_index=0, process_count=1)
 
 
 def _config(**overrides):
-    values = dict(
-        source="fashion_mnist_idx", name="", data_dir="", image_size=28, channels=1, max_examples=0
-    )
+    values = dict(source="fashion_mnist_idx", image_size=28, channels=1)
     values.update(overrides)
-    return ml_collections.ConfigDict(values)
+    return data.DataConfig(**values)
+
+
+# --------------------------------------------------------------------------------------
+# DataConfig
+
+
+def test_data_config_from_config_dict_and_mapping():
+    ml_collections = pytest.importorskip("ml_collections")
+    values = {f.name: getattr(_config(), f.name) for f in dataclasses.fields(data.DataConfig)}
+    values.update(image_size=32, channels=3, max_examples=5)
+    cfg = data.DataConfig.from_config(ml_collections.ConfigDict(values))
+    assert (
+        cfg
+        == data.DataConfig.from_config(values)
+        == _config(image_size=32, channels=3, max_examples=5)
+    )
+    hash(cfg)  # frozen and hashable, like AugmentConfig
+    with pytest.raises(errors.ConfigError, match=r"unknown fields \['mock'\]"):
+        data.DataConfig.from_config({**values, "mock": True})
+    with pytest.raises(errors.ConfigError, match=r"missing fields \['image_size'\]"):
+        data.DataConfig.from_config({"source": "tfds", "name": "mnist", "channels": 1})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(source="csv"), "fashion_mnist_idx, tfds, image_folder"),
+        (dict(image_size=0), "image_size must be a positive"),
+        (dict(image_size=2.5), "image_size must be an int"),
+        (dict(channels=2), "channels must be 1 or 3"),
+        (dict(max_examples=-1), "max_examples must be >= 0"),
+        (dict(eval_max_examples=-2), "eval_max_examples must be >= 0"),
+        (dict(shuffle_buffer=0), "shuffle_buffer must be positive"),
+        (dict(source="tfds"), "needs data.name"),
+        (dict(source="image_folder"), "needs --config.data.data_dir"),
+        (dict(eval_split="validation"), "fashion_mnist_idx has splits"),
+        (dict(in_memory=False), "needs data.source='tfds'"),
+    ],
+)
+def test_data_config_rejects_bad_values(overrides, message):
+    with pytest.raises(errors.ConfigError, match=message) as info:
+        _config(**overrides)
+    assert isinstance(info.value, ValueError)
+
+
+def test_loaders_take_a_data_config():
+    with pytest.raises(TypeError, match="DataConfig.from_config"):
+        data.load_split({"source": "fashion_mnist_idx", "image_size": 28, "channels": 1}, "train")
+    with pytest.raises(errors.ConfigError, match="streams TFDS"):
+        data.iterate_tfds(_config(), "train", batch_size=2, **ONE_PROCESS)
+
+
+def test_import_tensorflow_hides_gpus_once(monkeypatch):
+    tf = pytest.importorskip("tensorflow")
+    calls = []
+
+    def fake_set_visible_devices(devices, device_type):
+        calls.append((devices, device_type))
+        raise RuntimeError("Visible devices cannot be modified after being initialized")
+
+    monkeypatch.setattr(tf.config, "set_visible_devices", fake_set_visible_devices)
+    data.import_tensorflow.cache_clear()
+    try:
+        assert data.import_tensorflow() is tf  # the RuntimeError is caught
+        assert data.import_tensorflow() is tf
+    finally:
+        data.import_tensorflow.cache_clear()
+    assert calls == [([], "GPU")]
 
 
 def _write_idx(directory, stem, array, magic):
@@ -64,20 +131,41 @@ def test_idx_reader_reads_what_was_written(tiny_idx_dir):
 
 def test_idx_resize_channels_and_max_examples(tiny_idx_dir):
     directory, arrays = tiny_idx_dir
-    cfg = _config(data_dir=str(directory), image_size=12, channels=3, max_examples=4)
+    images, labels = arrays["train"]
+    cfg = _config(data_dir=str(directory), image_size=6, channels=3, max_examples=4)
     ds = data.load_split(cfg, "train")
-    assert ds.images.shape == (4, 12, 12, 3)
-    np.testing.assert_array_equal(ds.labels, arrays["train"][1][:4])
-    # Grey to RGB repeats the channel.
+    assert ds.images.shape == (4, 6, 6, 3)
+    # The subset keeps the file order, and grey to RGB repeats the channel.
+    kept = [
+        int(np.flatnonzero((images == image[..., 0]).all(axis=(1, 2)))[0]) for image in ds.images
+    ]
+    assert kept == sorted(kept) and len(set(kept)) == 4
+    np.testing.assert_array_equal(ds.labels, labels[kept])
     np.testing.assert_array_equal(ds.images[..., 0], ds.images[..., 2])
     # Upsampling by 2 keeps the mean brightness roughly.
-    assert abs(ds.images.mean() - arrays["train"][0][:4].mean()) < 8
+    big = data.load_split(dataclasses.replace(cfg, image_size=12), "train", max_examples=0)
+    assert big.images.shape == (7, 12, 12, 3)
+    assert abs(big.images.mean() - images.mean()) < 8
+
+
+def test_idx_max_examples_draws_every_class(tmp_path):
+    # Sorted labels, as a file grouped by class would have them: the first 6 are all 0.
+    labels = np.repeat(np.arange(3, dtype=np.uint8), 10)
+    images = np.broadcast_to(np.arange(30, dtype=np.uint8)[:, None, None], (30, 4, 4))
+    _write_idx(tmp_path, "train-images-idx3-ubyte", images, 2051)
+    _write_idx(tmp_path, "train-labels-idx1-ubyte", labels, 2049)
+    cfg = _config(data_dir=str(tmp_path), image_size=4, max_examples=6)
+    ds = data.load_split(cfg, "train")
+    np.testing.assert_array_equal(np.bincount(ds.labels, minlength=3), [2, 2, 2])
+    np.testing.assert_array_equal(ds.labels, labels[ds.images[:, 0, 0, 0]])
+    again = data.load_split(cfg, "train")
+    np.testing.assert_array_equal(again.images, ds.images)  # deterministic
 
 
 def test_idx_bad_magic_is_rejected(tiny_idx_dir):
     directory, _ = tiny_idx_dir
     _write_idx(directory, "train-labels-idx1-ubyte", np.zeros(7, np.uint8), 1234)
-    with pytest.raises(ValueError, match="magic"):
+    with pytest.raises(errors.DataError, match="magic 1234.*--config.data.data_dir"):
         data.load_split(_config(data_dir=str(directory), image_size=6), "train")
 
 
@@ -86,16 +174,15 @@ def test_idx_missing_dir_fails_fast_with_fixes(tmp_path):
     with pytest.raises(data.DataNotFoundError) as info:
         data.load_split(_config(data_dir=str(tmp_path / "nowhere")), "train")
     assert time.perf_counter() - start < 1.0
-    assert isinstance(info.value, FileNotFoundError)
+    assert data.DataNotFoundError is errors.DataNotFoundError
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, errors.UserError)
     message = str(info.value)
     assert "apt-get install" in message and "dataset-fashion-mnist" in message
     assert "--config.data.data_dir" in message
 
 
-def test_unknown_source_and_split():
-    with pytest.raises(ValueError, match="fashion_mnist_idx, tfds, image_folder"):
-        data.load_split(_config(source="csv"), "train")
-    with pytest.raises(ValueError, match="splits"):
+def test_unknown_split():
+    with pytest.raises(errors.DataError, match="splits.*--config.data"):
         data.load_split(_config(), "validation")
 
 
@@ -176,33 +263,43 @@ def test_iterate_tfds_mock_imagenet():
         assert not _same(first, other)
 
 
-@pytest.fixture(scope="module")
-def tiny_prepared_tfds(tmp_path_factory):
-    """A real (not mocked) 40-example TFDS dataset whose label is the example index."""
+def _prepare_tfds(data_dir, class_name, examples, num_classes):
+    """Prepares a real (not mocked) TFDS dataset, named after ``class_name``, in ``data_dir``.
+
+    ``examples`` are ``(uint8 [h, w, 3], label)`` pairs, all in the split "train".
+    """
     tfds = _tfds()
 
-    class TinyIndexedImages(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
+    def info(self):
+        features = tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "label": tfds.features.ClassLabel(num_classes=num_classes),
+            }
+        )
+        return tfds.core.DatasetInfo(builder=self, features=features)
 
-        def _info(self):
-            features = tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3)),
-                    "label": tfds.features.ClassLabel(num_classes=40),
-                }
-            )
-            return tfds.core.DatasetInfo(builder=self, features=features)
+    def generate_examples(self):
+        for i, (image, label) in enumerate(examples):
+            yield i, {"image": image, "label": label}
 
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples()}
+    methods = dict(
+        VERSION=tfds.core.Version("1.0.0"),
+        _info=info,
+        _split_generators=lambda self, dl_manager: {"train": self._generate_examples()},
+        _generate_examples=generate_examples,
+    )
+    builder_class = type(class_name, (tfds.core.GeneratorBasedBuilder,), methods)
+    builder_class(data_dir=str(data_dir)).download_and_prepare(file_format="tfrecord")
 
-        def _generate_examples(self):
-            for i in range(40):
-                yield i, {"image": np.full((8 + i % 5, 10, 3), i, np.uint8), "label": i}
 
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    TinyIndexedImages(data_dir=data_dir).download_and_prepare(file_format="tfrecord")
-    return data_dir
+@pytest.fixture(scope="module")
+def tiny_prepared_tfds(tmp_path_factory):
+    """A real 40-example TFDS dataset whose label is the example index."""
+    data_dir = tmp_path_factory.mktemp("tfds")
+    examples = [(np.full((8 + i % 5, 10, 3), i, np.uint8), i) for i in range(40)]
+    _prepare_tfds(data_dir, "TinyIndexedImages", examples, num_classes=40)
+    return str(data_dir)
 
 
 def test_iterate_tfds_processes_read_disjoint_slices(tiny_prepared_tfds):
@@ -238,10 +335,7 @@ def test_tfds_missing_data_fails_fast_with_fixes(tmp_path):
             _tfds_config("imagenet2012", data_dir=str(tmp_path), image_size=32, channels=3),
             "train",
             batch_size=2,
-            seed=0,
-            start_step=0,
-            process_index=0,
-            process_count=1,
+            **ONE_PROCESS,
         )
     assert time.perf_counter() - start < 10.0
 
@@ -315,6 +409,87 @@ def test_image_folder_missing(tmp_path):
         data.load_split(cfg, "train")
     with pytest.raises(data.DataNotFoundError, match="no sub-directory 'test'"):
         data.load_split(cfg, "test")
+
+
+def _image_folder_config(root, **overrides):
+    return _config(source="image_folder", data_dir=str(root), **overrides)
+
+
+def test_image_folder_skips_a_truncated_jpeg_and_names_it(tmp_path, caplog):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "train" / "noise"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).save(folder / f"{i}.jpg")
+    broken = folder / "1.jpg"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING):
+        ds = data.load_split(_image_folder_config(tmp_path, image_size=8, channels=3), "train")
+    assert ds.images.shape == (2, 8, 8, 3)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "skipped 1 of 3" in warnings[0] and str(broken) in warnings[0]
+
+    for i in (0, 2):
+        (folder / f"{i}.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(errors.DataError, match="none of the 3 image files"):
+        data.load_split(_image_folder_config(tmp_path, image_size=8), "train")
+
+
+def test_image_folder_max_examples_draws_every_class(tmp_path):
+    for c in range(3):
+        folder = tmp_path / f"class{c}"
+        folder.mkdir()
+        for i in range(10):
+            _save_png(folder / f"{i:02d}.png", np.full((4, 4), 10 * c + i, np.uint8))
+    cfg = _image_folder_config(tmp_path, image_size=4, max_examples=6)
+    ds = data.load_split(cfg, "train")
+    np.testing.assert_array_equal(np.bincount(ds.labels, minlength=3), [2, 2, 2])
+    np.testing.assert_array_equal(ds.images[:, 0, 0, 0] // 10, ds.labels)
+    np.testing.assert_array_equal(data.load_split(cfg, "train").images, ds.images)
+
+
+@pytest.fixture(scope="module")
+def rgb_images_two_ways(tmp_path_factory):
+    """The same odd-sized RGB images as a prepared TFDS dataset and as an image folder."""
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 256, shape, np.uint8) for shape in [(37, 23, 3), (16, 16, 3), (20, 50, 3)]
+    ]
+    folder = tmp_path_factory.mktemp("folder")
+    for label, image in enumerate(images):
+        (folder / f"class{label}").mkdir()
+        _save_png(folder / f"class{label}" / "image.png", image)
+
+    tfds_dir = tmp_path_factory.mktemp("tfds")
+    examples = [(image, label) for label, image in enumerate(images)]
+    _prepare_tfds(tfds_dir, "TinyRgbImages", examples, num_classes=3)
+    return images, str(folder), str(tfds_dir)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_sources_prepare_an_image_identically(rgb_images_two_ways, channels):
+    images, folder, tfds_dir = rgb_images_two_ways
+    common = dict(image_size=16, channels=channels)
+    from_folder = data.load_split(_image_folder_config(folder, **common), "train")
+    tfds_cfg = _tfds_config("tiny_rgb_images", data_dir=tfds_dir, **common)
+    from_tfds = data.load_split(tfds_cfg, "train")
+    streamed = next(data.iterate_tfds(tfds_cfg, "train", batch_size=3, **ONE_PROCESS))
+    np.testing.assert_array_equal(from_folder.labels, [0, 1, 2])
+    for other_images, other_labels in [
+        (from_tfds.images, from_tfds.labels),
+        (streamed["image"], streamed["label"]),
+    ]:
+        np.testing.assert_array_equal(other_images[np.argsort(other_labels)], from_folder.images)
+    assert from_folder.images.shape == (3, 16, 16, channels)
+    if channels == 1:
+        # The 16x16 image is stored as it is: its grey is the one LUMA weighting, rounded.
+        expected = np.round(images[1].astype(np.float64) @ np.asarray(augment.LUMA))
+        np.testing.assert_array_equal(from_folder.images[1, ..., 0], expected)
+    else:
+        np.testing.assert_array_equal(from_folder.images[1], images[1])
 
 
 # --------------------------------------------------------------------------------------

@@ -37,6 +37,20 @@ def test_knn_hand_computed_vote():
     assert evaluators.knn_accuracy(x, y, xt, yt, num_classes=4, k=10) < 0.4
 
 
+def test_knn_weights_overturn_the_majority():
+    # k = 3 neighbours of (1, 0): one of class 0 at cosine 1, two of class 1 at cosine 0.6.
+    # A plain majority says class 1; exp(cos / 0.07) weights say class 0 (e^14.3 > 2 e^8.6).
+    train = np.array([[1, 0], [0.6, 0.8], [0.6, -0.8], [-1, 0]], np.float32)
+    labels = np.array([0, 1, 1, 1], np.int32)
+    test = np.array([[1, 0]], np.float32)
+    weighted = evaluators.knn_accuracy(train, labels, test, np.array([0]), num_classes=2, k=3)
+    assert weighted == 1.0
+    # With a very high temperature the weights are nearly equal and the majority wins.
+    flat = evaluators.knn_accuracy(train, labels, test, np.array([1]), num_classes=2, k=3,
+                                   temperature=1e3)  # fmt: skip
+    assert flat == 1.0
+
+
 def test_knn_needs_k_points():
     with pytest.raises(ValueError, match="at least k"):
         evaluators.knn_accuracy(np.ones((3, 2)), np.zeros(3, int), np.ones((1, 2)),

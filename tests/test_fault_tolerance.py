@@ -17,11 +17,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from matching_gap import config_lib, metrics, train
+from matching_gap import config_lib, data, metrics, train
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SMOKE = os.path.join(ROOT, "configs", "default.py") + ":smoke"
-QUIET = ["--config.train.final_eval=False", "--config.train.knn_every=0"]
+# The subprocesses cannot use TFDS's mock: they read 64 real Fashion-MNIST images.
+QUIET = ["--config.train.final_eval=False", "--config.train.knn_every=0",
+         "--config.data.source=fashion_mnist_idx", "--config.data.max_examples=64"]  # fmt: skip
+needs_fashion_mnist = pytest.mark.skipif(
+    not os.path.isdir(data.DEFAULT_FASHION_MNIST_DIR),
+    reason="needs the Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist)",
+)
 
 
 def _load_smoke_config():
@@ -73,21 +79,26 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     config = _load_smoke_config()
     config.train.final_eval = False
     config.train.knn_every = 0
-    train.train_and_evaluate(config, str(tmp_path))  # checkpoints at 2 and 3
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=64):
+        train.train_and_evaluate(config, str(tmp_path))  # checkpoints at 2 and 3
     for path in glob.glob(str(tmp_path / "checkpoints" / "3" / "**" / "*"), recursive=True):
         if os.path.isfile(path):
             with open(path, "wb") as f:
                 f.write(b"garbage")
     config.optim.num_steps = 4
-    train.train_and_evaluate(config, str(tmp_path))
+    with tfds.testing.mock_data(num_examples=64):
+        train.train_and_evaluate(config, str(tmp_path))
     moved = os.listdir(tmp_path / "corrupt_checkpoints")
     assert len(moved) == 1 and moved[0].startswith("3-")  # kept, not deleted
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
     steps = [r["step"] for r in metrics.read_metrics(str(tmp_path))]
-    assert steps == [1, 2, 3, 3, 4]  # steps 3-4 were redone from the checkpoint at step 2
+    assert steps == [1, 2, 3, 4]  # steps 3-4 were redone from the checkpoint at step 2
 
 
 @pytest.mark.slow
+@needs_fashion_mnist
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     proc = subprocess.Popen(
         _command(tmp_path, "--config.optim.num_steps=100000",
@@ -104,6 +115,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
 
 
 @pytest.mark.slow
+@needs_fashion_mnist
 def test_sigkill_and_restart_matches_an_uninterrupted_run_bitwise(tmp_path):
     steps = ["--config.optim.num_steps=24", "--config.train.checkpoint_every=5"]
     _run(_command(tmp_path / "straight", *steps))
@@ -128,6 +140,7 @@ def _free_port():
 
 
 @pytest.mark.slow
+@needs_fashion_mnist
 def test_two_processes_train_the_same_model_as_one(tmp_path):
     _run(_command(tmp_path / "one"))
     port = _free_port()

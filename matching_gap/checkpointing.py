@@ -1,0 +1,196 @@
+"""Checkpoints of a run: Orbax saving policy, restore with fallback, quarantine, and the
+guard that keeps a workdir to one model.
+
+A checkpoint that cannot be read after a few tries (partial or corrupt files) is moved to
+``<workdir>/corrupt_checkpoints/<step>-<time>`` (never deleted) and the previous one is
+restored. Restoring reads into an abstract target (``jax.ShapeDtypeStruct`` with
+shardings), so every array lands directly in its final layout, sharded when the run is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from matching_gap import errors, metrics
+
+# Attempts to read one checkpoint before it counts as corrupt: a shared file system or a
+# bucket can fail a read transiently, and quarantining a good checkpoint loses work.
+RESTORE_TRIES = 3
+RESTORE_RETRY_SECONDS = 1.0
+
+# Model fields that change how a model computes, not its parameters: a run may resume with
+# other values.
+_RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "attention")
+
+
+def _sync(name: str) -> None:
+    """All processes wait here (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+class Checkpointer:
+    """The checkpoints of ``<workdir>/checkpoints``: one every ``every`` steps (Orbax's
+    fixed-interval policy) plus the forced ones (end of run, time limit, preemption)."""
+
+    def __init__(self, workdir: str, *, every: int = 1, keep: int = 2, read_only: bool = False):
+        self.workdir = os.path.abspath(workdir)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=not read_only,
+            read_only=read_only,
+            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every),
+        )
+        self._manager = ocp.CheckpointManager(
+            os.path.join(self.workdir, "checkpoints"), options=options
+        )
+
+    def due(self, step: int) -> bool:
+        """Whether the schedule saves a checkpoint at ``step``."""
+        return self._manager.should_save(step)
+
+    def save(self, step: int, state: Any, *, force: bool = False) -> Any:
+        """Saves (asynchronously) when due or forced; returns the state to train on.
+
+        Orbax reads the saved arrays in the background, and the train step donates its
+        input buffers: training goes on with a device copy, the checkpoint keeps the
+        originals until it is written.
+        """
+        self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        return jax.tree.map(jnp.copy, state)
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def restore_latest(self, target: Any) -> Any | None:
+        """The newest checkpoint that restores into ``target`` (abstract arrays with
+        shardings, or arrays), or None when there is none.
+
+        A checkpoint that fails ``RESTORE_TRIES`` times is quarantined once the previous one
+        restores; if none restores, nothing is moved and the error says why (typically: the
+        checkpoints were written by a different config).
+        """
+        failures = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            state, error = self._restore_step(step, target)
+            if error is not None:
+                failures.append((step, error))
+                continue
+            for bad_step, bad_error in failures:
+                self._quarantine(bad_step, bad_error)
+            if failures:
+                self._manager.reload()
+            metrics.log(f"Resumed from the checkpoint at step {step} in {self.workdir}.")
+            return state
+        if failures:
+            step, error = failures[0]
+            raise errors.WorkdirError(
+                f"No checkpoint in {self.workdir}/checkpoints could be restored into the "
+                f"current config (model, teacher or optimiser differ?). Newest (step {step}): "
+                f"{type(error).__name__}: {str(error)[:600]} ... Use a new --workdir, or the "
+                "settings the checkpoints were written with."
+            ) from error
+        return None
+
+    def _restore_step(self, step: int, target: Any) -> tuple[Any, Exception | None]:
+        error = None
+        for attempt in range(RESTORE_TRIES):
+            try:
+                return self._manager.restore(step, args=ocp.args.StandardRestore(target)), None
+            except Exception as e:  # noqa: BLE001 (any read failure: retry, then fall back)
+                error = e
+                if attempt + 1 < RESTORE_TRIES:
+                    time.sleep(RESTORE_RETRY_SECONDS * (attempt + 1))
+        return None, error
+
+    def _quarantine(self, step: int, error: Exception) -> None:
+        """Process 0 moves an unreadable checkpoint aside (keeping its files); the other
+        processes wait until it has."""
+        source = os.path.join(self.workdir, "checkpoints", str(step))
+        target_dir = os.path.join(self.workdir, "corrupt_checkpoints")
+        target = os.path.join(target_dir, f"{step}-{int(time.time())}")
+        if jax.process_index() == 0:
+            os.makedirs(target_dir, exist_ok=True)
+            os.rename(source, target)
+        _sync(f"quarantine_{step}")
+        metrics.log(f"WARNING: the checkpoint at step {step} could not be read "
+                    f"({type(error).__name__}: {str(error)[:200]}); moved to {target}, falling "
+                    "back to an older one.")  # fmt: skip
+
+
+def has_checkpoints(workdir: str) -> bool:
+    path = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+
+
+def check_workdir(workdir: str, config) -> None:
+    """Refuses a workdir whose checkpoints belong to a different model (writes nothing)."""
+    path = os.path.join(workdir, "config.json")
+    if not (has_checkpoints(workdir) and os.path.exists(path)):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise errors.WorkdirError(
+            f"{path} cannot be read ({e}); the checkpoints beside it cannot be checked "
+            "against this config. Use a new --workdir, or restore that file."
+        ) from e
+    current = json.loads(config.to_json_best_effort())
+    changed = [
+        f"{section}.{k}: {saved.get(section, {}).get(k)!r} -> {v!r}"
+        for section in ("model", "teacher")
+        for k, v in current[section].items()
+        if saved.get(section, {}).get(k) != v and k not in _RESUMABLE_MODEL_FIELDS
+    ]
+    if changed:
+        raise errors.WorkdirError(
+            f"{workdir} holds checkpoints of a different model ({'; '.join(changed)}). "
+            "Use a new --workdir, or restore the original settings to resume."
+        )
+
+
+def write_config(workdir: str, config) -> None:
+    """Saves the run's config as ``<workdir>/config.json`` (process 0)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
+
+
+@contextlib.contextmanager
+def preemption_notice():
+    """Yields ``preempted(step) -> bool``: whether to checkpoint and stop after this step.
+
+    One process: SIGTERM (the usual preemption notice) sets a flag. Several processes:
+    JAX's coordination service (which receives SIGTERM on every host) picks one common
+    step, so that all processes save the same checkpoint and stop together.
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        yield multihost_utils.reached_preemption_sync_point
+        return
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda step: False  # signals reach the main thread only
+        return
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield lambda step: bool(received)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

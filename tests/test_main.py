@@ -1,0 +1,114 @@
+"""The command line as a user meets it: a mistake in the config, the command line or the
+data is one short message on stderr and exit status 2, before anything is written.
+
+Each subprocess pays the JAX (and for one test TensorFlow) start-up, so there are few of
+them and none trains; the flag-error messages are also checked in-process.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from matching_gap import main
+
+REPO = os.path.join(os.path.dirname(__file__), "..")
+# What TensorFlow's C++ start-up prints unless TF_CPP_MIN_LOG_LEVEL hides it.
+TF_START_UP = ("absl::InitializeLog", "cpu_feature_guard", "oneDNN", "TensorFlow binary", "cuda")
+
+
+def run_cli(workdir, *args: str) -> subprocess.CompletedProcess:
+    # The user's environment, without a TF_CPP_MIN_LOG_LEVEL of its own: main sets it.
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    command = [sys.executable, "-m", "matching_gap.main", "--config=configs/default.py",
+               f"--workdir={workdir}", *args]  # fmt: skip
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *expected: str, max_lines: int = 2):
+    stderr = result.stderr
+    assert result.returncode == main.USER_ERROR_STATUS, stderr
+    assert "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) <= max_lines, stderr
+    assert stderr.startswith("error: "), stderr
+    for text in expected:
+        assert text in stderr, stderr
+
+
+def test_bad_value_is_reported_before_the_workdir_is_created(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_cli(workdir, "--config.loss.epsilon=-1")
+    assert_user_error(result, "loss.epsilon must be > 0, got -1.0")
+    assert not workdir.exists()
+
+
+def test_misspelt_key_names_the_close_match(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_cli(workdir, "--config.loss.epsilonn=1")
+    assert_user_error(result, "'loss.epsilonn'", "did you mean loss.epsilon")
+    assert not workdir.exists()
+
+
+def test_missing_data_says_how_to_get_it(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_cli(workdir, "--config.data.data_dir=/nonexistent")
+    assert_user_error(result, "apt-get install -y dataset-fashion-mnist", "/nonexistent")
+    assert not workdir.exists()
+
+
+def test_missing_tfds_data_without_tensorflow_start_up_lines(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_cli(workdir, "--config.data.source=tfds", "--config.data.data_dir=/nonexistent")
+    assert_user_error(result, "tfds build fashion_mnist")
+    assert not any(line in result.stderr for line in TF_START_UP), result.stderr
+    assert not workdir.exists()
+
+
+def test_validate_does_not_import_tensorflow():
+    code = textwrap.dedent("""
+        import sys
+        from matching_gap import config_lib
+        config_lib.validate(config_lib.load_config_file("configs/vitb16.py"), num_devices=8)
+        assert "tensorflow" not in sys.modules, "validate imported TensorFlow"
+    """)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+# In-process: the message for each kind of command line that absl cannot parse.
+
+
+def describe(*args: str) -> str:
+    return main._describe_flag_error(RuntimeError("absl's message"), ["prog", *args])
+
+
+def test_flag_error_for_a_missing_config_file():
+    assert describe("--config=configs/nope.py:smoke") == (
+        "--config=configs/nope.py:smoke: there is no config file 'configs/nope.py'."
+    )
+    assert "usage: python -m matching_gap.main" in describe("--workdir=/tmp/x")
+
+
+def test_flag_error_for_a_config_file_that_raises(tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("def get_config(arg=None):\n    raise ValueError('k must be 2, 3 or 4')\n")
+    message = describe(f"--config={path}:k=5")
+    assert message == (
+        f"--config={path}:k=5: the config file raised ValueError (line 2): k must be 2, 3 or 4"
+    )
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--config.loss.epsilonn=1"], "Unknown config key 'loss.epsilonn'; did you mean"),
+        (["--config.optim.batch_size", "8", "--noconfig.teach.ema"], "'teach.ema'"),
+        (["--config.loss.epsilon=abc"], "absl's message"),  # a known key: absl's own words
+    ],
+)
+def test_flag_error_for_overrides(args, expected):
+    assert expected in describe("--config", "configs/default.py", *args)
