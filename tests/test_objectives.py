@@ -116,7 +116,6 @@ def test_one_step_moves_the_teacher_to_the_momentum_average():
     moved = jax.tree.map(lambda t, p: m * t + (1 - m) * p, state.teacher, new.params)
     for a, b in zip(jax.tree.leaves(new.teacher), jax.tree.leaves(moved), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-    changed = [np.any(a != b) for a, b in
-               zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params), strict=True)]  # fmt: skip
-    assert any(changed)  # the student moved, so the average is not the old teacher
+    pairs = zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params), strict=True)
+    assert any(np.any(a != b) for a, b in pairs)  # the student moved, so the average is not the old teacher
     assert int(new.step) == 1

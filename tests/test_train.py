@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from matching_gap import checkpointing, config_lib, errors, evaluate, evaluators, metrics, train
+from matching_gap import checkpointing, config_lib, errors, evaluate, metrics, train
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
