@@ -3,26 +3,16 @@
 python experiments/raw_pixel_probe.py
 """
 
-import ml_collections
 import numpy as np
 
 from matching_gap import data, evaluators
 
-cfg = ml_collections.ConfigDict(
-    dict(source="fashion_mnist_idx", data_dir="", image_size=28, channels=1, max_examples=0)
-)
+cfg = data.DataConfig(source="fashion_mnist_idx", image_size=28, channels=1)
 tr, te = data.load_split(cfg, "train"), data.load_split(cfg, "test")
-x = tr.images.reshape(len(tr), -1).astype(np.float32) / 255
-xt = te.images.reshape(len(te), -1).astype(np.float32) / 255
+pixels = lambda split: split.images.reshape(len(split), -1).astype(np.float32) / 255
 acc = evaluators.linear_probe_accuracy(
-    x,
-    tr.labels,
-    xt,
-    te.labels,
-    num_classes=10,
-    epochs=100,
-    batch_size=1024,
-    learning_rate=1e-2,
-    weight_decay=1e-4,
+    evaluators.LabelledFeatures(pixels(tr), tr.labels, tr.num_classes),
+    evaluators.LabelledFeatures(pixels(te), te.labels, te.num_classes),
+    evaluators.ProbeSettings(epochs=100, batch_size=1024, learning_rate=1e-2, weight_decay=1e-4),
 )
 print(f"raw-pixel linear probe top-1: {100 * acc:.2f}%")

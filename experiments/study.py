@@ -131,9 +131,7 @@ def cell_config(cell: Cell, epochs: float, *, data_dir: str = "", cifar10_data_d
         c.model.update(image_size=32, channels=3, patch_size=4)
     if cell.strong:
         config_lib.strong_augmentations(c)
-    for key, value in cell.overrides:
-        section, field = key.split(".")
-        c[section][field] = value
+    c.update_from_flattened_dict(dict(cell.overrides))
     return c
 
 

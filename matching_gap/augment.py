@@ -25,6 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from matching_gap import config_lib
+
 # SimCLR/BYOL aspect-ratio range of the random resized crop, and the number of tries
 # before falling back to the whole image (as torchvision does).
 _CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -102,13 +104,8 @@ class AugmentConfig:
 
     @classmethod
     def from_config(cls, cfg: Any) -> AugmentConfig:
-        """Builds the config from a ConfigDict (or mapping) with the same field names."""
-        values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown augmentation fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        """From the ``augment`` section of a config (a ``ConfigDict`` or mapping)."""
+        return config_lib.typed_section(cls, cfg, "augment")
 
 
 # --------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from matching_gap import config_lib
 from matching_gap.augment import LUMA
 from matching_gap.errors import ConfigError, DataError, DataNotFoundError
 
@@ -159,21 +160,8 @@ class DataConfig:
 
     @classmethod
     def from_config(cls, cfg: Any) -> DataConfig:
-        """Builds the config from a ConfigDict (or mapping) with the same field names."""
-        values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        missing = sorted(
-            name
-            for name, f in fields.items()
-            if name not in values and f.default is dataclasses.MISSING
-        )
-        if unknown or missing:
-            raise ConfigError(
-                f"data config: unknown fields {unknown}, missing fields {missing}; "
-                f"the fields are {sorted(fields)}"
-            )
-        return cls(**values)
+        """From the ``data`` section of a config (a ``ConfigDict`` or mapping)."""
+        return config_lib.typed_section(cls, cfg, "data")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,22 +65,18 @@ class Evaluator:
         e = self._config.eval
         train_set, test_set = self.splits()
         encode_fn = lambda images: self._encode(params, images)
-        train_feats = evaluators.extract_features(encode_fn, train_set, batch_size=e.batch_size)
-        test_feats = evaluators.extract_features(encode_fn, test_set, batch_size=e.batch_size)
-        knn_n = e.knn_train_examples or len(train_feats)
-        out = {
-            "eval/knn_top1": evaluators.knn_accuracy(
-                train_feats[:knn_n], train_set.labels[:knn_n], test_feats, test_set.labels,
-                num_classes=train_set.num_classes, k=e.knn_k, temperature=e.knn_temperature,
-            )
-        }  # fmt: skip
+        fit = evaluators.extract_features(encode_fn, train_set, batch_size=e.batch_size)
+        report = evaluators.extract_features(encode_fn, test_set, batch_size=e.batch_size)
+        knn_n = e.knn_train_examples or len(fit.labels)
+        knn_fit = fit._replace(features=fit.features[:knn_n], labels=fit.labels[:knn_n])
+        out = {"eval/knn_top1": evaluators.knn_accuracy(knn_fit, report, k=e.knn_k,
+                                                        temperature=e.knn_temperature)}  # fmt: skip
         if probe:
+            settings = evaluators.ProbeSettings(e.probe_epochs, e.probe_batch_size, e.probe_lr,
+                                                e.probe_weight_decay)  # fmt: skip
             out["eval/linear_probe_top1"] = evaluators.linear_probe_accuracy(
-                train_feats, train_set.labels, test_feats, test_set.labels,
-                num_classes=train_set.num_classes, epochs=e.probe_epochs,
-                batch_size=e.probe_batch_size, learning_rate=e.probe_lr,
-                weight_decay=e.probe_weight_decay, seed=self._config.seed,
-            )  # fmt: skip
+                fit, report, settings, seed=self._config.seed
+            )
         return out
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "byol_loss",
     "cost_matrix",
     "info_nce",
+    "l2_normalize",
     "matching_gap",
     "multi_marginal_matching_gap",
     "multiview_byol",
@@ -65,8 +66,10 @@ def _compute_dtype(*arrays: jax.Array) -> jnp.dtype:
     return jnp.result_type(jnp.float32, *[a.dtype for a in arrays])
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    # The floor keeps the gradient finite at x = 0 without changing any unit-scale input.
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """``x / ||x||`` along the last axis (the package's one L2 normalisation).
+
+    The floor keeps the gradient finite at x = 0 without changing any unit-scale input."""
     return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
 
 
@@ -170,7 +173,7 @@ def cost_matrix(x: jax.Array, y: jax.Array, cost: str = "sqeuclidean") -> jax.Ar
         sq_y = jnp.sum(y * y, axis=-1)[None, :]
         return jnp.maximum(sq_x + sq_y - 2.0 * x @ y.T, 0.0)
     if cost == "cosine":
-        return 1.0 - _l2_normalize(x) @ _l2_normalize(y).T
+        return 1.0 - l2_normalize(x) @ l2_normalize(y).T
     raise ValueError(f"Unknown cost {cost!r}; valid costs: {list(COSTS)}.")
 
 
@@ -256,7 +259,7 @@ def matching_gap(
     dtype = _compute_dtype(x, y)
     x, y = x.astype(dtype), y.astype(dtype)
     if normalize:
-        x, y = _l2_normalize(x), _l2_normalize(y)
+        x, y = l2_normalize(x), l2_normalize(y)
 
     def one_problem(views: jax.Array) -> tuple[jax.Array, dict]:
         c = cost_matrix(views[0], views[1], cost)
@@ -347,7 +350,7 @@ def multi_marginal_matching_gap(
     options = _sinkhorn_options(sinkhorn_options, allowed=_MM_SINKHORN_KEYS)
     views = views.astype(_compute_dtype(views))
     if normalize:
-        views = _l2_normalize(views)
+        views = l2_normalize(views)
 
     def one_problem(views: jax.Array) -> tuple[jax.Array, dict]:
         k, n, _ = views.shape
@@ -393,7 +396,7 @@ def info_nce(
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     dtype = _compute_dtype(x, y)
     n = x.shape[0]
-    z = _l2_normalize(jnp.concatenate([x, y]).astype(dtype))
+    z = l2_normalize(jnp.concatenate([x, y]).astype(dtype))
     sim = z @ z.T
     logits = jnp.where(jnp.eye(2 * n, dtype=bool), -jnp.inf, sim / temperature)
     positives = jnp.concatenate([jnp.arange(n, 2 * n), jnp.arange(n)])
@@ -417,8 +420,8 @@ def byol_loss(predictions: ArrayLike, targets: ArrayLike) -> tuple[jax.Array, di
     p, t = jnp.asarray(predictions), jnp.asarray(targets)
     _check_pair(p, t, "byol_loss")
     dtype = _compute_dtype(p, t)
-    p = _l2_normalize(p.astype(dtype))
-    t = jax.lax.stop_gradient(_l2_normalize(t.astype(dtype)))
+    p = l2_normalize(p.astype(dtype))
+    t = jax.lax.stop_gradient(l2_normalize(t.astype(dtype)))
     cos = jnp.sum(p * t, axis=-1)
     return jnp.mean(2.0 - 2.0 * cos), {"cosine": jnp.mean(cos)}
 
@@ -433,7 +436,7 @@ def _check_views(views: jax.Array, name: str, mode: str) -> None:
 def _rest_mean(views: jax.Array, index: int) -> jax.Array:
     """Mean of the normalised views other than ``index``: [n, d]."""
     k = views.shape[0]
-    normed = _l2_normalize(views)
+    normed = l2_normalize(views)
     return (jnp.sum(normed, axis=0) - normed[index]) / (k - 1)
 
 

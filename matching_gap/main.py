@@ -158,12 +158,9 @@ def main(argv):
         config_lib.validate(config, num_devices=jax.device_count())
         # Imported here, so that command-line mistakes are reported without the wait.
         if _MODE.value == "evaluate":
-            try:
-                from matching_gap.evaluate import evaluate_workdir
-            except ModuleNotFoundError:  # until the evaluation code moves out of train.py
-                from matching_gap.train import evaluate_workdir
+            from matching_gap import evaluate
 
-            evaluate_workdir(config, workdir)
+            evaluate.evaluate_workdir(config, workdir)
         else:
             from matching_gap import train
 

@@ -323,7 +323,9 @@ class ViT(nnx.Module):
         pos = self.pos_embed[...]
         if (grid_h, grid_w) != pos.shape[:2]:
             # Interpolate in float32 so bf16 params do not add rounding on top of resampling.
-            # No antialiasing, to match torch's F.interpolate used by DINO for local crops.
+            # No antialiasing, as torch's F.interpolate in DINO. DINO interpolates bicubically;
+            # this is bilinear (what the project has always trained with; JAX's cubic kernel,
+            # Keys a = -0.5, is not torch's a = -0.75 either, so neither matches DINO exactly).
             pos = jax.image.resize(
                 pos.astype(jnp.float32),
                 (grid_h, grid_w, self.width),

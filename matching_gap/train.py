@@ -267,12 +267,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     config_lib.validate(config, num_devices=mesh.size)
     data_config = data.DataConfig.from_config(config.data)
     train_set, num_examples = data.training_split(data_config)
-    checkpointing.check_workdir(workdir, config)
-
     epoch_steps = steps_per_epoch(config, num_examples)
     num_steps = total_steps(config, num_examples)
     optimizer, schedules = make_optimizer(config, num_steps, epoch_steps)
     graphdef, abstract_state, state_sharding = abstract_train_state(config, optimizer, mesh)
+    evaluator = evaluate.Evaluator(config, graphdef)
+    if config.train.final_eval or config.train.knn_every:
+        evaluator.splits()  # missing evaluation data fails now, not after training
+    checkpointing.check_workdir(workdir, config)
     checkpointing.write_config(workdir, config)
     ckpt = checkpointing.Checkpointer(workdir, every=config.train.checkpoint_every,
                                       keep=config.train.keep_checkpoints)  # fmt: skip
@@ -283,7 +285,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     writer = metrics.create_writer(workdir, resume_step=start_step)
 
     train_step = jit_train_step(config, graphdef, optimizer, schedules, mesh, state_sharding)
-    evaluator = evaluate.Evaluator(config, graphdef)
     metrics.log(f"Training with {config.loss.name} for {num_steps} steps ({epoch_steps} per "
                 f"epoch, {num_examples} examples, batch {config.optim.batch_size}) on "
                 f"{mesh.size} {mesh.devices.flat[0].platform} device(s).")  # fmt: skip

@@ -1,9 +1,16 @@
-"""Four simulated CPU devices for every test (set before any JAX computation).
+"""Four simulated CPU devices for every test (set before any JAX computation), and one
+compilation cache for the session.
 
 The multi-device tests compare a 4-device mesh with a 1-device mesh in one process; the
-others simply run on the 4-device mesh, as a multi-GPU machine would.
+others simply run on the 4-device mesh, as a multi-GPU machine would. Many tests compile
+the same smoke train step: JAX's persistent cache compiles it once per session.
 """
+
+import tempfile
 
 import jax
 
 jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="mg_jax_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

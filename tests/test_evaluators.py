@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from matching_gap import evaluators
+from matching_gap.evaluators import LabelledFeatures as LF
 
 
 def _clusters(n_per_class, num_classes, dim, noise, seed):
@@ -17,7 +18,7 @@ def _clusters(n_per_class, num_classes, dim, noise, seed):
 def test_knn_separable_clusters_are_perfect():
     x, y = _clusters(30, 4, 8, 0.1, 0)
     xt, yt = _clusters(10, 4, 8, 0.1, 1)
-    assert evaluators.knn_accuracy(x, y, xt, yt, num_classes=4, k=5) == 1.0
+    assert evaluators.knn_accuracy(LF(x, y, 4), LF(xt, yt, 4), k=5) == 1.0
 
 
 def test_knn_hand_computed_vote():
@@ -26,15 +27,15 @@ def test_knn_hand_computed_vote():
     train = np.array([[1, 0], [0.8, 0.6], [0.99, 0.141], [-1, 0]], np.float32)
     labels = np.array([1, 1, 0, 0], np.int32)
     test = np.array([[1, 0]], np.float32)
-    assert evaluators.knn_accuracy(train, labels, test, np.array([1]), num_classes=2, k=3) == 1
+    assert evaluators.knn_accuracy(LF(train, labels, 2), LF(test, np.array([1]), 2), k=3) == 1
     # With k = 1 only the exact match votes.
-    assert evaluators.knn_accuracy(train, labels, test, np.array([1]), num_classes=2, k=1) == 1
+    assert evaluators.knn_accuracy(LF(train, labels, 2), LF(test, np.array([1]), 2), k=1) == 1
     # Random labels: chance level.
     x, _ = _clusters(100, 4, 8, 0.1, 2)
     y = np.random.default_rng(0).integers(0, 4, len(x)).astype(np.int32)
     xt, _ = _clusters(100, 4, 8, 0.1, 3)
     yt = np.random.default_rng(1).integers(0, 4, len(xt)).astype(np.int32)
-    assert evaluators.knn_accuracy(x, y, xt, yt, num_classes=4, k=10) < 0.4
+    assert evaluators.knn_accuracy(LF(x, y, 4), LF(xt, yt, 4), k=10) < 0.4
 
 
 def test_knn_weights_overturn_the_majority():
@@ -43,18 +44,18 @@ def test_knn_weights_overturn_the_majority():
     train = np.array([[1, 0], [0.6, 0.8], [0.6, -0.8], [-1, 0]], np.float32)
     labels = np.array([0, 1, 1, 1], np.int32)
     test = np.array([[1, 0]], np.float32)
-    weighted = evaluators.knn_accuracy(train, labels, test, np.array([0]), num_classes=2, k=3)
+    weighted = evaluators.knn_accuracy(LF(train, labels, 2), LF(test, np.array([0]), 2), k=3)
     assert weighted == 1.0
     # With a very high temperature the weights are nearly equal and the majority wins.
-    flat = evaluators.knn_accuracy(train, labels, test, np.array([1]), num_classes=2, k=3,
+    flat = evaluators.knn_accuracy(LF(train, labels, 2), LF(test, np.array([1]), 2), k=3,
                                    temperature=1e3)  # fmt: skip
     assert flat == 1.0
 
 
 def test_knn_needs_k_points():
     with pytest.raises(ValueError, match="at least k"):
-        evaluators.knn_accuracy(np.ones((3, 2)), np.zeros(3, int), np.ones((1, 2)),
-                                np.zeros(1, int), num_classes=2, k=5)  # fmt: skip
+        evaluators.knn_accuracy(LF(np.ones((3, 2)), np.zeros(3, int), 2),
+                                LF(np.ones((1, 2)), np.zeros(1, int), 2), k=5)  # fmt: skip
 
 
 def test_linear_probe_learns_a_linear_rule_and_fails_on_noise():
@@ -64,10 +65,10 @@ def test_linear_probe_learns_a_linear_rule_and_fails_on_noise():
     y = np.argmax(x @ w, axis=1).astype(np.int32)
     xt = rng.normal(size=(500, 6)).astype(np.float32)
     yt = np.argmax(xt @ w, axis=1).astype(np.int32)
-    acc = evaluators.linear_probe_accuracy(x, y, xt, yt, num_classes=3, epochs=30,
-                                           batch_size=256, learning_rate=0.05)  # fmt: skip
+    settings = evaluators.ProbeSettings(epochs=30, batch_size=256, learning_rate=0.05)
+    acc = evaluators.linear_probe_accuracy(LF(x, y, 3), LF(xt, yt, 3), settings)
     assert acc > 0.95
     shuffled = rng.permutation(yt)
-    acc = evaluators.linear_probe_accuracy(x, y, xt, shuffled, num_classes=3, epochs=5,
-                                           batch_size=256)  # fmt: skip
+    settings = evaluators.ProbeSettings(epochs=5, batch_size=256)
+    acc = evaluators.linear_probe_accuracy(LF(x, y, 3), LF(xt, shuffled, 3), settings)
     assert acc < 0.5

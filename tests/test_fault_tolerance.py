@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from matching_gap import config_lib, data, metrics, train
+from matching_gap import checkpointing, config_lib, data, metrics, train
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SMOKE = os.path.join(ROOT, "configs", "default.py") + ":smoke"
@@ -75,7 +75,8 @@ def _run(args, env=None):
     return out
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpointing, "RESTORE_RETRY_SECONDS", 0.0)
     config = _load_smoke_config()
     config.train.final_eval = False
     config.train.knn_every = 0

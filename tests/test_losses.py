@@ -134,6 +134,7 @@ def test_symmetric_in_x_and_y():
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_jit_equals_eager():
     x, y = _views(4)
     fn = lambda x, y: losses.matching_gap(x, y, epsilon=0.2, normalize=True, group_size=6)
@@ -145,6 +146,7 @@ def test_jit_equals_eager():
     assert int(a1["sinkhorn_iterations"]) == int(a2["sinkhorn_iterations"])
 
 
+@pytest.mark.slow
 def test_bfloat16_inputs_are_computed_in_float32():
     x, y = _views(5, n=32, d=16)
     x16, y16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(y, jnp.bfloat16)
@@ -201,6 +203,7 @@ def test_gradient_is_j_minus_plan_pushed_through_the_cost(x64):
     np.testing.assert_allclose(ours, expected, rtol=1e-8, atol=1e-11)
 
 
+@pytest.mark.slow
 def test_gradient_matches_ott_implicit_differentiation(x64):
     x, y = _views(9, n=8, d=4, dtype=np.float64)
     eps = 0.5
@@ -284,6 +287,7 @@ def test_m3g_is_non_negative_and_zero_for_identical_separated_views(k):
     assert abs(float(value)) < 1e-5
 
 
+@pytest.mark.slow
 def test_m3g_gradient_matches_finite_differences_in_float64(x64):
     views = _views(15, n=4, d=3, k=3, dtype=np.float64)
     opts = {"threshold": 1e-11, "max_iterations": 20000}
@@ -292,6 +296,7 @@ def test_m3g_gradient_matches_finite_differences_in_float64(x64):
     np.testing.assert_allclose(grad, _central_differences(f, views), rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_m3g_grouped_is_mean_of_groups():
     views = _views(16, n=8, k=3)
     value, _ = losses.multi_marginal_matching_gap(views, epsilon=0.2, group_size=4)

@@ -80,6 +80,7 @@ def test_position_embedding_interpolation():
         model(_images(1, size=15))
 
 
+@pytest.mark.slow
 def test_drop_path():
     images = _images(8)
     model = _tiny_vit(drop_path_rate=0.5)
@@ -100,6 +101,7 @@ def test_drop_path_rates_increase_linearly():
     np.testing.assert_allclose(rates, [0.0, 0.05, 0.1, 0.15, 0.2])
 
 
+@pytest.mark.slow
 def test_bfloat16_compute():
     images = _images(4)
     f32 = _tiny_vit()
@@ -111,6 +113,7 @@ def test_bfloat16_compute():
     np.testing.assert_allclose(out, ref, atol=0.1 * float(np.abs(ref).max()), rtol=0.1)
 
 
+@pytest.mark.slow
 def test_remat_matches_plain():
     images, key = _images(4), jax.random.key(3)
     plain = _tiny_vit(drop_path_rate=0.3)
@@ -128,6 +131,7 @@ def test_remat_matches_plain():
 
 
 @pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.slow
 def test_pure_jit_split_merge(remat):
     model = SSLModel(
         _tiny_vit(drop_path_rate=0.1, remat=remat),

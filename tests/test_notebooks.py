@@ -33,6 +33,7 @@ def run_notebook(name: str, overrides: str, cwd) -> str:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_toy_notebook(tmp_path):
     stdout = run_notebook("toy_matching_gap.ipynb", "steps = 40", tmp_path)
     start, end = map(float, re.search(r"gap: ([\d.e-]+) -> ([\d.e-]+)", stdout).groups())
@@ -43,6 +44,7 @@ def test_toy_notebook(tmp_path):
     not os.path.isdir(data.DEFAULT_FASHION_MNIST_DIR),
     reason="Debian package dataset-fashion-mnist not installed (CI installs it)",
 )
+@pytest.mark.slow
 def test_train_demo_notebook(tmp_path):
     overrides = (
         f"epochs = 2.0\nmax_examples = 1024\neval_max_examples = 1024\nknn_every = 4\n"

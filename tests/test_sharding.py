@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorflow_datasets as tfds
 
-from matching_gap import config_lib, losses, metrics, train
+from matching_gap import config_lib, losses, metrics, objectives, train
 from matching_gap import sharding as sharding_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -29,7 +30,11 @@ def _final_params(workdir, step):
     return [np.asarray(x) for x in jax.tree.leaves(ocp.StandardCheckpointer().restore(path))]
 
 
-@pytest.mark.parametrize("group_size,fsdp", [(0, False), (4, False), (4, True)])
+@pytest.mark.parametrize(
+    "group_size,fsdp",
+    [pytest.param(0, False, marks=pytest.mark.slow), pytest.param(4, False, marks=pytest.mark.slow),
+     (4, True)],
+)  # fmt: skip
 def test_one_and_four_devices_train_the_same_model(tmp_path, monkeypatch, group_size, fsdp):
     # The smoke model's arrays are all small: lower the size under which FSDP replicates.
     monkeypatch.setattr(sharding_lib, "FSDP_MIN_SIZE", 256)
@@ -41,7 +46,8 @@ def test_one_and_four_devices_train_the_same_model(tmp_path, monkeypatch, group_
     runs = {}
     for n in (1, 4):
         workdir = str(tmp_path / f"devices{n}")
-        train.train_and_evaluate(config, workdir, devices=jax.devices()[:n])
+        with tfds.testing.mock_data(num_examples=64):
+            train.train_and_evaluate(config, workdir, devices=jax.devices()[:n])
         runs[n] = workdir
     losses_1 = [r["train/loss"] for r in metrics.read_metrics(runs[1])]
     losses_4 = [r["train/loss"] for r in metrics.read_metrics(runs[4])]
@@ -82,7 +88,7 @@ def _loop_collectives(hlo: str) -> list[str]:
 
 
 def _compiled_loss_hlo(config, mesh, loss_fn=None):
-    loss_fn = loss_fn or train.make_loss_fn(config, mesh)
+    loss_fn = loss_fn or objectives.make_objective(config, mesh)
     x = jax.random.normal(jax.random.key(0), (2, 16, 8))
     sharded = jax.device_put(x, jax.NamedSharding(mesh, jax.P(None, sharding_lib.DATA_AXIS)))
     grad_fn = jax.jit(jax.value_and_grad(lambda s: loss_fn(s, s)[0]))
@@ -98,7 +104,7 @@ def test_grouped_ot_has_no_cross_device_traffic_inside_sinkhorn():
     assert _loop_collectives(hlo) == []
     # The check can fail: the same groups vmapped over sharded embeddings (no shard_map)
     # all-reduce the stopping test across devices at every Sinkhorn iteration.
-    plain = functools.partial(train.ssl_loss, config.loss, ema=False)
+    plain = functools.partial(objectives.ssl_loss, config.loss, ema=False)
     _, _, plain_hlo = _compiled_loss_hlo(config, mesh, plain)
     assert "all-reduce" in _loop_collectives(plain_hlo)
     # Same value as the single-device grouped loss on the gathered embeddings.
@@ -108,13 +114,14 @@ def test_grouped_ot_has_no_cross_device_traffic_inside_sinkhorn():
     np.testing.assert_allclose(value, expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_global_ot_on_sharded_embeddings_equals_single_device():
     config = load("default.py", "smoke")
     config.loss.group_size = 0
     mesh = sharding_lib.make_mesh()
     grad_fn, x, _ = _compiled_loss_hlo(config, mesh)
     (value, grad) = grad_fn(x)
-    single = jax.value_and_grad(lambda s: train.make_loss_fn(config)(s, s)[0])
+    single = jax.value_and_grad(lambda s: objectives.make_objective(config)(s, s)[0])
     expected_value, expected_grad = single(jnp.asarray(np.asarray(x)))
     np.testing.assert_allclose(value, expected_value, rtol=1e-5)
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-7)
