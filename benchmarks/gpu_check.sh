@@ -15,8 +15,9 @@
 #   bash benchmarks/gpu_check.sh                  # all variants
 #   bash benchmarks/gpu_check.sh b256_cudnn       # some of them
 #
-# With the `device` tool (no network there; ott-jax, jaxopt and ml-collections travel as
-# wheels in .whl/, see ../shared/ENV.md):
+# With the `device` tool (no network there; ott-jax, jaxopt, ml-collections and clu (the
+# metric writers, imported by the trainer) travel as wheels in .whl/, see ../shared/ENV.md;
+# `pip download --no-deps -d .whl ott-jax jaxopt ml-collections clu` makes them):
 #
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
 #     && PYTHONPATH=/tmp/site bash benchmarks/gpu_check.sh
