@@ -61,6 +61,8 @@ __all__ = [
     "read_idx_images",
     "read_idx_labels",
     "train_batches",
+    "train_iterator",
+    "training_split",
 ]
 
 SOURCES = ("fashion_mnist_idx", "tfds", "image_folder")
