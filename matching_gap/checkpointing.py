@@ -68,7 +68,8 @@ class Checkpointer:
         input buffers: training goes on with a device copy, the checkpoint keeps the
         originals until it is written.
         """
-        self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        if not self._manager.save(step, args=ocp.args.StandardSave(state), force=force):
+            return state  # not due: nothing holds the buffers
         return jax.tree.map(jnp.copy, state)
 
     def close(self) -> None:

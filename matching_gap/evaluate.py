@@ -94,6 +94,11 @@ def print_summary(results: dict) -> None:
     metrics.log("\n".join(lines))
 
 
+def encoder_params(config, state) -> Any:
+    """The evaluated encoder: the EMA teacher when there is one (as DINO), else the student."""
+    return state.teacher if config.teacher.ema else state.params
+
+
 def restore_encoder(config, workdir: str) -> tuple[Any, Any, int]:
     """``(graphdef, params, step)``: the evaluated encoder of the newest checkpoint of
     ``workdir`` (the EMA teacher's when the run had one), restored without training."""
@@ -108,7 +113,7 @@ def restore_encoder(config, workdir: str) -> tuple[Any, Any, int]:
     ckpt = checkpointing.Checkpointer(workdir, read_only=True)
     state = ckpt.restore_latest(abstract)
     ckpt.close()
-    return graphdef, state.teacher if config.teacher.ema else state.params, int(state.step)
+    return graphdef, encoder_params(config, state), int(state.step)
 
 
 def evaluate_workdir(config, workdir: str) -> dict:

@@ -314,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
             if stop:
                 break
             if config.train.knn_every and step % config.train.knn_every == 0:
-                results = evaluator(_eval_params(config, state), probe=False)
+                results = evaluator(evaluate.encoder_params(config, state), probe=False)
                 writer.write_scalars(step, results)
                 metrics.log(f"step {step} | {metrics.format_results(results)}")
     ckpt.close()
@@ -325,18 +325,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         metrics.log(f"Stopped at step {final_step} of {num_steps} with a checkpoint; rerun "
                     "the same command to resume.")  # fmt: skip
     elif config.train.final_eval:
-        results = evaluator(_eval_params(config, state), probe=True)
+        results = evaluator(evaluate.encoder_params(config, state), probe=True)
         if config.train.compare_random_init:
             init = init_train_state(config, optimizer, state_sharding)
-            random_results = evaluator(_eval_params(config, init), probe=True)
+            random_results = evaluator(evaluate.encoder_params(config, init), probe=True)
             results.update({k.replace("eval/", "eval/random_init_"): v
                             for k, v in random_results.items()})  # fmt: skip
         writer.write_scalars(final_step, results)
         evaluate.print_summary(results)
     writer.close()
     return TrainResult(final_step, num_steps, results)
-
-
-def _eval_params(config, state: TrainState):
-    """The evaluated encoder: the teacher when there is one (as DINO), else the student."""
-    return state.teacher if config.teacher.ema else state.params
