@@ -130,15 +130,27 @@ def base_config() -> ml_collections.ConfigDict:
         fsdp=False,  # shard parameters and optimiser state over the devices (large models)
     )
     c.eval = dict(
-        batch_size=1024,
+        batch_size=1024,  # global batch of feature extraction (a multiple of the devices)
+        features="cls_avgpool",  # pooled | cls_avgpool | last4_cls | mean_patch
+        protocols="knn,features",  # what --mode=evaluate runs: knn, features, augmented
         knn_k=20,
         knn_temperature=0.07,
-        knn_train_examples=0,  # 0 = all of eval_train_split
-        features="cls_avgpool",  # pooled | cls_avgpool (CLS + mean patch token, as DINO)
+        # The `features` linear probe (also the end-of-training monitor): one head per
+        # (learning rate, weight decay), chosen on a held-out fraction of eval_train_split.
         probe_epochs=100,
         probe_batch_size=1024,
-        probe_lr=1e-2,
-        probe_weight_decay=1e-4,
+        probe_learning_rates=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+        probe_weight_decays=(0.0, 1e-2, 1e-1),  # decoupled (AdamW), times the learning rate
+        probe_holdout=0.05,
+        # The `augmented` linear probe (DINO / MoCo v3 / MAE), --mode=evaluate only.
+        augmented_epochs=100,
+        augmented_batch_size=1024,
+        augmented_learning_rates=(1e-3, 1e-2, 1e-1, 1.0),  # x batch / 256, one head each
+        augmented_weight_decay=0.0,
+        augmented_batchnorm=False,  # MAE: BatchNorm (no affine) before the head
+        augmented_crop_scale=(0.35, 1.0),  # as augment.crop_scale; ImageNet: (0.08, 1)
+        augmented_checkpoint_every=500,
+        augmented_run_steps=0,  # > 0: stop (with a checkpoint) after this many steps
     )
     return c
 
@@ -193,7 +205,8 @@ def make_smoke(config: ml_collections.ConfigDict, *, image_size: int = 32) -> No
     if config.loss.group_size:
         config.loss.group_size = 4  # divides the per-device batch on 4 simulated devices
     config.train.update(log_every=1, checkpoint_every=2, knn_every=2)
-    config.eval.update(batch_size=32, knn_k=5, probe_epochs=2, probe_batch_size=32)
+    config.eval.update(batch_size=32, knn_k=5, probe_epochs=2, probe_batch_size=32,
+                       augmented_epochs=1, augmented_batch_size=16)  # fmt: skip
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -226,7 +239,8 @@ def imagenet_recipe(variant: str = "B/16") -> ml_collections.ConfigDict:
     )  # fmt: skip
     c.train.update(log_every=100, checkpoint_every=2000, knn_every=10_000,
                    compare_random_init=False)  # fmt: skip
-    c.eval.update(batch_size=512, knn_k=20, probe_epochs=20)
+    c.eval.update(batch_size=512, knn_k=20, probe_epochs=20, protocols="knn,features,augmented",
+                  augmented_crop_scale=(0.08, 1.0))  # fmt: skip
     return c
 
 
@@ -289,6 +303,12 @@ def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _reals(v, ok) -> bool:
+    """A non-empty tuple or list of numbers, each passing ``ok``."""
+    return (isinstance(v, (tuple, list)) and len(v) > 0
+            and all(_is_real(x) and ok(x) for x in v))  # fmt: skip
+
+
 # One rule per scalar field that no typed section (augment, model, data) checks:
 # key -> (test, what the value must be).
 _Rule = tuple[Callable[[Any], bool], str]
@@ -327,11 +347,24 @@ _SCALAR_RULES: dict[str, _Rule] = {
     "eval.batch_size": _POSITIVE_INT,
     "eval.knn_k": _POSITIVE_INT,
     "eval.knn_temperature": _POSITIVE,
-    "eval.knn_train_examples": (_COUNT[0], "an integer >= 0 (0 = all)"),
     "eval.probe_epochs": _POSITIVE_INT,
     "eval.probe_batch_size": _POSITIVE_INT,
-    "eval.probe_lr": _POSITIVE,
-    "eval.probe_weight_decay": _NON_NEGATIVE,
+    "eval.probe_learning_rates": (lambda v: _reals(v, lambda x: x > 0),
+                                  "a non-empty tuple of numbers > 0"),
+    "eval.probe_weight_decays": (lambda v: _reals(v, lambda x: x >= 0),
+                                 "a non-empty tuple of numbers >= 0"),
+    "eval.probe_holdout": (lambda v: _is_real(v) and 0 <= v < 0.5,
+                           "in [0, 0.5) (0 = no held-out slice, for a single grid point)"),
+    "eval.augmented_epochs": _POSITIVE_INT,
+    "eval.augmented_batch_size": _POSITIVE_INT,
+    "eval.augmented_learning_rates": (lambda v: _reals(v, lambda x: x > 0),
+                                      "a non-empty tuple of numbers > 0"),
+    "eval.augmented_weight_decay": _NON_NEGATIVE,
+    "eval.augmented_batchnorm": (lambda v: isinstance(v, bool), "True or False"),
+    "eval.augmented_crop_scale": (lambda v: _reals(v, lambda x: 0 < x <= 1) and len(v) == 2
+                                  and v[0] <= v[1], "two numbers 0 < min <= max <= 1"),
+    "eval.augmented_checkpoint_every": _POSITIVE_INT,
+    "eval.augmented_run_steps": (_COUNT[0], "an integer >= 0 (0 = no limit)"),
 }  # fmt: skip
 
 
@@ -434,11 +467,7 @@ def _check_combinations(config, aug, model, num_devices: int) -> None:
             f"augment.local_crop_size ({aug.local_crop_size}) must be a multiple of the "
             f"patch size ({patch}): the ViT cuts every crop into whole patches."
         )
-    if config.eval.features == "cls_avgpool" and model.pooling != "cls":
-        raise errors.ConfigError(
-            f"eval.features='cls_avgpool' needs model.pooling='cls', got {model.pooling!r}; "
-            "set eval.features='pooled'."
-        )
+    _check_eval(config.eval, model, num_devices)
     _check_views(config, aug)
     if loss.name in OT_LOSSES and loss.group_size:
         _check_groups(loss.group_size, optim.batch_size, num_devices)
@@ -459,6 +488,32 @@ def _check_combinations(config, aug, model, num_devices: int) -> None:
             "Use teacher.ema=True, model.use_predictor=False, or loss.name='byol'.",
             ConfigWarning,
             stacklevel=1,  # here, not the caller: main and train both validate; warn once
+        )
+
+
+def _check_eval(e, model, num_devices: int) -> None:
+    if e.features in ("cls_avgpool", "last4_cls") and model.pooling != "cls":
+        raise errors.ConfigError(
+            f"eval.features={e.features!r} needs model.pooling='cls', got {model.pooling!r}; "
+            "set eval.features='pooled' or 'mean_patch'."
+        )
+    depth = model.encoder_sizes()["depth"]
+    if e.features == "last4_cls" and depth < 4:
+        raise errors.ConfigError(f"eval.features='last4_cls' needs 4 blocks, the model has "
+                                 f"{depth}; choose another eval.features.")  # fmt: skip
+    from matching_gap import evaluate
+
+    evaluate.parse_protocols(e.protocols)
+    for key in ("batch_size", "augmented_batch_size"):
+        if e[key] % num_devices:
+            raise errors.ConfigError(f"eval.{key} ({e[key]}) must be a multiple of the number "
+                                     f"of devices ({num_devices}).")  # fmt: skip
+    grid = len(e.probe_learning_rates) * len(e.probe_weight_decays)
+    if grid > 1 and e.probe_holdout == 0:
+        raise errors.ConfigError(
+            f"eval.probe_holdout=0 leaves no held-out images to choose among the {grid} "
+            "(learning rate, weight decay) pairs; set eval.probe_holdout > 0 or give one of "
+            "each."
         )
 
 

@@ -40,7 +40,7 @@ import gzip
 import numbers
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -54,7 +54,9 @@ __all__ = [
     "DataConfig",
     "DataNotFoundError",
     "Dataset",
+    "EvalSplit",
     "eval_batches",
+    "eval_split",
     "import_tensorflow",
     "iterate_tfds",
     "load_split",
@@ -786,3 +788,137 @@ def eval_batches(dataset: Dataset, *, batch_size: int) -> Iterator[dict]:
             images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
             labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
         yield {"image": images, "label": labels, "mask": mask}
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation splits: every example once, in order, cut into global batches over processes.
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSplit:
+    """A labelled split read once in order, as ``num_batches`` global batches of
+    ``batch_size`` images; :meth:`batches` yields this process's share of each.
+
+    Each process reads its own contiguous share of the split (process ``p`` of ``P``: the
+    examples ``offsets[p] <= id < offsets[p + 1]``), never another's. Every process yields
+    the same number of batches: the last real one is zero-padded, and processes with fewer
+    examples add fully padded batches. ``"mask"`` marks real examples and ``"id"`` holds
+    each one's index in the split (-1 for padding).
+    """
+
+    name: str
+    num_examples: int
+    num_classes: int
+    batch_size: int  # global
+    num_batches: int
+    image_shape: tuple[int, int, int]
+    _read: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
+    _offset: int
+    _local_batch: int
+
+    def batches(self) -> Iterator[dict]:
+        """``{"image": uint8 [b, S, S, c], "label": int32 [b], "mask": bool [b],
+        "id": int32 [b]}`` per global batch, ``b = batch_size // process_count``."""
+        b, produced, next_id = self._local_batch, 0, self._offset
+        for images, labels in self._read():
+            real = len(labels)
+            ids = np.full(b, -1, np.int32)
+            ids[:real] = np.arange(next_id, next_id + real)
+            next_id += real
+            if real < b:
+                images = np.concatenate([images, np.zeros((b - real, *images.shape[1:]), np.uint8)])
+                labels = np.concatenate([labels, np.zeros(b - real, np.int32)])
+            yield {"image": images, "label": labels.astype(np.int32), "mask": ids >= 0, "id": ids}
+            produced += 1
+        while produced < self.num_batches:
+            yield {
+                "image": np.zeros((b, *self.image_shape), np.uint8),
+                "label": np.zeros(b, np.int32),
+                "mask": np.zeros(b, bool),
+                "id": np.full(b, -1, np.int32),
+            }
+            produced += 1
+
+
+def eval_split(
+    data_config: DataConfig,
+    split: str,
+    *,
+    batch_size: int,
+    max_examples: int = 0,
+    dataset: Dataset | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> EvalSplit:
+    """``split`` of the configured source as an :class:`EvalSplit` of global ``batch_size``.
+
+    Streamed with tf.data when the source is TFDS with ``in_memory=False`` (only a few
+    batches in memory at a time: ImageNet's 1.28M images are never held), else loaded with
+    :func:`load_split` (or given as ``dataset``, already loaded). ``max_examples`` (0 = all)
+    limits the split as :func:`load_split` does. The processes default to JAX's.
+    """
+    import jax
+
+    _check_data_config(data_config)
+    p = jax.process_index() if process_index is None else process_index
+    num_p = jax.process_count() if process_count is None else process_count
+    if batch_size <= 0 or batch_size % num_p:
+        raise ConfigError(
+            f"the evaluation batch ({batch_size}) must be a positive multiple "
+            f"of the number of processes ({num_p}); set eval.batch_size"
+        )
+    local = batch_size // num_p
+    streamed = dataset is None and data_config.source == "tfds" and not data_config.in_memory
+    if not streamed:
+        if dataset is None:
+            dataset = load_split(data_config, split, max_examples)
+        n = len(dataset)
+        offsets = [q * n // num_p for q in range(num_p + 1)]
+        mine = slice(offsets[p], offsets[p + 1])
+        images, labels = dataset.images[mine], dataset.labels[mine]
+
+        def read():
+            for start in range(0, len(labels), local):
+                yield images[start : start + local], labels[start : start + local]
+
+        name, num_classes = dataset.name, dataset.num_classes
+    else:
+        tf, tfds = import_tensorflow(), _import_tfds()
+        builder, encoded = _tfds_builder(data_config)
+        base = f"{split}[:{max_examples}]" if max_examples else split
+        shares = [
+            tfds.split_for_jax_process(
+                base, process_index=q, process_count=num_p, drop_remainder=False
+            )
+            for q in range(num_p)
+        ]
+        sizes = [
+            int(_tfds_dataset(builder, encoded, s, shuffle_seed=None).cardinality()) for s in shares
+        ]
+        if min(sizes) < 0:
+            sizes = [builder.info.splits[s].num_examples for s in shares]
+        offsets = list(np.cumsum([0, *sizes]))
+        prepare = _prepare_fn(
+            encoded=encoded, image_size=data_config.image_size, channels=data_config.channels
+        )
+
+        def read():
+            ds = _tfds_dataset(builder, encoded, shares[p], shuffle_seed=None)
+            ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+            ds = _deterministic(ds.batch(local).prefetch(2))
+            for batch in ds.as_numpy_iterator():
+                yield batch["image"], batch["label"]
+
+        name, num_classes = builder.name, builder.info.features["label"].num_classes
+        n = int(offsets[-1])
+        if not n:
+            raise DataError(
+                f"TFDS dataset {name!r} split {base!r} is empty; choose another "
+                f"split (it has {sorted(builder.info.splits)})"
+            )
+    sizes = np.diff(offsets)
+    num_batches = int(max(-(-int(size) // local) for size in sizes))
+    shape = (data_config.image_size, data_config.image_size, data_config.channels)
+    return EvalSplit(
+        name, int(n), int(num_classes), batch_size, num_batches, shape, read, int(offsets[p]), local
+    )

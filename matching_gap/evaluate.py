@@ -1,8 +1,10 @@
-"""Evaluating encoders: the evaluators run during and after training, ``--mode=evaluate`` on
-a workdir, and :func:`load_encoder`, a trained run as a frozen feature extractor.
+"""Evaluating encoders: the quick monitor run during and after training, the whole-split
+protocols of ``--mode=evaluate``, and :func:`load_encoder`, a trained run as a frozen
+feature extractor.
 
-The algorithms (weighted k-NN, linear probe) live in ``matching_gap.evaluators`` and take
-features; this module turns a parameter tree and a labelled split into those features.
+The algorithms live in ``matching_gap.evaluators`` (extraction, k-NN, the ``features``
+linear probe) and ``matching_gap.augmented_probe`` (the ``augmented`` linear probe); this
+module turns a parameter tree and the configured labelled splits into their results.
 """
 
 from __future__ import annotations
@@ -17,41 +19,68 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from matching_gap import augment, checkpointing, data, errors, evaluators, metrics
+from matching_gap import augment, augmented_probe, checkpointing, data, errors, evaluators, metrics
 from matching_gap import sharding as sharding_lib
 
+PROTOCOLS = ("knn", "features", "augmented")
+SUMMARY_FILE = "evaluation.json"
 
-def make_encode(config, graphdef) -> Callable[[Any, jax.Array], jax.Array]:
+
+def make_encode(config, graphdef, mesh=None) -> Callable[[Any, jax.Array], jax.Array]:
     """Jitted ``encode(params, images) -> features``: the evaluation view (centre crop,
-    normalisation), then ``config.eval.features`` of the encoder."""
+    normalisation), then ``config.eval.features`` of the encoder. With a ``mesh``, the
+    features stay split over the devices like the images."""
     aug_config = augment.AugmentConfig.from_config(config.augment)
 
-    @jax.jit
     def encode(params, images):
         model = nnx.merge(graphdef, params)
         return model.encode(augment.center_view(images, aug_config), config.eval.features)
 
-    return encode
+    if mesh is None:
+        return jax.jit(encode)
+    return jax.jit(encode, out_shardings=sharding_lib.batch_sharding(mesh))
+
+
+def probe_settings(config) -> evaluators.ProbeSettings:
+    e = config.eval
+    return evaluators.ProbeSettings(
+        e.probe_epochs,
+        e.probe_batch_size,
+        tuple(float(x) for x in e.probe_learning_rates),
+        tuple(float(x) for x in e.probe_weight_decays),
+        float(e.probe_holdout),
+    )
 
 
 class Evaluator:
-    """``evaluator(params, probe=...) -> {"eval/knn_top1": ..., "eval/linear_probe_top1": ...}``.
+    """Features of the labelled splits and the k-NN / ``features`` probe on them.
 
-    The labelled splits (``data.eval_train_split`` to fit on, ``data.eval_split`` to report
-    on, each limited to ``data.eval_max_examples``) are loaded on first use and kept.
+    ``data.eval_train_split`` is fitted on and ``data.eval_split`` reported on, each limited
+    to ``data.eval_max_examples`` (the quick monitor) unless ``whole_splits``. In-memory
+    sources are loaded once and kept; streamed ones are read again at each evaluation.
     """
 
-    def __init__(self, config, graphdef):
+    def __init__(self, config, graphdef, mesh, *, whole_splits: bool = False):
         self._config = config
-        self._encode = make_encode(config, graphdef)
+        self._mesh = mesh
+        self._encode = make_encode(config, graphdef, mesh)
+        self._max_examples = 0 if whole_splits else config.data.eval_max_examples
         self._splits = None
 
-    def splits(self) -> tuple[data.Dataset, data.Dataset]:
+    def splits(self) -> tuple[data.EvalSplit, data.EvalSplit]:
+        """The two splits (missing or inconsistent data fails here)."""
         if self._splits is None:
             c = self._config.data
             data_config = data.DataConfig.from_config(c)
-            fit = data.load_split(data_config, c.eval_train_split, c.eval_max_examples)
-            report = data.load_split(data_config, c.eval_split, c.eval_max_examples)
+            fit, report = (
+                data.eval_split(
+                    data_config,
+                    split,
+                    batch_size=self._config.eval.batch_size,
+                    max_examples=self._max_examples,
+                )
+                for split in (c.eval_train_split, c.eval_split)
+            )
             if fit.num_classes != report.num_classes:
                 raise errors.DataError(
                     f"The evaluation splits {c.eval_train_split!r} and {c.eval_split!r} have "
@@ -61,22 +90,29 @@ class Evaluator:
             self._splits = fit, report
         return self._splits
 
+    def features(self, params) -> tuple[evaluators.Features, evaluators.Features]:
+        encode = lambda images: self._encode(params, images)
+        return tuple(
+            evaluators.extract(
+                encode,
+                split.batches(),
+                num_batches=split.num_batches,
+                num_classes=split.num_classes,
+                mesh=self._mesh,
+            )
+            for split in self.splits()
+        )
+
     def __call__(self, params, *, probe: bool) -> dict:
+        """``{"eval/knn_top1": ...}`` and, with ``probe``, ``"eval/linear_probe_top1"``."""
         e = self._config.eval
-        train_set, test_set = self.splits()
-        encode_fn = lambda images: self._encode(params, images)
-        fit = evaluators.extract_features(encode_fn, train_set, batch_size=e.batch_size)
-        report = evaluators.extract_features(encode_fn, test_set, batch_size=e.batch_size)
-        knn_n = e.knn_train_examples or len(fit.labels)
-        knn_fit = fit._replace(features=fit.features[:knn_n], labels=fit.labels[:knn_n])
-        out = {"eval/knn_top1": evaluators.knn_accuracy(knn_fit, report, k=e.knn_k,
+        fit, report = self.features(params)
+        out = {"eval/knn_top1": evaluators.knn_accuracy(fit, report, k=e.knn_k,
                                                         temperature=e.knn_temperature)}  # fmt: skip
         if probe:
-            settings = evaluators.ProbeSettings(e.probe_epochs, e.probe_batch_size, e.probe_lr,
-                                                e.probe_weight_decay)  # fmt: skip
-            out["eval/linear_probe_top1"] = evaluators.linear_probe_accuracy(
-                fit, report, settings, seed=self._config.seed
-            )
+            result = evaluators.linear_probe(fit, report, probe_settings(self._config),
+                                             seed=self._config.seed)  # fmt: skip
+            out["eval/linear_probe_top1"] = result.top1
         return out
 
 
@@ -116,15 +152,97 @@ def restore_encoder(config, workdir: str) -> tuple[Any, Any, int]:
     return graphdef, encoder_params(config, state), int(state.step)
 
 
+def parse_protocols(value: str) -> list[str]:
+    """``"knn,features"`` -> ``["knn", "features"]``; unknown names are a ConfigError."""
+    names = [p.strip() for p in value.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PROTOCOLS]
+    if unknown or not names:
+        raise errors.ConfigError(
+            f"eval.protocols must name some of {', '.join(PROTOCOLS)} "
+            f"(comma-separated), got {value!r}."
+        )
+    return names
+
+
 def evaluate_workdir(config, workdir: str) -> dict:
-    """Runs the final evaluators on the newest checkpoint of ``workdir`` (no training)."""
+    """``--mode=evaluate``: the protocols of ``eval.protocols`` on the whole evaluation
+    splits, for the newest checkpoint of ``workdir`` (no training).
+
+    The figures go to ``metrics.jsonl`` (at the checkpoint's step) and, with each protocol's
+    settings, to ``<workdir>/evaluation.json`` (entries of earlier calls for other protocols
+    are kept). Returns that summary.
+    """
+    protocols = parse_protocols(config.eval.protocols)
     graphdef, params, step = restore_encoder(config, workdir)
-    results = Evaluator(config, graphdef)(params, probe=True)
-    writer = metrics.create_writer(workdir)
-    writer.write_scalars(step, results)
-    writer.close()
+    mesh = sharding_lib.make_mesh()
+    evaluator = Evaluator(config, graphdef, mesh, whole_splits=True)
+    fit_split, report_split = evaluator.splits()
+    metrics.log(
+        f"Evaluating the checkpoint at step {step} ({config.eval.features} features): "
+        f"{', '.join(protocols)} on {fit_split.num_examples} training and "
+        f"{report_split.num_examples} evaluation images."
+    )
+    fit, report = evaluator.features(params)
+    e = config.eval
+    results, entries = {}, {}
+    common = {
+        "step": step,
+        "features": e.features,
+        "train_examples": fit.num_examples,
+        "eval_examples": report.num_examples,
+    }
+    if "knn" in protocols:
+        top1 = evaluators.knn_accuracy(fit, report, k=e.knn_k, temperature=e.knn_temperature)
+        results["eval/knn_top1"] = top1
+        entries["knn"] = {**common, "k": e.knn_k, "temperature": e.knn_temperature, "top1": top1}
+    if "features" in protocols:
+        settings = probe_settings(config)
+        probe = evaluators.linear_probe(fit, report, settings, seed=config.seed)
+        results["eval/linear_probe_top1"] = probe.top1
+        entries["features"] = {
+            **common,
+            "epochs": settings.epochs,
+            "batch_size": settings.batch_size,
+            "holdout": settings.holdout,
+            **probe._asdict(),
+        }
+    del fit
+    if "augmented" in protocols:
+        summary = augmented_probe.run(config, graphdef, params, report, workdir)
+        if summary["finished"]:
+            results["eval/augmented_probe_top1"] = summary["top1"]
+        entries["augmented"] = {**common, **summary}
+    if results:
+        writer = metrics.create_writer(workdir)
+        writer.write_scalars(step, results)
+        writer.close()
+    _write_summary(workdir, entries)
     print_summary(results)
-    return results
+    if "eval/augmented_probe_top1" in results:
+        metrics.log(
+            f"  augmented_probe_top1 trained {100 * results['eval/augmented_probe_top1']:6.2f}%"
+        )
+    return entries
+
+
+def _write_summary(workdir: str, entries: dict) -> None:
+    """Merges ``entries`` (protocol -> figures) into ``<workdir>/evaluation.json``."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, SUMMARY_FILE)
+    summary = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                summary = json.load(f)
+        except (OSError, ValueError):
+            os.replace(path, path + ".unreadable")  # kept, not lost
+    summary.update(entries)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, path)
+    metrics.log(f"Wrote {path}.")
 
 
 def load_encoder(workdir: str) -> tuple[Callable[[Any], jax.Array], ml_collections.ConfigDict]:

@@ -44,7 +44,7 @@ _POOLINGS = ("cls", "mean")
 # "cudnn": cuDNN's fused flash-attention kernel; GPUs only, bfloat16 compute only.
 _ATTENTIONS = ("xla", "cudnn")
 # What SSLModel.encode returns for the evaluators (config key eval.features).
-FEATURES = ("pooled", "cls_avgpool")
+FEATURES = ("pooled", "cls_avgpool", "last4_cls", "mean_patch")
 
 
 def _check_encoder(
@@ -334,8 +334,9 @@ class ViT(nnx.Module):
             )
         return pos.reshape(1, grid_h * grid_w, self.width)
 
-    def tokens(self, images: Array, *, key: Array | None = None) -> Array:
-        """All output tokens after the final norm, ``[b, (1 +) n_patches, width]``."""
+    def tokens(self, images: Array, *, key: Array | None = None, last_blocks: int = 0):
+        """All output tokens after the final norm, ``[b, (1 +) n_patches, width]``; with
+        ``last_blocks=n``, the list of the last n blocks' tokens, each after the final norm."""
         if images.ndim != 4 or images.shape[-1] != self.channels:
             raise ValueError(
                 f"Expected images of shape [b, h, w, {self.channels}], got {images.shape}."
@@ -356,8 +357,13 @@ class ViT(nnx.Module):
 
         keys = [None] * len(self.blocks) if key is None else jax.random.split(key, len(self.blocks))
         call = _call_block_remat if self.remat else _call_block
+        outputs = []
         for block, block_key in zip(self.blocks, keys, strict=True):
             x = call(block, x, block_key)
+            outputs.append(x)
+        if last_blocks:
+            # DINO's get_intermediate_layers: the final norm applied to each block's output.
+            return [self.norm(out) for out in outputs[-last_blocks:]]
         return self.norm(x)
 
     def __call__(self, images: Array, *, key: Array | None = None) -> Array:
@@ -426,9 +432,22 @@ class SSLModel(nnx.Module):
         ``features="pooled"``: the encoder output (CLS token or mean of tokens), [b, width].
         ``"cls_avgpool"``: the CLS token concatenated with the mean of the patch tokens,
         [b, 2 * width], DINO's linear-evaluation features for ViT-B (CLS models only).
+        ``"last4_cls"``: the CLS tokens of the last 4 blocks (each after the final norm),
+        [b, 4 * width], DINO's choice for ViT-S (CLS models of depth >= 4).
+        ``"mean_patch"``: the mean of the patch tokens, [b, width] (what I-JEPA probes).
         """
         if features == "pooled":
             return self.encoder(images, key=None)
+        if features == "mean_patch":
+            tokens = self.encoder.tokens(images).astype(jnp.float32)
+            start = 1 if self.encoder.pooling == "cls" else 0
+            return jnp.mean(tokens[:, start:], axis=1)
+        if features == "last4_cls":
+            if self.encoder.pooling != "cls" or self.encoder.depth < 4:
+                raise ValueError('features="last4_cls" needs a model with pooling="cls" and '
+                                 "depth >= 4.")  # fmt: skip
+            blocks = self.encoder.tokens(images, last_blocks=4)
+            return jnp.concatenate([t[:, 0].astype(jnp.float32) for t in blocks], axis=-1)
         if features == "cls_avgpool":
             if self.encoder.pooling != "cls":
                 raise ValueError('features="cls_avgpool" needs a model with pooling="cls".')

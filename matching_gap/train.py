@@ -271,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     num_steps = total_steps(config, num_examples)
     optimizer, schedules = make_optimizer(config, num_steps, epoch_steps)
     graphdef, abstract_state, state_sharding = abstract_train_state(config, optimizer, mesh)
-    evaluator = evaluate.Evaluator(config, graphdef)
+    evaluator = evaluate.Evaluator(config, graphdef, mesh)
     if config.train.final_eval or config.train.knn_every:
         evaluator.splits()  # missing evaluation data fails now, not after training
     checkpointing.check_workdir(workdir, config)

@@ -3,6 +3,7 @@ validate() fires on the value or combination it is about."""
 
 import glob
 import os
+import re
 import warnings
 
 import pytest
@@ -111,11 +112,19 @@ BAD_SCALARS = [
     ("eval.batch_size", 0),
     ("eval.knn_k", 0),
     ("eval.knn_temperature", 0.0),
-    ("eval.knn_train_examples", -1),
     ("eval.probe_epochs", 0),
     ("eval.probe_batch_size", 0),
-    ("eval.probe_lr", 0.0),
-    ("eval.probe_weight_decay", -1.0),
+    ("eval.probe_learning_rates", (0.1, 0.0)),
+    ("eval.probe_weight_decays", ()),
+    ("eval.probe_holdout", 0.5),
+    ("eval.augmented_epochs", 0),
+    ("eval.augmented_batch_size", 0),
+    ("eval.augmented_learning_rates", (-1.0,)),
+    ("eval.augmented_weight_decay", -1.0),
+    ("eval.augmented_batchnorm", 1),
+    ("eval.augmented_crop_scale", (0.5, 0.2)),
+    ("eval.augmented_checkpoint_every", 0),
+    ("eval.augmented_run_steps", -1),
 ]
 
 
@@ -125,7 +134,7 @@ def test_every_scalar_rule_is_tested():
 
 @pytest.mark.parametrize("key,value", BAD_SCALARS)
 def test_bad_scalar_is_rejected_with_key_and_value(key, value):
-    assert_rejected({key: value}, rf"^{key} must be .*got {value!r}")
+    assert_rejected({key: value}, rf"^{key} must be .*got {re.escape(repr(value))}")
 
 
 @pytest.mark.parametrize(
@@ -168,6 +177,9 @@ def test_typed_sections_are_checked(overrides, match):
         ({"augment.num_local_crops": 2, "augment.local_crop_size": 12},
          r"augment\.local_crop_size \(12\) must be a multiple of the patch size \(7\)"),
         ({"model.pooling": "mean"}, r"eval\.features='cls_avgpool' needs model\.pooling='cls'"),
+        ({"model.depth": 3, "eval.features": "last4_cls"}, r"'last4_cls' needs 4 blocks"),
+        ({"eval.protocols": "knn,linear"}, r"eval\.protocols must name some of knn, features"),
+        ({"eval.probe_holdout": 0.0}, r"probe_holdout=0 leaves no held-out images"),
         ({"augment.num_views": 1}, r"augment\.num_views=1 with no local crops"),
         ({"loss.name": "m3g", "augment.num_views": 1}, r"'m3g' needs augment\.num_views >= 2"),
         ({"loss.group_size": 48}, r"loss\.group_size \(48\) must divide optim\.batch_size"),
@@ -185,6 +197,7 @@ def test_group_size_is_only_checked_for_the_ot_losses():
 
 def test_batch_must_split_over_the_devices():
     assert_rejected({}, r"optim\.batch_size \(256\) must be divisible .* devices \(3\)", 3)
+    assert_rejected({"optim.batch_size": 258}, r"eval\.batch_size \(1024\) must be a multiple .* \(3\)", 3)
     config_lib.validate(load("default.py"), num_devices=4)
 
 

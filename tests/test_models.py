@@ -268,6 +268,36 @@ def test_encode_cls_avgpool_concatenates_cls_and_mean_patch_token():
         model.encode(images, "last4")
 
 
+def test_encode_last4_cls_and_mean_patch_follow_dino_and_ijepa():
+    cfg = ml_collections.ConfigDict(
+        dict(variant="", width=16, depth=5, num_heads=2, mlp_dim=32, patch_size=4,
+             image_size=8, channels=1, pooling="cls", drop_path_rate=0.0, dtype="float32",
+             remat=False, projector_hidden_dim=8, projector_dim=4, projector_layers=2,
+             use_predictor=False, predictor_hidden_dim=8)
+    )  # fmt: skip
+    model = create_model(cfg, rngs=nnx.Rngs(0))
+    images = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
+    # By hand: run the blocks one by one; DINO applies the final norm to each kept output.
+    vit = model.encoder
+    x = vit.patch_embed(images).reshape(3, 4, 16) + vit._position_embedding(2, 2)
+    cls = jnp.broadcast_to(vit.cls_token[...] + vit.cls_pos_embed[...], (3, 1, 16))
+    x = jnp.concatenate([cls, x], axis=1)
+    outputs = []
+    for block in vit.blocks:
+        x = block(x)
+        outputs.append(vit.norm(x)[:, 0])
+    feats = model.encode(images, "last4_cls")
+    assert feats.shape == (3, 64)
+    np.testing.assert_allclose(feats, jnp.concatenate(outputs[-4:], axis=-1), rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(model.encode(images, "mean_patch"),
+                               vit.norm(x)[:, 1:].mean(axis=1), rtol=1e-5, atol=1e-6)  # fmt: skip
+    shallow = create_model(ml_collections.ConfigDict({**cfg.to_dict(), "depth": 3}),
+                           rngs=nnx.Rngs(0))  # fmt: skip
+    with pytest.raises(ValueError, match="depth >= 4"):
+        shallow.encode(images, "last4_cls")
+
+
 def test_attention_matches_the_textbook_formula():
     attn = Attention(16, 4, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (2, 5, 16))

@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from matching_gap import checkpointing, config_lib, errors, evaluate, metrics, train
+from matching_gap import checkpointing, config_lib, data, errors, evaluate, metrics, train
 from matching_gap import sharding as sharding_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -89,7 +89,9 @@ def test_final_knn_equals_a_brute_force_vote_on_the_saved_encoder(tmp_path):
     outcome = run(config, tmp_path)
     encode, _ = evaluate.load_encoder(str(tmp_path))
     with mocked():
-        fit, report = evaluate.Evaluator(config, None).splits()
+        data_config = data.DataConfig.from_config(config.data)
+        fit = data.load_split(data_config, config.data.eval_train_split)
+        report = data.load_split(data_config, config.data.eval_split)
     train_x, test_x = np.asarray(encode(fit.images)), np.asarray(encode(report.images))
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
     sims = unit(test_x) @ unit(train_x).T

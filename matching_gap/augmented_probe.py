@@ -1,0 +1,260 @@
+"""The ``augmented`` linear-probe protocol of DINO, MoCo v3 and MAE, resumable.
+
+Every epoch streams random-resized-crop + flip views of the whole labelled training split
+through the frozen encoder and trains linear heads on the features: SGD with momentum 0.9,
+a cosine schedule to 0, weight decay 0 by default, learning rate ``base * batch / 256``,
+one head per base learning rate, all in the same pass (the encoder runs once per view).
+MAE's BatchNorm without affine parameters before the head is an option. DINO reports the
+best head on the evaluation split; so does this (the summary lists every head).
+
+The heads, their optimiser, the BatchNorm statistics and the step are checkpointed in
+``<workdir>/linear_eval/checkpoints``: a run stopped by preemption (SIGTERM), by
+``eval.augmented_run_steps`` or by a crash resumes where its last checkpoint was, and
+since the batches and views are functions of ``(seed, step)`` it ends with the same heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from matching_gap import augment, checkpointing, data, errors, evaluators, metrics
+from matching_gap import sharding as sharding_lib
+
+BATCHNORM_EPS = 1e-6  # MAE's BatchNorm1d(affine=False, eps=1e-6)
+BATCHNORM_MOMENTUM = 0.1  # PyTorch's default: running = 0.9 running + 0.1 batch
+SGD_MOMENTUM = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentedSettings:
+    epochs: int = 100
+    batch_size: int = 1024
+    learning_rates: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)  # x batch / 256
+    weight_decay: float = 0.0
+    batchnorm: bool = False
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # DINO's RandomResizedCrop
+    checkpoint_every: int = 500
+    run_steps: int = 0  # > 0: stop (with a checkpoint) after this many steps in this call
+
+    @classmethod
+    def from_config(cls, config) -> AugmentedSettings:
+        e = config.eval
+        return cls(
+            e.augmented_epochs,
+            e.augmented_batch_size,
+            tuple(float(x) for x in e.augmented_learning_rates),
+            float(e.augmented_weight_decay),
+            bool(e.augmented_batchnorm),
+            tuple(float(x) for x in e.augmented_crop_scale),
+            e.augmented_checkpoint_every,
+            e.augmented_run_steps,
+        )
+
+    def resumable_fields(self) -> dict:
+        """What a checkpoint's heads depend on (``checkpoint_every`` and ``run_steps`` do not)."""
+        out = dataclasses.asdict(self)
+        del out["checkpoint_every"], out["run_steps"]
+        return out
+
+
+def run(config, graphdef, params, test: evaluators.Features, workdir: str) -> dict:
+    """Trains the heads (resuming from ``<workdir>/linear_eval``) and, when done, scores
+    them on ``test`` (centre-crop features of the evaluation split).
+
+    Returns a summary: ``finished``, ``step``, ``num_steps`` and, when finished, ``top1``
+    (the best head), its ``learning_rate`` and ``heads`` (every head's top-1).
+    """
+    settings = AugmentedSettings.from_config(config)
+    mesh = test.features.sharding.mesh
+    directory = os.path.join(workdir, "linear_eval")
+    data_config = dataclasses.replace(
+        data.DataConfig.from_config(config.data),
+        train_split=config.data.eval_train_split,
+        max_examples=0,
+    )
+    dataset, num_examples = data.training_split(data_config)
+    steps_per_epoch = num_examples // settings.batch_size
+    if steps_per_epoch == 0:
+        raise errors.DataError(
+            f"the augmented probe's batch ({settings.batch_size}) exceeds the "
+            f"{num_examples} training images; lower "
+            "eval.augmented_batch_size"
+        )
+    num_steps = settings.epochs * steps_per_epoch
+    _check_settings(directory, settings)
+    ckpt = checkpointing.Checkpointer(directory, every=settings.checkpoint_every, keep=2)
+    dim = test.features.shape[-1]
+    fresh = jax.jit(
+        lambda: _init_state(len(settings.learning_rates), dim, test.num_classes),
+        out_shardings=sharding_lib.replicated(mesh),
+    )
+    abstract = jax.eval_shape(fresh)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_lib.replicated(mesh)),
+        abstract,
+    )
+    state = ckpt.restore_latest(abstract)
+    state = fresh() if state is None else state
+    start = int(state["step"])
+    step_fn = _make_step(config, graphdef, settings, num_steps, mesh)
+    batches = data.train_iterator(
+        data_config, dataset, batch_size=settings.batch_size, seed=config.seed, start_step=start
+    )
+    metrics.log(
+        f"Augmented linear probe: {len(settings.learning_rates)} heads, "
+        f"{settings.epochs} epochs of {steps_per_epoch} steps (batch "
+        f"{settings.batch_size}, {num_examples} images), from step {start}."
+    )
+    tic, losses = time.time(), []
+    with checkpointing.preemption_notice() as preempted:
+        for step in range(start + 1, num_steps + 1):
+            batch = next(batches)
+            images = sharding_lib.global_batch(batch["image"], mesh)
+            labels = sharding_lib.global_batch(batch["label"], mesh)
+            state, loss = step_fn(state, params, images, labels)
+            losses.append(loss)
+            stop = step == num_steps or step - start == settings.run_steps or preempted(step)
+            if step % steps_per_epoch == 0 or stop:
+                mean_loss = float(np.mean(jax.device_get(losses)))
+                losses = []
+                rate = (step - start) * settings.batch_size / (time.time() - tic)
+                metrics.log(
+                    f"probe step {step}/{num_steps} (epoch {step / steps_per_epoch:.2f}) "
+                    f"| mean loss per head {mean_loss:.4f} | {rate:.0f} images/s"
+                )
+                if not np.isfinite(mean_loss):
+                    raise errors.UserError(
+                        "The augmented probe's loss is not finite: lower "
+                        "eval.augmented_learning_rates (or set eval.augmented_batchnorm=True); "
+                        f"its last good checkpoint in {directory} is kept."
+                    )
+            if stop or ckpt.due(step):
+                state = ckpt.save(step, state, force=stop)
+            if stop:
+                break
+    ckpt.close()
+    summary = {
+        "finished": int(state["step"]) == num_steps,
+        "step": int(state["step"]),
+        "num_steps": num_steps,
+        **settings.resumable_fields(),
+    }
+    if not summary["finished"]:
+        metrics.log(
+            f"The augmented probe stopped at step {summary['step']} of {num_steps} with "
+            "a checkpoint; rerun the same command to resume."
+        )
+        return summary
+    mean, std = _normaliser(state, settings.batchnorm, dim)
+    correct = evaluators.head_correct(
+        state["heads"], test.features, test.labels, test.mask.astype(jnp.float32), mean, std
+    )
+    top1 = np.asarray(correct) / test.num_examples
+    best = int(np.argmax(top1))
+    scale = settings.batch_size / 256
+    summary.update(
+        top1=float(top1[best]),
+        learning_rate=settings.learning_rates[best] * scale,
+        heads=[
+            {"learning_rate": lr * scale, "top1": float(t)}
+            for lr, t in zip(settings.learning_rates, top1, strict=True)
+        ],
+    )
+    return summary
+
+
+def _check_settings(directory: str, settings: AugmentedSettings) -> None:
+    """Refuses to resume heads trained with other settings; records them for a fresh start."""
+    path = os.path.join(directory, "settings.json")
+    wanted = json.loads(json.dumps(settings.resumable_fields()))
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != wanted and checkpointing.has_checkpoints(directory):
+            changed = [
+                f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in wanted.items() if saved.get(k) != v
+            ]
+            raise errors.WorkdirError(
+                f"{directory} holds an augmented probe trained with other settings "
+                f"({'; '.join(changed)}). Delete that folder to start again, or use the "
+                "settings it was trained with to resume."
+            )
+    if jax.process_index() == 0:
+        os.makedirs(directory, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(wanted, f, indent=2)
+
+
+def _init_state(num_heads: int, dim: int, num_classes: int) -> dict:
+    heads = {
+        "w": jnp.zeros((num_heads, dim, num_classes)),
+        "b": jnp.zeros((num_heads, num_classes)),
+    }
+    return {
+        "heads": heads,
+        "momentum": jax.tree.map(jnp.zeros_like, heads),
+        "bn_mean": jnp.zeros(dim),
+        "bn_var": jnp.ones(dim),
+        "step": jnp.int32(0),
+    }
+
+
+def _normaliser(state, batchnorm: bool, dim: int):
+    """``(mean, std)`` the heads see features through at evaluation."""
+    if not batchnorm:
+        return jnp.zeros(dim), jnp.ones(dim)
+    return state["bn_mean"], jnp.sqrt(state["bn_var"] + BATCHNORM_EPS)
+
+
+def _make_step(config, graphdef, settings: AugmentedSettings, num_steps: int, mesh) -> Any:
+    aug = dataclasses.replace(
+        augment.AugmentConfig.from_config(config.augment),
+        num_views=1,
+        num_local_crops=0,
+        flip=True,
+        crop_scale=settings.crop_scale,
+        color_jitter_prob=0.0,
+        grayscale_prob=0.0,
+        blur_prob=0.0,
+        solarize_prob=0.0,
+    )
+    lrs = jnp.array(settings.learning_rates, jnp.float32) * settings.batch_size / 256
+    key = jax.random.key(config.seed)
+    features_kind = config.eval.features
+
+    def step_fn(state, params, images, labels):
+        step = state["step"] + 1
+        views, _ = augment.make_views(jax.random.fold_in(key, step), images, aug)
+        model = nnx.merge(graphdef, params)
+        x = jax.lax.stop_gradient(model.encode(views[0], features_kind))
+        bn_mean, bn_var = state["bn_mean"], state["bn_var"]
+        if settings.batchnorm:
+            mean, var = jnp.mean(x, 0), jnp.var(x, 0)
+            x = (x - mean) / jnp.sqrt(var + BATCHNORM_EPS)
+            n = x.shape[0]
+            bn_mean = (1 - BATCHNORM_MOMENTUM) * bn_mean + BATCHNORM_MOMENTUM * mean
+            bn_var = (1 - BATCHNORM_MOMENTUM) * bn_var + BATCHNORM_MOMENTUM * var * n / (n - 1)
+        heads = state["heads"]
+        loss, grads = jax.value_and_grad(evaluators.head_loss)(heads, x, labels)
+        # PyTorch's SGD: buf = momentum * buf + (grad + wd * w); w -= lr * buf.
+        grads = {"w": grads["w"] + settings.weight_decay * heads["w"], "b": grads["b"]}
+        buf = jax.tree.map(lambda m, g: SGD_MOMENTUM * m + g, state["momentum"], grads)
+        scale = lrs * 0.5 * (1 + jnp.cos(jnp.pi * (step - 1) / num_steps))
+        heads = {
+            "w": heads["w"] - scale[:, None, None] * buf["w"],
+            "b": heads["b"] - scale[:, None] * buf["b"],
+        }
+        new = {"heads": heads, "momentum": buf, "bn_mean": bn_mean, "bn_var": bn_var, "step": step}
+        return new, loss / lrs.shape[0]
+
+    replicated = sharding_lib.replicated(mesh)
+    return jax.jit(step_fn, out_shardings=(replicated, replicated), donate_argnums=0)

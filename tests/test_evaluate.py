@@ -1,0 +1,131 @@
+"""``--mode=evaluate``'s protocols on a trained smoke run (mocked TFDS data): streamed and
+in-memory splits give the same features, the summary is written, and the ``augmented``
+probe resumes after an interruption to the same heads."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from matching_gap import config_lib, errors, evaluate, evaluators, metrics, train
+from matching_gap import sharding as sharding_lib
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def mocked():
+    import tensorflow_datasets as tfds
+
+    return tfds.testing.mock_data(num_examples=64)
+
+
+def smoke_config():
+    config = config_lib.load_config_file(os.path.join(ROOT, "configs", "default.py"), "smoke")
+    config.train.final_eval = False
+    config.train.knn_every = 0
+    config.eval.protocols = "knn,features,augmented"
+    config.eval.augmented_epochs = 2  # 4 steps of 16 per epoch
+    config.eval.augmented_checkpoint_every = 2
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workdir holding a 3-step smoke run."""
+    workdir = tmp_path_factory.mktemp("trained")
+    with mocked():
+        train.train_and_evaluate(smoke_config(), str(workdir))
+    return workdir
+
+
+def copy_of(trained, tmp_path):
+    import shutil
+
+    shutil.copytree(trained, tmp_path / "run")
+    return str(tmp_path / "run")
+
+
+def test_streamed_and_in_memory_splits_give_the_same_features_and_results(trained):
+    config = smoke_config()
+    graphdef, params, _ = evaluate.restore_encoder(config, str(trained))
+    mesh = sharding_lib.make_mesh()
+    out = {}
+    for in_memory in (True, False):
+        config.data.in_memory = in_memory
+        with mocked():
+            evaluator = evaluate.Evaluator(config, graphdef, mesh, whole_splits=True)
+            fit, report = evaluator.features(params)
+            knn = evaluators.knn_accuracy(fit, report, k=5)
+            probe = evaluators.linear_probe(fit, report, evaluate.probe_settings(config))
+        out[in_memory] = (fit, report, knn, probe.top1)
+    for a, b in zip(out[True][:2], out[False][:2], strict=True):
+        np.testing.assert_array_equal(np.asarray(a.ids), np.asarray(b.ids))
+        np.testing.assert_array_equal(np.asarray(a.labels), np.asarray(b.labels))
+        np.testing.assert_allclose(np.asarray(a.features), np.asarray(b.features), rtol=1e-6)
+    assert out[True][2:] == out[False][2:]
+
+
+def test_evaluate_mode_runs_every_protocol_and_writes_the_summary(trained, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    config = smoke_config()
+    with mocked():
+        entries = evaluate.evaluate_workdir(config, workdir)
+    with open(os.path.join(workdir, evaluate.SUMMARY_FILE)) as f:
+        summary = json.load(f)
+    assert set(summary) == {"knn", "features", "augmented"}
+    assert summary["knn"]["train_examples"] == 64 and summary["knn"]["k"] == 5
+    assert summary["features"]["learning_rate"] in config.eval.probe_learning_rates
+    assert len(summary["features"]["grid"]) == 18
+    aug = summary["augmented"]
+    assert aug["finished"] and aug["step"] == aug["num_steps"] == 8
+    best = max(aug["heads"], key=lambda h: h["top1"])
+    assert (aug["top1"], aug["learning_rate"]) == (best["top1"], best["learning_rate"])
+    scaled = [lr * 16 / 256 for lr in config.eval.augmented_learning_rates]  # batch / 256
+    assert [h["learning_rate"] for h in aug["heads"]] == pytest.approx(scaled)
+    assert entries["augmented"]["top1"] == aug["top1"]
+    record = metrics.read_metrics(workdir)[-1]
+    assert record["step"] == 3
+    assert record["eval/augmented_probe_top1"] == pytest.approx(aug["top1"])
+    assert record["eval/knn_top1"] == pytest.approx(summary["knn"]["top1"])
+    # A later call for one protocol keeps the others' entries.
+    config.eval.protocols = "knn"
+    with mocked():
+        evaluate.evaluate_workdir(config, workdir)
+    with open(os.path.join(workdir, evaluate.SUMMARY_FILE)) as f:
+        assert set(json.load(f)) == {"knn", "features", "augmented"}
+
+
+def heads_at(workdir, step):
+    path = os.path.join(workdir, "linear_eval", "checkpoints", str(step), "default")
+    return ocp.StandardCheckpointer().restore(os.path.abspath(path))["heads"]
+
+
+def test_augmented_probe_interrupted_resumes_to_the_same_heads(trained, tmp_path):
+    straight, resumed = copy_of(trained, tmp_path / "a"), copy_of(trained, tmp_path / "b")
+    config = smoke_config()
+    config.eval.protocols = "augmented"
+    with mocked():
+        whole = evaluate.evaluate_workdir(config, straight)["augmented"]
+        config.eval.augmented_run_steps = 3  # stopped after step 3 (and checkpointed) ...
+        part = evaluate.evaluate_workdir(config, resumed)["augmented"]
+        assert not part["finished"] and part["step"] == 3 and "top1" not in part
+        assert "eval/augmented_probe_top1" not in metrics.read_metrics(resumed)[-1]
+        config.eval.augmented_run_steps = 0  # ... then resumed from step 3
+        again = evaluate.evaluate_workdir(config, resumed)["augmented"]
+    assert again["finished"] and again["heads"] == whole["heads"]
+    for a, b in zip(jax.tree.leaves(heads_at(straight, 8)), jax.tree.leaves(heads_at(resumed, 8)),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+    # Other settings would not resume these heads: refused, nothing lost.
+    config.eval.augmented_learning_rates = (0.5,)
+    with mocked(), pytest.raises(errors.WorkdirError, match="other settings"):
+        evaluate.evaluate_workdir(config, resumed)
+    assert os.path.isdir(os.path.join(resumed, "linear_eval", "checkpoints", "8"))
+
+
+def test_evaluate_mode_without_a_checkpoint_says_where_to_train(tmp_path):
+    with pytest.raises(errors.WorkdirError, match="No checkpoint"):
+        evaluate.evaluate_workdir(smoke_config(), str(tmp_path))
