@@ -26,6 +26,7 @@ from matching_gap import errors
 LOSSES = ("matching_gap", "m3g", "info_nce", "byol")
 _T = TypeVar("_T")
 OT_LOSSES = ("matching_gap", "m3g")  # the losses that solve OT problems (epsilon, groups)
+PROTOCOLS = ("knn", "features", "augmented")  # what --mode=evaluate can run
 
 
 class ConfigWarning(UserWarning):
@@ -360,7 +361,6 @@ _SCALAR_RULES: dict[str, _Rule] = {
     "eval.augmented_learning_rates": (lambda v: _reals(v, lambda x: x > 0),
                                       "a non-empty tuple of numbers > 0"),
     "eval.augmented_weight_decay": _NON_NEGATIVE,
-    "eval.augmented_batchnorm": (lambda v: isinstance(v, bool), "True or False"),
     "eval.augmented_crop_scale": (lambda v: _reals(v, lambda x: 0 < x <= 1) and len(v) == 2
                                   and v[0] <= v[1], "two numbers 0 < min <= max <= 1"),
     "eval.augmented_checkpoint_every": _POSITIVE_INT,
@@ -501,9 +501,7 @@ def _check_eval(e, model, num_devices: int) -> None:
     if e.features == "last4_cls" and depth < 4:
         raise errors.ConfigError(f"eval.features='last4_cls' needs 4 blocks, the model has "
                                  f"{depth}; choose another eval.features.")  # fmt: skip
-    from matching_gap import evaluate
-
-    evaluate.parse_protocols(e.protocols)
+    parse_protocols(e.protocols)
     for key in ("batch_size", "augmented_batch_size"):
         if e[key] % num_devices:
             raise errors.ConfigError(f"eval.{key} ({e[key]}) must be a multiple of the number "
@@ -515,6 +513,18 @@ def _check_eval(e, model, num_devices: int) -> None:
             "(learning rate, weight decay) pairs; set eval.probe_holdout > 0 or give one of "
             "each."
         )
+
+
+def parse_protocols(value: str) -> list[str]:
+    """``"knn,features"`` -> ``["knn", "features"]``; unknown names are a ConfigError."""
+    names = [p.strip() for p in value.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PROTOCOLS]
+    if unknown or not names:
+        raise errors.ConfigError(
+            f"eval.protocols must name some of {', '.join(PROTOCOLS)} (comma-separated), "
+            f"got {value!r}."
+        )
+    return names
 
 
 def _check_views(config, aug) -> None:

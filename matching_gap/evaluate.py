@@ -19,10 +19,18 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from matching_gap import augment, augmented_probe, checkpointing, data, errors, evaluators, metrics
+from matching_gap import (
+    augment,
+    augmented_probe,
+    checkpointing,
+    config_lib,
+    data,
+    errors,
+    evaluators,
+    metrics,
+)
 from matching_gap import sharding as sharding_lib
 
-PROTOCOLS = ("knn", "features", "augmented")
 SUMMARY_FILE = "evaluation.json"
 
 
@@ -152,18 +160,6 @@ def restore_encoder(config, workdir: str) -> tuple[Any, Any, int]:
     return graphdef, encoder_params(config, state), int(state.step)
 
 
-def parse_protocols(value: str) -> list[str]:
-    """``"knn,features"`` -> ``["knn", "features"]``; unknown names are a ConfigError."""
-    names = [p.strip() for p in value.split(",") if p.strip()]
-    unknown = [p for p in names if p not in PROTOCOLS]
-    if unknown or not names:
-        raise errors.ConfigError(
-            f"eval.protocols must name some of {', '.join(PROTOCOLS)} "
-            f"(comma-separated), got {value!r}."
-        )
-    return names
-
-
 def evaluate_workdir(config, workdir: str) -> dict:
     """``--mode=evaluate``: the protocols of ``eval.protocols`` on the whole evaluation
     splits, for the newest checkpoint of ``workdir`` (no training).
@@ -172,7 +168,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     settings, to ``<workdir>/evaluation.json`` (entries of earlier calls for other protocols
     are kept). Returns that summary.
     """
-    protocols = parse_protocols(config.eval.protocols)
+    protocols = config_lib.parse_protocols(config.eval.protocols)
     graphdef, params, step = restore_encoder(config, workdir)
     mesh = sharding_lib.make_mesh()
     evaluator = Evaluator(config, graphdef, mesh, whole_splits=True)

@@ -121,7 +121,6 @@ BAD_SCALARS = [
     ("eval.augmented_batch_size", 0),
     ("eval.augmented_learning_rates", (-1.0,)),
     ("eval.augmented_weight_decay", -1.0),
-    ("eval.augmented_batchnorm", 1),
     ("eval.augmented_crop_scale", (0.5, 0.2)),
     ("eval.augmented_checkpoint_every", 0),
     ("eval.augmented_run_steps", -1),
@@ -197,7 +196,8 @@ def test_group_size_is_only_checked_for_the_ot_losses():
 
 def test_batch_must_split_over_the_devices():
     assert_rejected({}, r"optim\.batch_size \(256\) must be divisible .* devices \(3\)", 3)
-    assert_rejected({"optim.batch_size": 258}, r"eval\.batch_size \(1024\) must be a multiple .* \(3\)", 3)
+    eval_rule = r"eval\.batch_size \(1024\) must be a multiple .* \(3\)"
+    assert_rejected({"optim.batch_size": 258}, eval_rule, 3)
     config_lib.validate(load("default.py"), num_devices=4)
 
 

@@ -5,7 +5,9 @@ with ``pytest -m slow``.
 """
 
 import glob
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -171,3 +173,38 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
                                rtol=1e-5)  # fmt: skip
     for a, b in zip(_params(tmp_path / "one", 3), _params(tmp_path / "two", 3), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_two_processes_evaluate_the_whole_split_as_one(tmp_path):
+    """``--mode=evaluate`` on all 70k Fashion-MNIST images: each process extracts its own
+    share; the k-NN, the ``features`` probe and the ``augmented`` probe agree with one
+    process."""
+    _run(_command(tmp_path / "one"))
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    evaluate_args = ["--mode=evaluate", "--config.eval.protocols=knn,features,augmented",
+                     "--config.eval.batch_size=1024", "--config.eval.probe_epochs=3",
+                     "--config.eval.augmented_epochs=1",
+                     "--config.eval.augmented_batch_size=1024"]  # fmt: skip
+    _run(_command(tmp_path / "one", *evaluate_args))
+    port = _free_port()
+    env = _env(JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    procs = [
+        subprocess.Popen(
+            _command(tmp_path / "two", *evaluate_args, f"--coordinator_address=127.0.0.1:{port}",
+                     "--num_processes=2", f"--process_id={i}"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    one, two = (json.loads((tmp_path / name / "evaluation.json").read_text())
+                for name in ("one", "two"))  # fmt: skip
+    assert one["knn"]["train_examples"] == two["knn"]["train_examples"] == 60_000
+    assert one["knn"]["top1"] == two["knn"]["top1"]
+    for protocol in ("features", "augmented"):
+        assert one[protocol]["learning_rate"] == two[protocol]["learning_rate"], protocol
+        assert one[protocol]["top1"] == pytest.approx(two[protocol]["top1"], abs=2e-3), protocol
