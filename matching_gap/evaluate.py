@@ -143,12 +143,13 @@ def encoder_params(config, state) -> Any:
     return state.teacher if config.teacher.ema else state.params
 
 
-def restore_encoder(config, workdir: str) -> tuple[Any, Any, int]:
+def restore_encoder(config, workdir: str, mesh=None) -> tuple[Any, Any, int]:
     """``(graphdef, params, step)``: the evaluated encoder of the newest checkpoint of
-    ``workdir`` (the EMA teacher's when the run had one), restored without training."""
+    ``workdir`` (the EMA teacher's when the run had one), restored without training onto
+    ``mesh`` (default: all devices)."""
     from matching_gap import train
 
-    mesh = sharding_lib.make_mesh()
+    mesh = sharding_lib.make_mesh() if mesh is None else mesh
     optimizer, _ = train.make_optimizer(config, 2, 1)
     graphdef, abstract, _ = train.abstract_train_state(config, optimizer, mesh)
     if not checkpointing.has_checkpoints(workdir):
@@ -169,8 +170,8 @@ def evaluate_workdir(config, workdir: str) -> dict:
     are kept). Returns that summary.
     """
     protocols = config_lib.parse_protocols(config.eval.protocols)
-    graphdef, params, step = restore_encoder(config, workdir)
     mesh = sharding_lib.make_mesh()
+    graphdef, params, step = restore_encoder(config, workdir, mesh)
     evaluator = Evaluator(config, graphdef, mesh, whole_splits=True)
     fit_split, report_split = evaluator.splits()
     metrics.log(

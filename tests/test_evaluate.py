@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from matching_gap import config_lib, errors, evaluate, evaluators, metrics, train
+from matching_gap import config_lib, data, errors, evaluate, evaluators, metrics, train
 from matching_gap import sharding as sharding_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -129,3 +129,36 @@ def test_augmented_probe_interrupted_resumes_to_the_same_heads(trained, tmp_path
 def test_evaluate_mode_without_a_checkpoint_says_where_to_train(tmp_path):
     with pytest.raises(errors.WorkdirError, match="No checkpoint"):
         evaluate.evaluate_workdir(smoke_config(), str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(data.DEFAULT_FASHION_MNIST_DIR),
+                    reason="needs apt-get install dataset-fashion-mnist")  # fmt: skip
+def test_features_probe_matches_scikit_learn_on_a_demo_model(tmp_path):
+    """As a new user would check it: the demo trained for 300 steps, then the ``features``
+    probe and scikit-learn's logistic regression on the same 60k / 10k features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    config = config_lib.load_config_file(os.path.join(ROOT, "configs", "default.py"))
+    config.optim.num_steps = 300
+    config.train.final_eval = False
+    one_device = jax.devices()[:1]  # as on a laptop (4 simulated devices on 2 cores can stall)
+    train.train_and_evaluate(config, str(tmp_path), devices=one_device)
+    mesh = sharding_lib.make_mesh(one_device)
+    graphdef, params, _ = evaluate.restore_encoder(config, str(tmp_path), mesh)
+    evaluator = evaluate.Evaluator(config, graphdef, mesh, whole_splits=True)
+    fit, report = evaluator.features(params)
+    ours = evaluators.linear_probe(fit, report, evaluate.probe_settings(config)).top1
+
+    def host(f):
+        mask = evaluators.to_host(f.mask).reshape(-1)
+        x = evaluators.to_host(f.features).reshape(mask.size, -1)[mask]
+        return x, evaluators.to_host(f.labels).reshape(-1)[mask]
+
+    (x, y), (xt, yt) = host(fit), host(report)
+    assert len(y) == 60_000 and len(yt) == 10_000
+    scaler = StandardScaler().fit(x)
+    reference = LogisticRegression(max_iter=1000).fit(scaler.transform(x), y)
+    expected = reference.score(scaler.transform(xt), yt)
+    assert abs(ours - expected) <= 0.005, (ours, expected)
