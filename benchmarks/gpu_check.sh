@@ -7,6 +7,9 @@
 #   b256_cudnn    the same with cuDNN flash attention (--config.model.attention=cudnn)
 #   b128_mc_xla   the paper's multi-crop (2 x 224 + 10 x 96), batch 128, XLA attention
 #   b128_mc_cudnn the same with cuDNN flash attention
+#   eval          evaluation throughput (benchmarks/eval_throughput.py, batch 1024): feature
+#                 extraction, the forward pass alone and the augmented probe's step, with
+#                 the ImageNet evaluation cost they project (experiments/recipes.md)
 #
 # and prints one table per variant; $OUT (default benchmarks/results/gpu_check) gets each
 # variant's whole log (<variant>.log) and environment.txt. A variant that fails or runs past $VARIANT_TIMEOUT seconds is reported and
@@ -33,12 +36,12 @@ declare -A flags=(
   [b128_mc_xla]="--config.optim.batch_size=128"
   [b128_mc_cudnn]="--config.optim.batch_size=128 --config.model.attention=cudnn"
 )
-known=(b256_xla b256_cudnn b128_mc_xla b128_mc_cudnn)
+known=(b256_xla b256_cudnn b128_mc_xla b128_mc_cudnn eval)
 order=("${known[@]}")
 if (($#)); then order=("$@"); fi
 
 for name in "${order[@]}"; do
-  if [[ -z "${flags[$name]+set}" ]]; then
+  if [[ $name != eval && -z "${flags[$name]+set}" ]]; then
     echo "unknown variant $name; known: ${known[*]}" >&2
     exit 2
   fi
@@ -55,14 +58,20 @@ flax.__version__, 'optax', optax.__version__, 'ott', ott.__version__, jax.device
 
 for name in "${order[@]}"; do
   echo
-  echo "== $name: $config ${flags[$name]}"
-  # shellcheck disable=SC2086  # the flags are meant to split into words
-  timeout "$timeout_s" python3 benchmarks/train_throughput.py --config="$config" \
-    ${flags[$name]} --rounds=3 --steps_per_round=5 >"$out/$name.log" 2>&1
+  if [[ $name == eval ]]; then
+    echo "== eval: $config --batch=1024"
+    timeout "$timeout_s" python3 benchmarks/eval_throughput.py --config="$config" \
+      --batch=1024 --rounds=3 --batches_per_round=4 >"$out/$name.log" 2>&1
+  else
+    echo "== $name: $config ${flags[$name]}"
+    # shellcheck disable=SC2086  # the flags are meant to split into words
+    timeout "$timeout_s" python3 benchmarks/train_throughput.py --config="$config" \
+      ${flags[$name]} --rounds=3 --steps_per_round=5 >"$out/$name.log" 2>&1
+  fi
   status=$?
-  # The table and the view-making line; the end of the log when the run failed.
+  # The tables and the summary lines; the end of the log when the run failed.
   if ((status == 0)); then
-    grep -E '^(model FLOPs|device:|\||XLA cost|view-making)' "$out/$name.log"
+    grep -E '^(model FLOPs|device:|\||XLA cost|view-making|ImageNet)' "$out/$name.log"
   else
     echo "FAILED (exit $status$( ((status == 124)) && echo ", over ${timeout_s} s")):"
     tail -n 15 "$out/$name.log"
