@@ -98,18 +98,15 @@ class Evaluator:
             self._splits = fit, report
         return self._splits
 
-    def features(self, params) -> tuple[evaluators.Features, evaluators.Features]:
+    def extract(self, split: data.EvalSplit, params) -> evaluators.Features:
         encode = lambda images: self._encode(params, images)
-        return tuple(
-            evaluators.extract(
-                encode,
-                split.batches(),
-                num_batches=split.num_batches,
-                num_classes=split.num_classes,
-                mesh=self._mesh,
-            )
-            for split in self.splits()
-        )
+        return evaluators.extract(encode, split.batches(), num_batches=split.num_batches,
+                                  num_classes=split.num_classes, mesh=self._mesh)  # fmt: skip
+
+    def features(self, params) -> tuple[evaluators.Features, evaluators.Features]:
+        """The features of both splits."""
+        fit, report = self.splits()
+        return self.extract(fit, params), self.extract(report, params)
 
     def __call__(self, params, *, probe: bool) -> dict:
         """``{"eval/knn_top1": ...}`` and, with ``probe``, ``"eval/linear_probe_top1"``."""
@@ -179,14 +176,15 @@ def evaluate_workdir(config, workdir: str) -> dict:
         f"{', '.join(protocols)} on {fit_split.num_examples} training and "
         f"{report_split.num_examples} evaluation images."
     )
-    fit, report = evaluator.features(params)
+    report = evaluator.extract(report_split, params)
+    fit = evaluator.extract(fit_split, params) if {"knn", "features"} & set(protocols) else None
     e = config.eval
     results, entries = {}, {}
     common = {
         "step": step,
         "features": e.features,
-        "train_examples": fit.num_examples,
-        "eval_examples": report.num_examples,
+        "train_examples": fit_split.num_examples,
+        "eval_examples": report_split.num_examples,
     }
     if "knn" in protocols:
         top1 = evaluators.knn_accuracy(fit, report, k=e.knn_k, temperature=e.knn_temperature)
