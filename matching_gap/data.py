@@ -55,7 +55,6 @@ __all__ = [
     "DataNotFoundError",
     "Dataset",
     "EvalSplit",
-    "eval_batches",
     "eval_split",
     "import_tensorflow",
     "iterate_tfds",
@@ -770,24 +769,6 @@ def train_batches(
 
     # Not a generator itself, so that bad arguments raise at the call.
     return batches()
-
-
-def eval_batches(dataset: Dataset, *, batch_size: int) -> Iterator[dict]:
-    """One ordered pass; the last batch is zero-padded, ``"mask"`` marks real examples."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    n = len(dataset)
-    for start in range(0, n, batch_size):
-        images = dataset.images[start : start + batch_size]
-        labels = dataset.labels[start : start + batch_size]
-        real = len(labels)
-        mask = np.zeros(batch_size, bool)
-        mask[:real] = True
-        if real < batch_size:
-            pad = batch_size - real
-            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-            labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-        yield {"image": images, "label": labels, "mask": mask}
 
 
 # --------------------------------------------------------------------------------------

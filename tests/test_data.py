@@ -550,9 +550,10 @@ def test_train_batches_bad_arguments():
         data.train_batches(ds, batch_size=16, seed=0)
 
 
-def test_eval_batches_cover_everything_once():
+def test_eval_split_batches_cover_everything_once():
     ds = _indexed_dataset(10)
-    batches = list(data.eval_batches(ds, batch_size=4))
+    cfg = data.DataConfig(source="fashion_mnist_idx", image_size=2, channels=1)
+    batches = list(data.eval_split(cfg, "test", batch_size=4, dataset=ds).batches())
     assert len(batches) == 3
     for batch in batches:
         assert batch["image"].shape == (4, 2, 2, 1) and batch["mask"].dtype == bool
@@ -560,5 +561,5 @@ def test_eval_batches_cover_everything_once():
     real = np.concatenate([b["label"][b["mask"]] for b in batches])
     np.testing.assert_array_equal(real, np.arange(10))
     np.testing.assert_array_equal(batches[-1]["image"][2:], 0)
-    exact = list(data.eval_batches(ds, batch_size=5))
+    exact = list(data.eval_split(cfg, "test", batch_size=5, dataset=ds).batches())
     assert len(exact) == 2 and all(b["mask"].all() for b in exact)
