@@ -7,6 +7,7 @@ with ``pytest -m slow``.
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -208,3 +209,34 @@ def test_two_processes_evaluate_the_whole_split_as_one(tmp_path):
     for protocol in ("features", "augmented"):
         assert one[protocol]["learning_rate"] == two[protocol]["learning_rate"], protocol
         assert one[protocol]["top1"] == pytest.approx(two[protocol]["top1"], abs=2e-3), protocol
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_augmented_probe_killed_mid_way_resumes_to_the_same_heads(tmp_path):
+    """The ``augmented`` probe on all 60k images, SIGKILLed after its first checkpoint, then
+    rerun: it resumes from that checkpoint and ends with the uninterrupted run's heads."""
+    _run(_command(tmp_path / "straight"))
+    shutil.copytree(tmp_path / "straight", tmp_path / "killed")
+    probe = ["--mode=evaluate", "--config.eval.protocols=augmented",
+             "--config.eval.batch_size=1024", "--config.eval.augmented_batch_size=1024",
+             "--config.eval.augmented_epochs=4",
+             "--config.eval.augmented_checkpoint_every=20"]  # fmt: skip
+    _run(_command(tmp_path / "straight", *probe))
+    proc = subprocess.Popen(_command(tmp_path / "killed", *probe), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
+    saved = tmp_path / "killed" / "linear_eval" / "checkpoints"
+    deadline = time.time() + 300
+    while not (saved.is_dir() and any(name.isdigit() for name in os.listdir(saved))):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "evaluation.json").exists()
+    restarted = _run(_command(tmp_path / "killed", *probe))
+    assert re.search(r"Augmented linear probe: .* from step [1-9]", restarted.stdout)
+    straight, killed = (json.loads((tmp_path / name / "evaluation.json").read_text())
+                        for name in ("straight", "killed"))  # fmt: skip
+    assert killed["augmented"]["finished"] and killed["augmented"]["step"] == 232
+    assert killed["augmented"]["heads"] == straight["augmented"]["heads"]
