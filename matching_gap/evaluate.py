@@ -123,12 +123,12 @@ class Evaluator:
 
 def print_summary(results: dict) -> None:
     lines = ["", "Linear probe and k-NN top-1 on the evaluation split:"]
-    for kind in ("linear_probe_top1", "knn_top1"):
+    for kind in ("linear_probe_top1", "knn_top1", "augmented_probe_top1"):
         trained = results.get(f"eval/{kind}")
         random_init = results.get(f"eval/random_init_{kind}")
         if trained is None:
             continue
-        line = f"  {kind:<18} trained {100 * trained:6.2f}%"
+        line = f"  {kind:<20} trained {100 * trained:6.2f}%"
         if random_init is not None:
             line += f" | random init {100 * random_init:6.2f}%"
         lines.append(line)
@@ -213,10 +213,6 @@ def evaluate_workdir(config, workdir: str) -> dict:
         writer.close()
     _write_summary(workdir, entries)
     print_summary(results)
-    if "eval/augmented_probe_top1" in results:
-        metrics.log(
-            f"  augmented_probe_top1 trained {100 * results['eval/augmented_probe_top1']:6.2f}%"
-        )
     return entries
 
 

@@ -250,13 +250,18 @@ def test_create_model_errors(overrides, match):
         create_model(_config(**overrides), rngs=nnx.Rngs(0))
 
 
-def test_encode_cls_avgpool_concatenates_cls_and_mean_patch_token():
-    cfg = ml_collections.ConfigDict(
-        dict(variant="", width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=4,
+def _encode_config(depth):
+    """A tiny CLS model (width 16, 8 x 8 images of 4 x 4 patches) for the encode tests."""
+    return ml_collections.ConfigDict(
+        dict(variant="", width=16, depth=depth, num_heads=2, mlp_dim=32, patch_size=4,
              image_size=8, channels=1, pooling="cls", drop_path_rate=0.0, dtype="float32",
              remat=False, projector_hidden_dim=8, projector_dim=4, projector_layers=2,
              use_predictor=False, predictor_hidden_dim=8)
     )  # fmt: skip
+
+
+def test_encode_cls_avgpool_concatenates_cls_and_mean_patch_token():
+    cfg = _encode_config(depth=1)
     model = create_model(cfg, rngs=nnx.Rngs(0))
     images = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
     tokens = model.encoder.tokens(images)
@@ -269,12 +274,7 @@ def test_encode_cls_avgpool_concatenates_cls_and_mean_patch_token():
 
 
 def test_encode_last4_cls_and_mean_patch_follow_dino_and_ijepa():
-    cfg = ml_collections.ConfigDict(
-        dict(variant="", width=16, depth=5, num_heads=2, mlp_dim=32, patch_size=4,
-             image_size=8, channels=1, pooling="cls", drop_path_rate=0.0, dtype="float32",
-             remat=False, projector_hidden_dim=8, projector_dim=4, projector_layers=2,
-             use_predictor=False, predictor_hidden_dim=8)
-    )  # fmt: skip
+    cfg = _encode_config(depth=5)
     model = create_model(cfg, rngs=nnx.Rngs(0))
     images = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
     # By hand: run the blocks one by one; DINO applies the final norm to each kept output.
@@ -292,8 +292,7 @@ def test_encode_last4_cls_and_mean_patch_follow_dino_and_ijepa():
                                atol=1e-6)  # fmt: skip
     np.testing.assert_allclose(model.encode(images, "mean_patch"),
                                vit.norm(x)[:, 1:].mean(axis=1), rtol=1e-5, atol=1e-6)  # fmt: skip
-    shallow = create_model(ml_collections.ConfigDict({**cfg.to_dict(), "depth": 3}),
-                           rngs=nnx.Rngs(0))  # fmt: skip
+    shallow = create_model(_encode_config(depth=3), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="depth >= 4"):
         shallow.encode(images, "last4_cls")
 
