@@ -25,8 +25,8 @@ def get_config(arg: str | None = None):
     if k not in (2, 3, 4):
         raise ValueError(f"m3g_vitb16: k must be 2, 3 or 4, got {k}.")
     c = config_lib.imagenet_recipe("B/16")
-    config_lib.strong_augmentations(c)
     c.augment.update(num_views=k, num_local_crops=0, local_crop_size=0, crop_scale=(0.08, 1.0))
+    config_lib.strong_augmentations(c)  # after num_views: asymmetric for k = 2 only
     c.loss.update(name="m3g", epsilon=0.2, group_size=64)
     if "smoke" in words:
         config_lib.make_smoke(c)

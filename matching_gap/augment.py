@@ -72,6 +72,10 @@ class AugmentConfig:
     grayscale_prob: float = 0.0
     blur_prob: float = 0.0
     solarize_prob: float = 0.0
+    # One probability per global view, replacing blur_prob / solarize_prob for those views
+    # (BYOL's asymmetric views: blur (1.0, 0.1), solarize (0.0, 0.2)); () = the same for all.
+    view_blur_probs: tuple[float, ...] = ()
+    view_solarize_probs: tuple[float, ...] = ()
     num_local_crops: int = 0
     local_crop_size: int = 0
     local_crop_scale: tuple[float, float] = (0.05, 0.2)
@@ -81,8 +85,16 @@ class AugmentConfig:
 
     def __post_init__(self):
         # Config files and command lines hand in lists; tuples keep the dataclass hashable.
-        for name in ("crop_scale", "local_crop_scale", "mean", "std"):
+        for name in ("crop_scale", "local_crop_scale", "mean", "std", "view_blur_probs",
+                     "view_solarize_probs"):  # fmt: skip
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        for name in ("view_blur_probs", "view_solarize_probs"):
+            probs = getattr(self, name)
+            if probs and (len(probs) != self.num_views or not all(0 <= p <= 1 for p in probs)):
+                raise ValueError(
+                    f"{name} must be () or one probability in [0, 1] per global view "
+                    f"(num_views = {self.num_views}), got {probs}"
+                )
         if self.crop_size <= 0:
             raise ValueError(f"crop_size must be positive, got {self.crop_size}")
         if self.num_views <= 0:
@@ -249,8 +261,13 @@ def _one_view(
     cfg: AugmentConfig,
     size: int,
     scale: tuple[float, float],
+    blur_prob: jax.Array,
+    solarize_prob: jax.Array,
 ) -> jax.Array:
-    """[H, W, c] in [0, 1] and uniforms [_U_COUNT] -> one view [size, size, c] in [0, 1]."""
+    """[H, W, c] in [0, 1] and uniforms [_U_COUNT] -> one view [size, size, c] in [0, 1].
+
+    ``blur_prob`` and ``solarize_prob``: this view's probabilities (they may differ per view).
+    """
     height, width = image.shape[0], image.shape[1]
     colour = image.shape[-1] == 3
 
@@ -267,19 +284,31 @@ def _one_view(
     if colour and cfg.grayscale_prob > 0:
         gray = jnp.broadcast_to(_gray(x), x.shape)
         x = jnp.where(u[_U_GRAY] < cfg.grayscale_prob, gray, x)
-    if cfg.blur_prob > 0:
+    if max((cfg.blur_prob,) + cfg.view_blur_probs) > 0:
         blurred = _gaussian_blur(u, x, size)
-        x = jnp.where(u[_U_BLUR] < cfg.blur_prob, blurred, x)
-    if cfg.solarize_prob > 0:
+        x = jnp.where(u[_U_BLUR] < blur_prob, blurred, x)
+    if max((cfg.solarize_prob,) + cfg.view_solarize_probs) > 0:
         solarized = jnp.where(x > 0.5, 1.0 - x, x)
-        x = jnp.where(u[_U_SOLARIZE] < cfg.solarize_prob, solarized, x)
+        x = jnp.where(u[_U_SOLARIZE] < solarize_prob, solarized, x)
     return x
 
 
-def _views(u: jax.Array, x: jax.Array, cfg: AugmentConfig, size: int, scale) -> jax.Array:
+def _view_probs(cfg: AugmentConfig, count: int, local: bool) -> tuple[jax.Array, jax.Array]:
+    """Blur and solarize probabilities ``[count]`` of the global (or local) views."""
+    blur = (cfg.blur_prob,) * count if local or not cfg.view_blur_probs else cfg.view_blur_probs
+    solarize = cfg.solarize_prob
+    solarize = (solarize,) * count if local or not cfg.view_solarize_probs else (
+        cfg.view_solarize_probs)  # fmt: skip
+    return jnp.asarray(blur, jnp.float32), jnp.asarray(solarize, jnp.float32)
+
+
+def _views(u: jax.Array, x: jax.Array, cfg: AugmentConfig, size: int, scale, *,
+           local: bool = False) -> jax.Array:  # fmt: skip
     """Uniforms [count, b, _U_COUNT], images [b, H, W, c] -> [count, b, size, size, c]."""
-    one = lambda row, image: _one_view(row, image, cfg, size, scale)
-    return jax.vmap(jax.vmap(one), in_axes=(0, None))(u, x)
+    blur, solarize = _view_probs(cfg, u.shape[0], local)
+    one = lambda row, image, pb, ps: _one_view(row, image, cfg, size, scale, pb, ps)
+    per_image = jax.vmap(one, in_axes=(0, 0, None, None))
+    return jax.vmap(per_image, in_axes=(0, None, 0, 0))(u, x, blur, solarize)
 
 
 # Jitted here because the vmapped pipeline is slow op-by-op (~100x); wrapping it in
@@ -309,7 +338,9 @@ def make_views(
     views = _normalise(views, cfg)
     if not cfg.num_local_crops:
         return views, None
-    local = _views(u[cfg.num_views :], x, cfg, cfg.local_crop_size, cfg.local_crop_scale)
+    local = _views(
+        u[cfg.num_views :], x, cfg, cfg.local_crop_size, cfg.local_crop_scale, local=True
+    )
     return views, _normalise(local, cfg)
 
 

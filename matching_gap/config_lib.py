@@ -62,6 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
         grayscale_prob=0.0,
         blur_prob=0.0,
         solarize_prob=0.0,
+        view_blur_probs=(),  # one per global view, overriding blur_prob (BYOL: (1.0, 0.1))
+        view_solarize_probs=(),  # one per global view (BYOL: (0.0, 0.2))
         num_local_crops=0,
         local_crop_size=0,
         local_crop_scale=(0.05, 0.2),
@@ -83,11 +85,13 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
         remat=False,
         attention="xla",  # xla | cudnn (flash attention: GPU and bfloat16 only)
+        stem_channels=0,  # > 0: a 3x3 conv stem with this many channels before the patchify
         projector_hidden_dim=256,
         projector_dim=64,
         projector_layers=2,
         use_predictor=False,
         predictor_hidden_dim=256,
+        head_batchnorm=False,  # BatchNorm (batch statistics) in the projector / predictor
     )
     c.loss = dict(
         name="matching_gap",  # matching_gap | m3g | info_nce | byol
@@ -126,6 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
         knn_every=0,  # 0 = only at the end
         final_eval=True,  # linear probe + kNN at the end
         compare_random_init=True,  # also evaluate the random-init encoder at the end
+        pictures=True,  # at the end: <workdir>/pictures/neighbours.png and embedding.png
+        plan_every=500,  # TensorBoard image of a batch's transport plan (matching_gap; 0 = off)
         time_limit_minutes=0.0,  # > 0: stop (and checkpoint) after this much training time
         run_steps=0,  # > 0: stop (and checkpoint) after this many steps in this invocation
         fsdp=False,  # shard parameters and optimiser state over the devices (large models)
@@ -205,7 +211,7 @@ def make_smoke(config: ml_collections.ConfigDict, *, image_size: int = 32) -> No
     config.optim.warmup_epochs = 0.0
     if config.loss.group_size:
         config.loss.group_size = 4  # divides the per-device batch on 4 simulated devices
-    config.train.update(log_every=1, checkpoint_every=2, knn_every=2)
+    config.train.update(log_every=1, checkpoint_every=2, knn_every=2, pictures=False, plan_every=0)
     config.eval.update(batch_size=32, knn_k=5, probe_epochs=2, probe_batch_size=32,
                        augmented_epochs=1, augmented_batch_size=16)  # fmt: skip
 
@@ -246,11 +252,17 @@ def imagenet_recipe(variant: str = "B/16") -> ml_collections.ConfigDict:
 
 
 def strong_augmentations(c: ml_collections.ConfigDict) -> None:
-    """BYOL's colour / blur / solarisation set on top of crops and flips."""
+    """BYOL's colour / blur / solarisation set on top of crops and flips.
+
+    With two global views they are BYOL's (and DINO's) asymmetric ones: blur 1.0 / 0.1,
+    solarize 0.0 / 0.2; with another number of views every view gets the mean, 0.5 / 0.1.
+    """
     c.augment.update(
         color_jitter_prob=0.8, color_jitter_strength=1.0, grayscale_prob=0.2,
         blur_prob=0.5, solarize_prob=0.1,
     )  # fmt: skip
+    if c.augment.num_views == 2:
+        c.augment.update(view_blur_probs=(1.0, 0.1), view_solarize_probs=(0.0, 0.2))
 
 
 # --------------------------------------------------------------------------- validation
@@ -345,6 +357,7 @@ _SCALAR_RULES: dict[str, _Rule] = {
     "train.knn_every": (_COUNT[0], "an integer >= 0 (0 = only at the end)"),
     "train.time_limit_minutes": (_NON_NEGATIVE[0], ">= 0 (0 = no limit)"),
     "train.run_steps": (_COUNT[0], "an integer >= 0 (0 = no limit)"),
+    "train.plan_every": (_COUNT[0], "an integer >= 0 (0 = off)"),
     "eval.batch_size": _POSITIVE_INT,
     "eval.knn_k": _POSITIVE_INT,
     "eval.knn_temperature": _POSITIVE,

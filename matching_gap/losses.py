@@ -45,6 +45,7 @@ __all__ = [
     "multiview_byol",
     "multiview_info_nce",
     "reduce_aux",
+    "transport_plan",
 ]
 
 COSTS = ("sqeuclidean", "cosine")
@@ -265,14 +266,51 @@ def matching_gap(
         c = cost_matrix(views[0], views[1], cost)
         n = c.shape[0]
         eps = _resolve_epsilon(epsilon, relative_epsilon, c)
-        geom = geometry.Geometry(cost_matrix=jax.lax.stop_gradient(c), epsilon=eps)
-        solver = sinkhorn.Sinkhorn(implicit_diff=None, **options)
-        out = solver(linear_problem.LinearProblem(geom))
+        out = _sinkhorn(c, eps, options)
         f, g = jax.lax.stop_gradient(out.f), jax.lax.stop_gradient(out.g)
         ot_cost = _entropic_dual(f, g, c, eps)
         return _gap(jnp.mean(jnp.diagonal(c)), ot_cost, eps, n, out)
 
     return _grouped(one_problem, jnp.stack([x, y]), group_size)
+
+
+def _sinkhorn(c: jax.Array, eps: jax.Array, options: Mapping[str, Any]):
+    """OTT's Sinkhorn on ``stop_gradient(c)`` with uniform marginals (never differentiated)."""
+    geom = geometry.Geometry(cost_matrix=jax.lax.stop_gradient(c), epsilon=eps)
+    solver = sinkhorn.Sinkhorn(implicit_diff=None, **options)
+    return solver(linear_problem.LinearProblem(geom))
+
+
+def transport_plan(
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    epsilon: float,
+    cost: str = "sqeuclidean",
+    normalize: bool = False,
+    relative_epsilon: str | None = None,
+    sinkhorn_options: Mapping[str, Any] | None = None,
+) -> jax.Array:
+    """The entropic optimal plan :math:`P^*` of :func:`matching_gap` (one problem).
+
+    Same arguments as :func:`matching_gap` (without groups). Returns ``[n, n]`` with rows
+    and columns summing to ``1 / n`` (up to Sinkhorn's tolerance): the coupling whose
+    distance from the true pairs ``I / n`` the matching gap measures, and whose
+    off-diagonal mass shows which images the embedding still confuses.
+    """
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    _check_pair(x, y, "transport_plan")
+    _check_epsilon(epsilon, relative_epsilon)
+    if cost not in COSTS:
+        raise ValueError(f"Unknown cost {cost!r}; valid costs: {list(COSTS)}.")
+    dtype = _compute_dtype(x, y)
+    x, y = x.astype(dtype), y.astype(dtype)
+    if normalize:
+        x, y = l2_normalize(x), l2_normalize(y)
+    c = cost_matrix(x, y, cost)
+    eps = _resolve_epsilon(epsilon, relative_epsilon, c)
+    out = _sinkhorn(c, eps, _sinkhorn_options(sinkhorn_options, allowed=None))
+    return jnp.exp((out.f[:, None] + out.g[None, :] - c) / eps)
 
 
 def _gap(paired: jax.Array, ot_cost: jax.Array, eps: jax.Array, n: int, out) -> tuple:

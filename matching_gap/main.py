@@ -1,7 +1,8 @@
 """Command line: ``python -m matching_gap.main --config=configs/default.py --workdir=DIR``.
 
 Trains (resuming from ``--workdir`` if it holds checkpoints) and evaluates; with
-``--mode=evaluate`` only runs the evaluators on the newest checkpoint of ``--workdir``.
+``--mode=evaluate`` only runs the evaluators on the newest checkpoint of ``--workdir``;
+``--mode=pictures`` only draws its pictures (``<workdir>/pictures/``).
 Override any config field from the command line: ``--config.loss.epsilon=0.1``.
 
 A mistake in the command line, the config or the data (:class:`errors.UserError`) is
@@ -33,7 +34,7 @@ from matching_gap import config_lib, errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "pictures"], "What to run.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, for multi-host runs outside "
     "TPU pods and SLURM (which are detected automatically).")  # fmt: skip
@@ -161,6 +162,10 @@ def main(argv):
             from matching_gap import evaluate
 
             evaluate.evaluate_workdir(config, workdir)
+        elif _MODE.value == "pictures":
+            from matching_gap import pictures
+
+            pictures.write_workdir_pictures(config, workdir)
         else:
             from matching_gap import train
 

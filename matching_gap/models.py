@@ -264,6 +264,7 @@ class ViT(nnx.Module):
         param_dtype: Any = jnp.float32,
         remat: bool = False,
         attention: str = "xla",
+        stem_channels: int = 0,
         rngs: nnx.Rngs,
     ):
         sizes = dict(width=width, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
@@ -280,8 +281,24 @@ class ViT(nnx.Module):
         self.dtype = dtype
         self.remat = remat
 
+        # An optional convolutional stem (Xiao et al., 2021, "Early convolutions help
+        # transformers see better"): a 3x3 convolution at full resolution + GELU before the
+        # patchify, so that each token starts from local edges rather than raw pixels.
+        self.stem = nnx.data(None)
+        if stem_channels:
+            self.stem = nnx.Conv(
+                channels,
+                stem_channels,
+                kernel_size=(3, 3),
+                padding="SAME",
+                kernel_init=nnx.initializers.lecun_normal(),
+                bias_init=nnx.initializers.zeros_init(),
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
         self.patch_embed = nnx.Conv(
-            channels,
+            stem_channels or channels,
             width,
             kernel_size=(patch_size, patch_size),
             strides=(patch_size, patch_size),
@@ -347,7 +364,10 @@ class ViT(nnx.Module):
                 f"Image size {h}x{w} is not divisible by patch_size {self.patch_size}; "
                 "resize or crop the images to a multiple of the patch size."
             )
-        x = self.patch_embed(images.astype(self.dtype))
+        x = images.astype(self.dtype)
+        if self.stem is not None:
+            x = jax.nn.gelu(self.stem(x), approximate=False)
+        x = self.patch_embed(x)
         b, gh, gw, _ = x.shape
         x = x.reshape(b, gh * gw, self.width)
         x = x + self._position_embedding(gh, gw).astype(self.dtype)
@@ -374,8 +394,34 @@ class ViT(nnx.Module):
         return jnp.mean(x.astype(jnp.float32), axis=1)
 
 
+class BatchStatNorm(nnx.Module):
+    """BatchNorm on the batch's own statistics (no running averages): the heads' norm.
+
+    BYOL, SimSiam and solo-learn put BatchNorm in the projector and predictor; the heads are
+    used in training only (the evaluators read the encoder), so the running averages an
+    inference-time BatchNorm keeps are never needed. Under ``jit`` on a mesh the mean over
+    the global batch axis is the synchronised (all-device) statistic.
+    """
+
+    def __init__(self, features: int, *, param_dtype: Any = jnp.float32, epsilon: float = 1e-5):
+        self.epsilon = epsilon
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((features,), param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=0)
+        var = jnp.mean(jnp.square(x32 - mean), axis=0)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
 class MLPHead(nnx.Module):
-    """``Linear(in, hidden) -> GELU -> ... -> Linear(hidden, out)``; one layer = one Linear."""
+    """``Linear(in, hidden) -> [BatchNorm] -> GELU -> ... -> Linear(hidden, out)``.
+
+    One layer = one Linear; ``batchnorm=True`` normalises every hidden layer over the batch
+    (:class:`BatchStatNorm`), as BYOL's heads do.
+    """
 
     def __init__(
         self,
@@ -385,6 +431,7 @@ class MLPHead(nnx.Module):
         num_layers: int = 2,
         *,
         rngs: nnx.Rngs,
+        batchnorm: bool = False,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
     ):
@@ -398,11 +445,16 @@ class MLPHead(nnx.Module):
                 for d_in, d_out in zip(dims[:-1], dims[1:], strict=True)
             ]
         )
+        self.norms = nnx.data(None)
+        if batchnorm:
+            self.norms = nnx.List([BatchStatNorm(d, param_dtype=param_dtype) for d in dims[1:-1]])
 
     def __call__(self, x: Array) -> Array:
         x = x.astype(self.dtype)
         for i, layer in enumerate(self.layers):
             if i:
+                if self.norms is not None:
+                    x = self.norms[i - 1](x)
                 x = jax.nn.gelu(x, approximate=False)
             x = layer(x)
         return x.astype(jnp.float32)
@@ -479,12 +531,14 @@ class ModelConfig:
     dtype: str = "float32"
     remat: bool = False
     attention: str = "xla"
+    stem_channels: int = 0
     projector_hidden_dim: int = 2048
     projector_dim: int = 256
     projector_layers: int = 2
     use_predictor: bool = False
     predictor_hidden_dim: int | None = None
     predictor_layers: int | None = None
+    head_batchnorm: bool = False
 
     def __post_init__(self):
         _check_encoder(
@@ -498,6 +552,15 @@ class ModelConfig:
             )
         if self.attention == "cudnn":
             _check_cudnn_attention(_DTYPES[self.dtype])
+        stem = self.stem_channels
+        if isinstance(stem, bool) or not isinstance(stem, int | np.integer) or stem < 0:
+            raise errors.ConfigError(
+                f"model.stem_channels must be a non-negative integer (0: no stem), got {stem!r}."
+            )
+        if not isinstance(self.head_batchnorm, bool):
+            raise errors.ConfigError(
+                f"model.head_batchnorm must be True or False, got {self.head_batchnorm!r}."
+            )
         heads = dict(
             projector_hidden_dim=self.projector_hidden_dim, projector_dim=self.projector_dim,
             projector_layers=self.projector_layers,
@@ -542,17 +605,17 @@ def create_model(model_config: ModelConfig | Any, *, rngs: nnx.Rngs) -> SSLModel
     encoder = ViT(
         **cfg.encoder_sizes(), image_size=cfg.image_size, channels=cfg.channels,
         pooling=cfg.pooling, drop_path_rate=cfg.drop_path_rate, dtype=dtype, remat=cfg.remat,
-        attention=cfg.attention, rngs=rngs,
+        attention=cfg.attention, stem_channels=cfg.stem_channels, rngs=rngs,
     )  # fmt: skip
     projector = MLPHead(
         encoder.num_features, cfg.projector_hidden_dim, cfg.projector_dim,
-        cfg.projector_layers, dtype=dtype, rngs=rngs,
+        cfg.projector_layers, batchnorm=cfg.head_batchnorm, dtype=dtype, rngs=rngs,
     )  # fmt: skip
     predictor = None
     if cfg.use_predictor:
         predictor = MLPHead(
             cfg.projector_dim, cfg.predictor_hidden_dim or cfg.projector_hidden_dim,
-            cfg.projector_dim, cfg.predictor_layers or cfg.projector_layers, dtype=dtype,
-            rngs=rngs,
+            cfg.projector_dim, cfg.predictor_layers or cfg.projector_layers,
+            batchnorm=cfg.head_batchnorm, dtype=dtype, rngs=rngs,
         )  # fmt: skip
     return SSLModel(encoder, projector, predictor)

@@ -34,6 +34,7 @@ from matching_gap import (
     metrics,
     models,
     objectives,
+    pictures,
 )
 from matching_gap import sharding as sharding_lib
 
@@ -291,6 +292,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     batches = data.train_iterator(data_config, train_set, batch_size=config.optim.batch_size,
                                   seed=config.seed, start_step=start_step)  # fmt: skip
     progress = metrics.Progress(writer, config.optim.batch_size, mesh.size, start_step, num_steps)
+    plan_batch = None  # the transport-plan pictures: single-process matching-gap runs
+    if config.train.plan_every and config.loss.name == "matching_gap":
+        if jax.process_count() == 1:
+            plan_batch = pictures.make_plan_batch(config, graphdef)
+        else:
+            metrics.log("train.plan_every: transport-plan images are written by single-process "
+                        "runs only; skipped.")  # fmt: skip
     pending, time_limit = [], config.train.time_limit_minutes * 60
     with checkpointing.preemption_notice() as preempted:
         for step in range(start_step + 1, num_steps + 1):
@@ -317,6 +325,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                 results = evaluator(evaluate.encoder_params(config, state), probe=False)
                 writer.write_scalars(step, results)
                 metrics.log(f"step {step} | {metrics.format_results(results)}")
+            if plan_batch is not None and step % config.train.plan_every == 0:
+                views, student, targets = jax.device_get(
+                    plan_batch(state.params, state.teacher, images, step)
+                )
+                images_out = pictures.plan_images(config, views, student, targets)
+                writer.write_images(step, {f"plan/{k}": v for k, v in images_out.items()})
     ckpt.close()
     final_step = int(state.step)
 
@@ -324,14 +338,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     if final_step < num_steps:
         metrics.log(f"Stopped at step {final_step} of {num_steps} with a checkpoint; rerun "
                     "the same command to resume.")  # fmt: skip
-    elif config.train.final_eval:
+        writer.close()
+        return TrainResult(final_step, num_steps, results)
+    random_params = None
+    if config.train.compare_random_init and (config.train.final_eval or config.train.pictures):
+        init = init_train_state(config, optimizer, state_sharding)
+        random_params = evaluate.encoder_params(config, init)
+    if config.train.final_eval:
         results = evaluator(evaluate.encoder_params(config, state), probe=True)
-        if config.train.compare_random_init:
-            init = init_train_state(config, optimizer, state_sharding)
-            random_results = evaluator(evaluate.encoder_params(config, init), probe=True)
+        if random_params is not None:
+            random_results = evaluator(random_params, probe=True)
             results.update({k.replace("eval/", "eval/random_init_"): v
                             for k, v in random_results.items()})  # fmt: skip
         writer.write_scalars(final_step, results)
         evaluate.print_summary(results)
+    if config.train.pictures:
+        if jax.process_count() == 1:
+            pictures.write_pictures(config, graphdef, evaluate.encoder_params(config, state),
+                                    random_params, workdir)  # fmt: skip
+        else:
+            metrics.log(
+                "train.pictures: pictures are drawn by single-process runs only "
+                "(--mode=pictures on one host draws them from the checkpoint)."
+            )
     writer.close()
     return TrainResult(final_step, num_steps, results)

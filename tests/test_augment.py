@@ -132,6 +132,22 @@ def test_colour_ops_change_the_image_and_keep_range():
             assert abs(views.mean() - images.mean() / 255.0) < 0.15, field
 
 
+@pytest.mark.parametrize("field", ["blur", "solarize"])
+def test_per_view_probabilities_apply_to_their_own_view(field):
+    """BYOL's asymmetric views: view 1 always, view 2 never (the same uniforms otherwise),
+    so each view equals the one made with that probability for every view."""
+    images = _images(b=6, size=64, c=3)
+    key = jax.random.key(10)
+    make = lambda **kw: np.asarray(
+        make_views(key, images, AugmentConfig(crop_size=64, **{**RGB_UNIT, **kw}))[0]
+    )
+    per_view = make(**{f"view_{field}_probs": (1.0, 0.0)})
+    always, never = make(**{f"{field}_prob": 1.0}), make()
+    np.testing.assert_array_equal(per_view[0], always[0])
+    np.testing.assert_array_equal(per_view[1], never[1])
+    assert not np.allclose(always[1], never[1])  # the op does change view 2 when applied
+
+
 def test_solarize_inverts_bright_pixels():
     images = np.array([0, 64, 128, 192, 255], np.uint8).reshape(1, 1, 5, 1)
     images = np.broadcast_to(images, (1, 5, 5, 1))

@@ -109,6 +109,7 @@ BAD_SCALARS = [
     ("train.knn_every", -1),
     ("train.time_limit_minutes", -1.0),
     ("train.run_steps", -1),
+    ("train.plan_every", -1),
     ("eval.batch_size", 0),
     ("eval.knn_k", 0),
     ("eval.knn_temperature", 0.0),
@@ -153,6 +154,13 @@ def test_unknown_choice_is_rejected_with_the_valid_ones(key, value):
         ({"loss.relative_epsilon": "median"}, r"^loss\.relative_epsilon must be one of"),
         ({"augment.crop_size": 0}, r"^augment\.crop_size must be positive"),
         ({"augment.std": (0.0,)}, r"^augment\.std must be positive"),
+        (
+            {"augment.view_blur_probs": (1.0,)},
+            r"^augment\.view_blur_probs must be \(\) or one "
+            r"probability in \[0, 1\] per global view \(num_views = 2\), got \(1\.0,\)",
+        ),
+        ({"augment.view_solarize_probs": (0.0, 1.5)}, r"^augment\.view_solarize_probs must be"),
+        ({"model.stem_channels": -1}, r"^model\.stem_channels must be a non-negative integer"),
         ({"model.num_heads": 5}, r"^model\.width \(64\) must be divisible by model\.num_heads"),
         ({"model.variant": "Q/16"}, r"^model\.variant: Unknown ViT variant 'Q/16'"),
         ({"model.dtype": "float16"}, r"^model\.dtype must be one of"),

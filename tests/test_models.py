@@ -169,6 +169,37 @@ def test_mlp_head_layers():
         MLPHead(8, 32, 4, num_layers=0, rngs=nnx.Rngs(0))
 
 
+def test_batchnorm_head_normalises_over_the_batch():
+    """BatchNorm on batch statistics: every hidden unit has mean 0 / variance 1 over the
+    batch before the activation, so shifting every input by the same vector changes nothing
+    (it does change a head without the norm)."""
+    x = jax.random.normal(jax.random.key(1), (16, 8))
+    shift = jnp.linspace(-3.0, 3.0, 8)
+    head = MLPHead(8, 32, 4, num_layers=2, batchnorm=True, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(head(x + shift), head(x), atol=1e-4)
+    plain = MLPHead(8, 32, 4, num_layers=2, rngs=nnx.Rngs(0))
+    assert not np.allclose(plain(x + shift), plain(x), atol=1e-2)
+    pre = np.asarray(head.layers[0](x), np.float64)
+    expected = (pre - pre.mean(0)) / np.sqrt(pre.var(0) + 1e-5)  # scale 1, bias 0 at init
+    np.testing.assert_allclose(head.norms[0](head.layers[0](x)), expected, atol=1e-4)
+    assert _num_params(head) == _num_params(plain) + 2 * 32  # a scale and a bias per unit
+
+
+def test_conv_stem_feeds_the_patch_embedding():
+    vit = _tiny_vit(stem_channels=8)
+    assert vit.stem.kernel.shape == (3, 3, 1, 8)
+    assert vit.patch_embed.kernel.shape == (7, 7, 8, 32)
+    x = _images(2)
+    # By hand: the 3x3 convolution + GELU, then the same ViT from its patch embedding on.
+    stem = jax.lax.conv_general_dilated(
+        x, vit.stem.kernel[...], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    hidden = jax.nn.gelu(stem + vit.stem.bias[...], approximate=False)
+    vit_without = nnx.clone(vit)
+    vit_without.stem, vit_without.channels = None, 8
+    np.testing.assert_allclose(vit(x), vit_without.tokens(hidden)[:, 0], atol=1e-5)
+
+
 def test_parse_variant():
     assert parse_variant("B/16") == dict(
         width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16
