@@ -4,7 +4,6 @@ import importlib.util
 import os
 import sys
 
-import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -36,6 +35,13 @@ def test_cells_cover_the_study_and_their_configs_are_valid():
         if cell.group == "m3g":
             assert c.loss.name == "m3g" and c.augment.num_views == int(cell.label[-1])
     assert {c.dataset for c in cells if c.group == "cifar10"} == {"cifar10"}
+    claim = study.make_cells([0, 1, 2], ["cropflip", "strong"], cifar10=False,
+                             claim_seeds=[0, 1, 2, 3, 4])  # fmt: skip
+    assert sorted({c.seed for c in claim if c.group == "cropflip"}) == [0, 1, 2, 3, 4]
+    assert sorted({c.seed for c in claim if c.group == "strong"}) == [0, 1, 2]
+    # M3G at equal encoder passes: k views, 2/k of the steps.
+    m3g = {c.label: study.cell_config(c, epochs=2.0) for c in cells if c.group == "m3g"}
+    assert [m3g[f"k={k}"].optim.num_epochs * k for k in (2, 3, 4)] == pytest.approx([4.0] * 3)
     assert not [c for c in study.make_cells([0], study.GROUPS, cifar10=False)
                 if c.group == "cifar10"]  # fmt: skip
 
@@ -43,8 +49,9 @@ def test_cells_cover_the_study_and_their_configs_are_valid():
 def _record(group, label, seed, probe, knn):
     return {
         "name": f"{group}-{label}-{seed}", "group": group, "label": label, "seed": seed,
-        "steps": 468, "minutes": 2.0, "linear_probe_top1": probe, "knn_top1": knn,
-        "knn_curve": [[117, knn - 0.02], [468, knn]],
+        "steps": 468, "minutes": 2.0, "train_minutes": 1.5, "linear_probe_top1": probe,
+        "knn_top1": knn, "knn_curve": [[117, knn - 0.02], [468, knn]],
+        "knn_curve_minutes": [0.4, 1.5],
     }  # fmt: skip
 
 
@@ -57,14 +64,33 @@ def test_report_statistics_and_paired_differences(tmp_path):
     r = _record("epsilon", "eps=0.4", 0, 0.70, 0.60)
     records[r["name"]] = r
     table = study.summarize(records)
-    assert "| matching gap | 3 | 82.00 ± 2.00 | 77.00 ± 2.00 | 468 | 2.0 |" in table
+    assert "| matching gap | 3 | 82.00 ± 2.00 | 77.00 ± 2.00 | 468 | 1.5 | 2.0 |" in table
     # The sweep's 0.2 point is the cropflip matching-gap cell, sorted by epsilon.
     assert table.index("| eps=0.2 | 3 |") < table.index("| eps=0.4 | 1 | 70.00 ± 0.00")
-    diffs = np.array([1.0, 2.0, 0.0])
-    assert f"linear probe: {diffs.mean():+.2f} points" in table
-    assert f"std {diffs.std(ddof=1):.2f}" in table
+    # Differences 1, 2, 0: mean 1, std 1, t(0.975, 2 dof) = 4.3027 -> 1 -/+ 4.3027 / sqrt(3).
+    assert ("cropflip: matching gap − InfoNCE, linear probe: +1.00 points, 95% interval "
+            "[-1.48, +3.48] over 3 seeds (per seed +1.00, +2.00, +0.00): no difference "
+            "detected") in table  # fmt: skip
     pytest.importorskip("matplotlib")
     written = study.plot(records, str(tmp_path))
     assert sorted(os.path.basename(p) for p in written) == [
         "accuracy_over_training.png", "accuracy_vs_epsilon.png"]  # fmt: skip
     assert all(os.path.getsize(p) > 1000 for p in written)
+
+
+def test_paired_interval_and_verdict():
+    mean, low, high = study.paired_interval([0.5, 0.7, 0.6, 0.4, 0.8])
+    # std 0.1581, t(0.975, 4) = 2.7764: half-width 0.1963.
+    assert (mean, low, high) == pytest.approx((0.6, 0.6 - 0.19632, 0.6 + 0.19632), abs=1e-4)
+    assert study.verdict(low, high).startswith("the matching gap is better")
+    assert study.verdict(-0.5, -0.1).startswith("the matching gap is worse")
+    assert study.verdict(*study.paired_interval([0.3])[1:]).startswith("one seed")
+
+
+def test_train_seconds_integrate_the_logged_rates():
+    rows = [
+        {"step": 50, "train/images_per_second": 100.0},
+        {"step": 100, "train/images_per_second": 200.0},
+        {"step": 100, "eval/knn_top1": 0.5},
+    ]
+    assert study.train_seconds(rows, batch_size=10) == {0: 0.0, 50: 5.0, 100: 7.5}
