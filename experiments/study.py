@@ -133,7 +133,8 @@ def cell_config(cell: Cell, epochs: float, *, data_dir: str = "", cifar10_data_d
     steps = train.total_steps(c, num_examples)
     c.train.update(
         log_every=50, checkpoint_every=max(steps // 4, 1), knn_every=steps // 4 if cell.curve
-        else 0, compare_random_init=cell.random_init, pictures=False, plan_every=0,
+        else 0, compare_random_init=cell.random_init, compare_raw_pixels=False, pictures=False,
+        plan_every=0,
     )  # fmt: skip
     if data_dir:
         c.data.data_dir = data_dir

@@ -130,6 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
         knn_every=0,  # 0 = only at the end
         final_eval=True,  # linear probe + kNN at the end
         compare_random_init=True,  # also evaluate the random-init encoder at the end
+        compare_raw_pixels=False,  # also evaluate the flattened pixels (small images only)
         pictures=True,  # at the end: <workdir>/pictures/neighbours.png and embedding.png
         plan_every=500,  # TensorBoard image of a batch's transport plan (matching_gap; 0 = off)
         time_limit_minutes=0.0,  # > 0: stop (and checkpoint) after this much training time

@@ -34,15 +34,20 @@ from matching_gap import sharding as sharding_lib
 SUMMARY_FILE = "evaluation.json"
 
 
-def make_encode(config, graphdef, mesh=None) -> Callable[[Any, jax.Array], jax.Array]:
+def make_encode(config, graphdef, mesh=None, *,
+                raw_pixels: bool = False) -> Callable[[Any, jax.Array], jax.Array]:  # fmt: skip
     """Jitted ``encode(params, images) -> features``: the evaluation view (centre crop,
-    normalisation), then ``config.eval.features`` of the encoder. With a ``mesh``, the
-    features stay split over the devices like the images."""
+    normalisation), then ``config.eval.features`` of the encoder; with ``raw_pixels``, the
+    view's pixels flattened (``params`` unused: the bar a learned encoder should clear).
+    With a ``mesh``, the features stay split over the devices like the images."""
     aug_config = augment.AugmentConfig.from_config(config.augment)
 
     def encode(params, images):
+        view = augment.center_view(images, aug_config)
+        if raw_pixels:
+            return view.reshape(view.shape[0], -1)
         model = nnx.merge(graphdef, params)
-        return model.encode(augment.center_view(images, aug_config), config.eval.features)
+        return model.encode(view, config.eval.features)
 
     if mesh is None:
         return jax.jit(encode)
@@ -66,12 +71,14 @@ class Evaluator:
     ``data.eval_train_split`` is fitted on and ``data.eval_split`` reported on, each limited
     to ``data.eval_max_examples`` (the quick monitor) unless ``whole_splits``. In-memory
     sources are loaded once and kept; streamed ones are read again at each evaluation.
+    ``raw_pixels``: evaluate the flattened evaluation view instead of an encoder.
     """
 
-    def __init__(self, config, graphdef, mesh, *, whole_splits: bool = False):
+    def __init__(self, config, graphdef, mesh, *, whole_splits: bool = False,
+                 raw_pixels: bool = False):  # fmt: skip
         self._config = config
         self._mesh = mesh
-        self._encode = make_encode(config, graphdef, mesh)
+        self._encode = make_encode(config, graphdef, mesh, raw_pixels=raw_pixels)
         self._max_examples = 0 if whole_splits else config.data.eval_max_examples
         self._splits = None
 
@@ -126,11 +133,14 @@ def print_summary(results: dict) -> None:
     for kind in ("linear_probe_top1", "knn_top1", "augmented_probe_top1"):
         trained = results.get(f"eval/{kind}")
         random_init = results.get(f"eval/random_init_{kind}")
+        raw_pixels = results.get(f"eval/raw_pixels_{kind}")
         if trained is None:
             continue
         line = f"  {kind:<20} trained {100 * trained:6.2f}%"
         if random_init is not None:
             line += f" | random init {100 * random_init:6.2f}%"
+        if raw_pixels is not None:
+            line += f" | raw pixels {100 * raw_pixels:6.2f}%"
         lines.append(line)
     metrics.log("\n".join(lines))
 

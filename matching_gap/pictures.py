@@ -9,8 +9,10 @@
   the embedding still confuses); the trainer writes both to TensorBoard during training.
 
 :func:`write_pictures` writes ``<workdir>/pictures/neighbours.png`` and ``embedding.png``
-at the end of training (``train.pictures``) and in ``--mode=pictures``. Everything is drawn
-with Pillow into uint8 arrays (no plotting library needed).
+at the end of training (``train.pictures``) and in ``--mode=pictures``; every
+``train.plan_every`` steps the trainer writes the plan images to TensorBoard (tag ``plan/``)
+and the latest ones to ``<workdir>/pictures/transport_plan.png`` and ``confused_pairs.png``.
+Everything is drawn with Pillow into uint8 arrays (no plotting library needed).
 """
 
 from __future__ import annotations
@@ -242,6 +244,15 @@ def plan_images(config, views: np.ndarray, student: np.ndarray, targets: np.ndar
         "transport_plan": plan_picture(plan)[None],
         "confused_pairs": pairs_picture(pixels[0], pixels[1], pairs, scale=3)[None],
     }
+
+
+def save_latest(workdir: str, images: dict[str, np.ndarray]) -> None:
+    """``<workdir>/pictures/<name>.png`` for each ``[1, H, W, 3]`` image (the latest step's;
+    TensorBoard keeps every step's)."""
+    out_dir = os.path.join(workdir, "pictures")
+    os.makedirs(out_dir, exist_ok=True)
+    for name, image in images.items():
+        Image.fromarray(image[0]).save(os.path.join(out_dir, f"{name}.png"))
 
 
 # ---------------------------------------------------------------- the end-of-run pictures

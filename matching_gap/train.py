@@ -331,6 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                 )
                 images_out = pictures.plan_images(config, views, student, targets)
                 writer.write_images(step, {f"plan/{k}": v for k, v in images_out.items()})
+                pictures.save_latest(workdir, images_out)
     ckpt.close()
     final_step = int(state.step)
 
@@ -350,6 +351,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
             random_results = evaluator(random_params, probe=True)
             results.update({k.replace("eval/", "eval/random_init_"): v
                             for k, v in random_results.items()})  # fmt: skip
+        if config.train.compare_raw_pixels:
+            pixels = evaluate.Evaluator(config, graphdef, mesh, raw_pixels=True)
+            results.update({k.replace("eval/", "eval/raw_pixels_"): v
+                            for k, v in pixels(None, probe=True).items()})  # fmt: skip
         writer.write_scalars(final_step, results)
         evaluate.print_summary(results)
     if config.train.pictures:

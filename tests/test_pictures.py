@@ -89,7 +89,7 @@ def test_a_run_writes_the_pictures_and_the_transport_plan_images(tmp_path):
     config.train.update(pictures=True, plan_every=2, knn_every=0)
     outcome = run(config, tmp_path)
     assert outcome.finished
-    for name in ("neighbours.png", "embedding.png"):
+    for name in ("neighbours.png", "embedding.png", "transport_plan.png", "confused_pairs.png"):
         image = np.asarray(Image.open(tmp_path / "pictures" / name))
         assert image.ndim == 3 and image.shape[2] == 3 and image.std() > 0
     import tensorflow as tf

@@ -82,10 +82,21 @@ def test_smoke_variant_trains_three_steps(tmp_path, name, arg):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
 
 
-def test_final_knn_equals_a_brute_force_vote_on_the_saved_encoder(tmp_path):
+def _brute_force_knn(train_x, train_labels, test_x, test_labels, num_classes, config):
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = unit(test_x) @ unit(train_x).T
+    top = np.argsort(-sims, axis=1)[:, : config.eval.knn_k]
+    votes = np.zeros((len(test_x), num_classes))
+    for i, row in enumerate(top):
+        np.add.at(votes[i], train_labels[row], np.exp(sims[i, row] / config.eval.knn_temperature))
+    return np.mean(votes.argmax(1) == test_labels)
+
+
+def test_final_knn_equals_a_brute_force_vote_on_the_saved_encoder_and_on_pixels(tmp_path):
     config = quiet_smoke()
     config.train.final_eval = True
     config.train.compare_random_init = False
+    config.train.compare_raw_pixels = True
     outcome = run(config, tmp_path)
     encode, _ = evaluate.load_encoder(str(tmp_path))
     with mocked():
@@ -93,14 +104,20 @@ def test_final_knn_equals_a_brute_force_vote_on_the_saved_encoder(tmp_path):
         fit = data.load_split(data_config, config.data.eval_train_split)
         report = data.load_split(data_config, config.data.eval_split)
     train_x, test_x = np.asarray(encode(fit.images)), np.asarray(encode(report.images))
-    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
-    sims = unit(test_x) @ unit(train_x).T
-    top = np.argsort(-sims, axis=1)[:, : config.eval.knn_k]
-    votes = np.zeros((len(test_x), fit.num_classes))
-    for i, row in enumerate(top):
-        np.add.at(votes[i], fit.labels[row], np.exp(sims[i, row] / config.eval.knn_temperature))
-    expected = np.mean(votes.argmax(1) == report.labels)
+    expected = _brute_force_knn(train_x, fit.labels, test_x, report.labels, fit.num_classes,
+                                config)  # fmt: skip
     assert outcome.results["eval/knn_top1"] == pytest.approx(expected, abs=1e-9)
+    # Raw pixels: the normalised evaluation view (the full 28-pixel image here), flattened.
+    mean, std = config.augment.mean[0], config.augment.std[0]
+    pixels = lambda x: ((x / 255.0 - mean) / std).reshape(len(x), -1)
+    expected = _brute_force_knn(pixels(fit.images), fit.labels, pixels(report.images),
+                                report.labels, fit.num_classes, config)  # fmt: skip
+    assert outcome.results["eval/raw_pixels_knn_top1"] == pytest.approx(expected, abs=1e-9)
+    # (Random mock labels make that accuracy coarse: the features themselves, exactly.)
+    encode_pixels = evaluate.make_encode(config, None, raw_pixels=True)
+    np.testing.assert_allclose(encode_pixels(None, fit.images[:8]), pixels(fit.images[:8]),
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    assert 0 <= outcome.results["eval/raw_pixels_linear_probe_top1"] <= 1
 
 
 def test_resume_continues_at_the_right_step_and_matches_uninterrupted(tmp_path):
