@@ -124,7 +124,9 @@ def cell_config(cell: Cell, epochs: float, *, data_dir: str = "", cifar10_data_d
     """The full training config of one cell: the demo's, trained ``epochs x cell.budget``."""
     from matching_gap import config_lib, train
 
-    c = config_lib.load_config_file(os.path.join(REPO, "configs", "default.py"))
+    # The demo's recipe; every cell but the strong ones with crop + flip only.
+    arg = None if cell.strong else "cropflip"
+    c = config_lib.load_config_file(os.path.join(REPO, "configs", "default.py"), arg)
     c.seed = cell.seed
     epochs *= cell.budget
     c.optim.num_epochs = epochs
@@ -144,7 +146,7 @@ def cell_config(cell: Cell, epochs: float, *, data_dir: str = "", cifar10_data_d
         c.augment.update(crop_size=32, mean=(0.4914, 0.4822, 0.4465),
                          std=(0.2470, 0.2435, 0.2616))  # fmt: skip
         c.model.update(image_size=32, channels=3, patch_size=4)
-    if cell.strong:
+    if cell.strong:  # after the data changes: the preset depends on nothing they set
         config_lib.strong_augmentations(c)
     c.update_from_flattened_dict(dict(cell.overrides))
     return c

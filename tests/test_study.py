@@ -30,8 +30,8 @@ def test_cells_cover_the_study_and_their_configs_are_valid():
         assert c.optim.batch_size % (c.loss.group_size or 1) == 0
         assert c.model.image_size == c.augment.crop_size
         assert c.model.channels == c.data.channels == len(c.augment.mean)
-        if cell.strong:
-            assert c.augment.color_jitter_prob > 0
+        strong = c.augment.color_jitter_prob > 0 and c.augment.view_blur_probs == (1.0, 0.1)
+        assert strong == cell.strong, cell.name  # the claim cells: crop + flip only
         if cell.group == "m3g":
             assert c.loss.name == "m3g" and c.augment.num_views == int(cell.label[-1])
     assert {c.dataset for c in cells if c.group == "cifar10"} == {"cifar10"}
