@@ -93,7 +93,8 @@ class AugmentConfig:
             if probs and (len(probs) != self.num_views or not all(0 <= p <= 1 for p in probs)):
                 raise ValueError(
                     f"{name} must be () or one probability in [0, 1] per global view "
-                    f"(num_views = {self.num_views}), got {probs}"
+                    f"(num_views = {self.num_views}), got {probs}; () applies "
+                    f"{name.replace('view_', '').replace('probs', 'prob')} to every view"
                 )
         if self.crop_size <= 0:
             raise ValueError(f"crop_size must be positive, got {self.crop_size}")

@@ -213,6 +213,8 @@ def make_smoke(config: ml_collections.ConfigDict, *, image_size: int = 32) -> No
     if config.loss.group_size:
         config.loss.group_size = 4  # divides the per-device batch on 4 simulated devices
     config.train.update(log_every=1, checkpoint_every=2, knn_every=2, pictures=False, plan_every=0)
+    if config.eval.features == "last4_cls":  # the smoke model has 2 blocks
+        config.eval.features = "cls_avgpool"
     config.eval.update(batch_size=32, knn_k=5, probe_epochs=2, probe_batch_size=32,
                        augmented_epochs=1, augmented_batch_size=16)  # fmt: skip
 

@@ -83,6 +83,9 @@ def assert_rejected(overrides: dict, match: str, num_devices: int = 1, base: str
         config_lib.validate(config_with(overrides, base), num_devices=num_devices)
 
 
+# The demo's strong preset gives one blur / solarize probability per view, for 2 views.
+SYMMETRIC = {"augment.view_blur_probs": (), "augment.view_solarize_probs": ()}
+
 # One bad value per scalar rule: (key, value). test_every_scalar_rule_is_tested keeps
 # this list in step with config_lib._SCALAR_RULES.
 BAD_SCALARS = [
@@ -183,12 +186,13 @@ def test_typed_sections_are_checked(overrides, match):
          r"augment\.mean / augment\.std \(3\) must agree"),
         ({"augment.num_local_crops": 2, "augment.local_crop_size": 12},
          r"augment\.local_crop_size \(12\) must be a multiple of the patch size \(7\)"),
-        ({"model.pooling": "mean"}, r"eval\.features='cls_avgpool' needs model\.pooling='cls'"),
+        ({"model.pooling": "mean"}, r"eval\.features='last4_cls' needs model\.pooling='cls'"),
         ({"model.depth": 3, "eval.features": "last4_cls"}, r"'last4_cls' needs 4 blocks"),
         ({"eval.protocols": "knn,linear"}, r"eval\.protocols must name some of knn, features"),
         ({"eval.probe_holdout": 0.0}, r"probe_holdout=0 leaves no held-out images"),
-        ({"augment.num_views": 1}, r"augment\.num_views=1 with no local crops"),
-        ({"loss.name": "m3g", "augment.num_views": 1}, r"'m3g' needs augment\.num_views >= 2"),
+        ({"augment.num_views": 1, **SYMMETRIC}, r"augment\.num_views=1 with no local crops"),
+        ({"loss.name": "m3g", "augment.num_views": 1, **SYMMETRIC},
+         r"'m3g' needs augment\.num_views >= 2"),
         ({"loss.group_size": 48}, r"loss\.group_size \(48\) must divide optim\.batch_size"),
         ({"optim.num_epochs": 0.0}, r"optim\.num_epochs is 0\.0 and optim\.num_steps is 0"),
         ({"optim.min_lr": 0.01}, r"optim\.min_lr \(0\.01\) is above the peak learning rate"),
