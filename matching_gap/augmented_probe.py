@@ -226,6 +226,8 @@ def _make_step(config, graphdef, settings: AugmentedSettings, num_steps: int, me
         grayscale_prob=0.0,
         blur_prob=0.0,
         solarize_prob=0.0,
+        view_blur_probs=(),
+        view_solarize_probs=(),
     )
     lrs = jnp.array(settings.learning_rates, jnp.float32) * settings.batch_size / 256
     key = jax.random.key(config.seed)
