@@ -251,16 +251,8 @@ def matching_gap(
       >>> bool(value >= 0)
       True
     """
-    x, y = jnp.asarray(x), jnp.asarray(y)
-    _check_pair(x, y, "matching_gap")
-    _check_epsilon(epsilon, relative_epsilon)
-    if cost not in COSTS:
-        raise ValueError(f"Unknown cost {cost!r}; valid costs: {list(COSTS)}.")
+    x, y = _prepare_pair(x, y, "matching_gap", epsilon, relative_epsilon, cost, normalize)
     options = _sinkhorn_options(sinkhorn_options, allowed=None)
-    dtype = _compute_dtype(x, y)
-    x, y = x.astype(dtype), y.astype(dtype)
-    if normalize:
-        x, y = l2_normalize(x), l2_normalize(y)
 
     def one_problem(views: jax.Array) -> tuple[jax.Array, dict]:
         c = cost_matrix(views[0], views[1], cost)
@@ -272,6 +264,21 @@ def matching_gap(
         return _gap(jnp.mean(jnp.diagonal(c)), ot_cost, eps, n, out)
 
     return _grouped(one_problem, jnp.stack([x, y]), group_size)
+
+
+def _prepare_pair(x, y, name: str, epsilon, relative_epsilon, cost: str, normalize: bool):
+    """The checks and input handling shared by :func:`matching_gap` and
+    :func:`transport_plan`: both views in the compute dtype, L2-normalised if asked."""
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    _check_pair(x, y, name)
+    _check_epsilon(epsilon, relative_epsilon)
+    if cost not in COSTS:
+        raise ValueError(f"Unknown cost {cost!r}; valid costs: {list(COSTS)}.")
+    dtype = _compute_dtype(x, y)
+    x, y = x.astype(dtype), y.astype(dtype)
+    if normalize:
+        x, y = l2_normalize(x), l2_normalize(y)
+    return x, y
 
 
 def _sinkhorn(c: jax.Array, eps: jax.Array, options: Mapping[str, Any]):
@@ -298,15 +305,7 @@ def transport_plan(
     distance from the true pairs ``I / n`` the matching gap measures, and whose
     off-diagonal mass shows which images the embedding still confuses.
     """
-    x, y = jnp.asarray(x), jnp.asarray(y)
-    _check_pair(x, y, "transport_plan")
-    _check_epsilon(epsilon, relative_epsilon)
-    if cost not in COSTS:
-        raise ValueError(f"Unknown cost {cost!r}; valid costs: {list(COSTS)}.")
-    dtype = _compute_dtype(x, y)
-    x, y = x.astype(dtype), y.astype(dtype)
-    if normalize:
-        x, y = l2_normalize(x), l2_normalize(y)
+    x, y = _prepare_pair(x, y, "transport_plan", epsilon, relative_epsilon, cost, normalize)
     c = cost_matrix(x, y, cost)
     eps = _resolve_epsilon(epsilon, relative_epsilon, c)
     out = _sinkhorn(c, eps, _sinkhorn_options(sinkhorn_options, allowed=None))
