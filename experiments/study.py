@@ -298,9 +298,11 @@ def summarize(records: dict) -> str:
     }
     lines = []
     for group in GROUPS:
-        rows = _epsilon_rows(records) if group == "epsilon" else _rows(records, group)
-        if not rows:
+        rows = _rows(records, group)
+        if not rows:  # the epsilon sweep only once it has cells of its own
             continue
+        if group == "epsilon":
+            rows = _epsilon_rows(records)
         lines += [f"### {titles[group]}", "",
                   "| cell | seeds | linear probe (%) | k-NN (%) | steps | training minutes "
                   "| minutes / cell |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -367,11 +369,15 @@ def _claim(records: dict) -> list[str]:
             for metric, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "k-NN")):
                 d = [100 * (mine[s][metric] - nce[s][metric]) for s in seeds]
                 mean, low, high = paired_interval(d)
+                seeds_text = f"{len(d)} seed" + "s" * (len(d) > 1)
                 line = (f"- {group}: {other} − InfoNCE, {name}: {mean:+.2f} points, 95% "
-                        f"interval [{low:+.2f}, {high:+.2f}] over {len(d)} seeds (per seed "
+                        f"interval [{low:+.2f}, {high:+.2f}] over {seeds_text} (per seed "
                         f"{', '.join(f'{x:+.2f}' for x in d)})")  # fmt: skip
                 if other == "matching gap":
                     line += f": {verdict(low, high)}"
+                else:  # issue 12's target for BYOL
+                    line += (": within 2 points of InfoNCE" if round(mean, 2) >= -2.0
+                             else ": more than 2 points behind InfoNCE")  # fmt: skip
                 out.append(line)
     return out and ["Paired differences (same seed), 95% t-intervals:", ""] + out + [""]
 

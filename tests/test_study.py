@@ -61,9 +61,18 @@ def test_report_statistics_and_paired_differences(tmp_path):
         for label, probe in (("matching gap", mg), ("InfoNCE", nce)):
             r = _record("cropflip", label, seed, probe, probe - 0.05)
             records[r["name"]] = r
+    assert "epsilon sweep" not in study.summarize(records)  # no sweep cells yet
+    for seed, byol in enumerate([0.77, 0.78, 0.82]):  # 2.0 points behind InfoNCE on average
+        r = _record("cropflip", "BYOL", seed, byol, byol - 0.05)
+        records[r["name"]] = r
     r = _record("epsilon", "eps=0.4", 0, 0.70, 0.60)
     records[r["name"]] = r
     table = study.summarize(records)
+    assert "BYOL − InfoNCE, linear probe: -2.00 points" in table
+    assert table.count("within 2 points of InfoNCE") == 2
+    r = _record("cropflip", "BYOL", 2, 0.815, 0.765)  # now 2.17 points behind
+    table = study.summarize({**records, r["name"]: r})
+    assert table.count("more than 2 points behind InfoNCE") == 2
     assert "| matching gap | 3 | 82.00 ± 2.00 | 77.00 ± 2.00 | 468 | 1.5 | 2.0 |" in table
     # The sweep's 0.2 point is the cropflip matching-gap cell, sorted by epsilon.
     assert table.index("| eps=0.2 | 3 |") < table.index("| eps=0.4 | 1 | 70.00 ± 0.00")
