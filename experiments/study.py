@@ -407,7 +407,8 @@ def plot(records: dict, out: str) -> list[str]:
                     if x is None:
                         continue
                     ax = axes[row, col]
-                    ax.plot(x, mean, marker="o", label=f"{label} ({len(acc)} seeds)")
+                    n = f"{len(acc)} seed" + "s" * (len(acc) > 1)
+                    ax.plot(x, mean, marker="o", label=f"{label} ({n})")
                     ax.fill_between(x, mean - std, mean + std, alpha=0.2)
             for row, xlabel in ((0, "training step"), (1, "training minutes (mean over seeds)")):
                 ax = axes[row, col]
