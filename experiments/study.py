@@ -226,15 +226,28 @@ def run(args) -> None:
         print(f"\n=== cell {i + 1}/{len(todo)}: {cell.name} ({workdir})", flush=True)
         t0 = time.perf_counter()
         outcome = train.train_and_evaluate(config, workdir)
-        results = outcome.results
+        # The cell's minutes, its earlier pieces included (a resumed cell).
+        minutes = _earlier_minutes(workdir) + (time.perf_counter() - t0) / 60
         if not outcome.finished:
+            with open(os.path.join(workdir, MINUTES_FILE), "w") as f:
+                f.write(f"{minutes}\n")
             print(f"{cell.name} stopped before its last step; rerun to resume it.")
             break
-        minutes = (time.perf_counter() - t0) / 60
-        records[cell.name] = _finished_record(cell, workdir, results, minutes, args.epochs,
-                                              config.optim.batch_size)  # fmt: skip
+        records[cell.name] = _finished_record(cell, workdir, outcome.results, minutes,
+                                              args.epochs, config.optim.batch_size)  # fmt: skip
         _save_records(results_path, records)
     write_report(records, args.out)
+
+
+MINUTES_FILE = "study_minutes.txt"  # in a cell's workdir: the minutes of its earlier pieces
+
+
+def _earlier_minutes(workdir: str) -> float:
+    path = os.path.join(workdir, MINUTES_FILE)
+    if not os.path.exists(path):
+        return 0.0
+    with open(path) as f:
+        return float(f.read())
 
 
 def _load_records(path: str) -> dict:

@@ -103,3 +103,39 @@ def test_train_seconds_integrate_the_logged_rates():
         {"step": 100, "eval/knn_top1": 0.5},
     ]
     assert study.train_seconds(rows, batch_size=10) == {0: 0.0, 50: 5.0, 100: 7.5}
+
+
+def test_a_cell_run_in_two_pieces_records_the_minutes_of_both(tmp_path, monkeypatch):
+    """--max_minutes stops a cell mid-way; the rerun resumes it, and its minutes are the sum
+    of both pieces (not only the last one's)."""
+    import json
+
+    from matching_gap import train
+
+    clock, calls = [0.0], []
+
+    def fake_train(config, workdir):  # 3 minutes stopped at step 5, then 2 minutes to the end
+        calls.append(workdir)
+        first = len(calls) == 1
+        clock[0] += 60 * (3 if first else 2)
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": 5 if first else 10, "train/images_per_second": 1.0}) + "\n")
+        if first:
+            return train.TrainResult(step=5, num_steps=10, results={})
+        return train.TrainResult(step=10, num_steps=10, results={
+            "eval/linear_probe_top1": 0.8, "eval/knn_top1": 0.7})  # fmt: skip
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(study.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(study, "write_report", lambda records, out: None)
+    args = ["--groups=cropflip", "--claim_seeds=0", "--epochs=1", f"--out={tmp_path / 'out'}",
+            f"--workdir={tmp_path / 'cells'}"]  # fmt: skip
+    study.main(args + ["--max_minutes=10"])
+    assert len(calls) == 1 and not os.path.exists(tmp_path / "out" / "results.json")
+    study.main(args)
+    with open(tmp_path / "out" / "results.json") as f:
+        records = {r["name"]: r for r in json.load(f)}
+    assert calls[1] == calls[0]  # the stopped cell resumed first
+    assert records["cropflip-matching_gap-seed0"]["minutes"] == 5.0
+    assert records["cropflip-InfoNCE-seed0"]["minutes"] == 2.0
