@@ -53,6 +53,7 @@ M3G_VIEWS = (2, 3, 4)
 # images/s here; groups of 8 keep it cheap. Compare the M3G cells with each other.
 M3G_GROUP = 8
 GROUPS = ("cropflip", "strong", "epsilon", "m3g", "cifar10")
+MINUTES_FILE = "study_minutes.txt"  # in a cell's workdir: the minutes of its earlier pieces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,9 +240,6 @@ def run(args) -> None:
     write_report(records, args.out)
 
 
-MINUTES_FILE = "study_minutes.txt"  # in a cell's workdir: the minutes of its earlier pieces
-
-
 def _earlier_minutes(workdir: str) -> float:
     path = os.path.join(workdir, MINUTES_FILE)
     if not os.path.exists(path):
@@ -266,6 +264,10 @@ def _save_records(path: str, records: dict) -> None:
 
 
 # ------------------------------------------------------------------------------ the report
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" + "s" * (n > 1)
 
 
 def _stats(values) -> str:
@@ -382,9 +384,8 @@ def _claim(records: dict) -> list[str]:
             for metric, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "k-NN")):
                 d = [100 * (mine[s][metric] - nce[s][metric]) for s in seeds]
                 mean, low, high = paired_interval(d)
-                seeds_text = f"{len(d)} seed" + "s" * (len(d) > 1)
                 line = (f"- {group}: {other} − InfoNCE, {name}: {mean:+.2f} points, 95% "
-                        f"interval [{low:+.2f}, {high:+.2f}] over {seeds_text} (per seed "
+                        f"interval [{low:+.2f}, {high:+.2f}] over {_seeds(len(d))} (per seed "
                         f"{', '.join(f'{x:+.2f}' for x in d)})")  # fmt: skip
                 if other == "matching gap":
                     line += f": {verdict(low, high)}"
@@ -420,8 +421,7 @@ def plot(records: dict, out: str) -> list[str]:
                     if x is None:
                         continue
                     ax = axes[row, col]
-                    n = f"{len(acc)} seed" + "s" * (len(acc) > 1)
-                    ax.plot(x, mean, marker="o", label=f"{label} ({n})")
+                    ax.plot(x, mean, marker="o", label=f"{label} ({_seeds(len(acc))})")
                     ax.fill_between(x, mean - std, mean + std, alpha=0.2)
             for row, xlabel in ((0, "training step"), (1, "training minutes (mean over seeds)")):
                 ax = axes[row, col]
