@@ -193,9 +193,7 @@ def _finished_record(cell: Cell, workdir: str, results: dict, minutes: float, ep
 def run(args) -> None:
     from matching_gap import train
 
-    groups = args.groups.split(",")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    claim_seeds = [int(s) for s in args.claim_seeds.split(",")]
+    groups, seeds, claim_seeds = args.groups, args.seeds, args.claim_seeds
     args.epochs = demo_epochs() if args.epochs is None else args.epochs
     cifar10 = bool(args.cifar10_data_dir) and os.path.isdir(
         os.path.join(args.cifar10_data_dir, "cifar10"))  # fmt: skip
@@ -481,6 +479,23 @@ def write_report(records: dict, out: str) -> None:
         print(f"wrote {os.path.relpath(path, REPO)}")
 
 
+def _groups(text: str) -> list[str]:
+    groups = text.split(",")
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown group(s) {unknown}; valid: {','.join(GROUPS)}")
+    return groups
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers"
+        ) from None
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -489,9 +504,11 @@ def main(argv=None) -> None:
         help="where the cells train (checkpoints; kept for resuming)",
     )
     p.add_argument("--out", default=OUT, help="results.json, results.md and the plots")
-    p.add_argument("--groups", default=",".join(GROUPS))
-    p.add_argument("--seeds", default="0,1,2", help="seeds of every group but cropflip")
-    p.add_argument("--claim_seeds", default="0,1,2,3,4", help="seeds of the cropflip group")
+    p.add_argument("--groups", type=_groups, default=list(GROUPS), help=",".join(GROUPS))
+    p.add_argument("--seeds", type=_seed_list, default=[0, 1, 2],
+                   help="seeds of every group but cropflip, e.g. 0,1,2")  # fmt: skip
+    p.add_argument("--claim_seeds", type=_seed_list, default=[0, 1, 2, 3, 4],
+                   help="seeds of the cropflip group")  # fmt: skip
     p.add_argument(
         "--epochs",
         type=float,

@@ -139,3 +139,15 @@ def test_a_cell_run_in_two_pieces_records_the_minutes_of_both(tmp_path, monkeypa
     assert calls[1] == calls[0]  # the stopped cell resumed first
     assert records["cropflip-matching_gap-seed0"]["minutes"] == 5.0
     assert records["cropflip-InfoNCE-seed0"]["minutes"] == 2.0
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--groups=cropflip,bogus", "unknown group(s) ['bogus']"),
+    ("--seeds=0,a", "'0,a' is not a comma-separated list of integers"),
+])  # fmt: skip
+def test_bad_arguments_stop_with_a_message_before_anything_is_written(tmp_path, capsys, arg,
+                                                                       message):  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        study.main([arg, f"--out={tmp_path / 'out'}", f"--workdir={tmp_path / 'cells'}"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
