@@ -48,6 +48,9 @@ REPO = os.path.dirname(EXPERIMENTS)
 OUT = os.path.join(EXPERIMENTS, "study")
 LOSS_LABELS = {"matching_gap": "matching gap", "info_nce": "InfoNCE", "byol": "BYOL"}
 EPSILONS = (0.05, 0.2, 0.8, 3.2)  # factors of 4 around the demo's 0.2 (the cropflip cell)
+# M3G reports accuracy flat over epsilon in [0.05, 1] on the circular variance, which for two
+# unit vectors is a quarter of their squared Euclidean distance: [0.2, 4] on this cost.
+M3G_FLAT_RANGE = (0.2, 4.0)
 M3G_VIEWS = (2, 3, 4)
 # A cost tensor of group^k entries per OT problem: with groups of 16, k = 4 ran at 112
 # images/s here; groups of 8 keep it cheap. Compare the M3G cells with each other.
@@ -305,7 +308,7 @@ def summarize(records: dict) -> str:
     titles = {
         "cropflip": "Crop + flip only",
         "strong": "Crop + flip + colour jitter, grayscale, blur, solarisation",
-        "m3g": "M3G, k views (eps 0.05 on the circular variance, OT groups of 8, half the steps)",
+        "m3g": "M3G, k views (eps 0.05 on the circular variance, OT groups of 8, 2/k of the steps)",
         "epsilon": "Matching gap, crop + flip, epsilon sweep",
         "cifar10": "CIFAR-10, crop + flip only",
     }
@@ -340,7 +343,7 @@ def summarize(records: dict) -> str:
                 f"{_stats([r['random_init_knn_top1'] for r in random])} | 0 | | |"
             )
         lines.append("")
-    lines += _claim(records)
+    lines += _claim(records) + flatness(records)
     return "\n".join(lines)
 
 
@@ -356,14 +359,15 @@ def paired_interval(diffs) -> tuple[float, float, float]:
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
-def verdict(low: float, high: float) -> str:
-    """What a 95% interval of (matching gap - InfoNCE) says about the claim."""
+def verdict(low: float, high: float, subject: str = "the matching gap") -> str:
+    """What a 95% interval of (``subject`` - its reference) says: for the claim, the
+    matching gap minus InfoNCE."""
     if np.isnan(low):
         return "one seed: no interval, no verdict"
     if low > 0:
-        return "the matching gap is better (the interval is above 0)"
+        return f"{subject} is better (the interval is above 0)"
     if high < 0:
-        return "the matching gap is worse (the interval is below 0)"
+        return f"{subject} is worse (the interval is below 0)"
     return "no difference detected (the interval contains 0)"
 
 
@@ -391,7 +395,48 @@ def _claim(records: dict) -> list[str]:
                     line += (": within 2 points of InfoNCE" if round(mean, 2) >= -2.0
                              else ": more than 2 points behind InfoNCE")  # fmt: skip
                 out.append(line)
+    rows = _rows(records, "m3g")  # more views against two, at equal encoder passes
+    two = {r["seed"]: r for r in rows.get("k=2", [])}
+    for label, rs in rows.items():
+        mine = {r["seed"]: r for r in rs}
+        seeds = sorted(set(mine) & set(two))
+        if label == "k=2" or not seeds:
+            continue
+        for metric, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "k-NN")):
+            d = [100 * (mine[s][metric] - two[s][metric]) for s in seeds]
+            mean, low, high = paired_interval(d)
+            out.append(f"- m3g: {label} − k=2, {name}: {mean:+.2f} points, 95% interval "
+                       f"[{low:+.2f}, {high:+.2f}] over {_seeds(len(d))} (per seed "
+                       f"{', '.join(f'{x:+.2f}' for x in d)}): "
+                       f"{verdict(low, high, f'{label[2:]} views')}")  # fmt: skip
     return out and ["Paired differences (same seed), 95% t-intervals:", ""] + out + [""]
+
+
+def flatness(records: dict) -> list[str]:
+    """Whether accuracy is flat over the sweep's epsilons inside M3G's flat range: the
+    spread of the means and a one-way ANOVA over the cells (every seed of each epsilon)."""
+    from scipy import stats
+
+    low, high = M3G_FLAT_RANGE
+    rows = {label: rs for label, rs in _epsilon_rows(records).items()
+            if low <= float(label.split("=")[1]) <= high}  # fmt: skip
+    if len(rows) < 2 or not _rows(records, "epsilon"):
+        return []
+    out = [f"Epsilon flatness over {', '.join(rows)} (M3G: flat over [0.05, 1] on the "
+           f"circular variance, [{low:g}, {high:g}] on this cost), one-way ANOVA:", ""]  # fmt: skip
+    for metric, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "k-NN")):
+        acc = [100 * np.array([r[metric] for r in rs]) for rs in rows.values()]
+        means = [a.mean() for a in acc]
+        low_mean, high_mean = min(means), max(means)
+        spread = f"means {low_mean:.2f} to {high_mean:.2f} ({high_mean - low_mean:.2f} points)"
+        if min(len(a) for a in acc) < 2:
+            out.append(f"- {name}: {spread}; one seed somewhere: no test")
+            continue
+        p = stats.f_oneway(*acc).pvalue
+        out.append(f"- {name}: {spread}, p = {p:.3f}: " + (
+            "flat (no difference across epsilon detected)" if p >= 0.05
+            else "not flat (accuracy changes with epsilon)"))  # fmt: skip
+    return out + [""]
 
 
 def plot(records: dict, out: str) -> list[str]:

@@ -87,6 +87,39 @@ def test_report_statistics_and_paired_differences(tmp_path):
     assert all(os.path.getsize(p) > 1000 for p in written)
 
 
+def test_epsilon_flatness_inside_m3g_range_and_more_views_against_two(tmp_path):
+    records = {}
+    for seed, noise in enumerate([0.0, 0.004, -0.004]):
+        for group, label, probe in (
+            ("cropflip", "matching gap", 0.82), ("epsilon", "eps=0.8", 0.821),
+            ("epsilon", "eps=3.2", 0.819), ("epsilon", "eps=0.05", 0.70),  # outside M3G's range
+        ):  # fmt: skip
+            r = _record(group, label, seed, probe + noise, probe - 0.05 - noise)
+            records[r["name"]] = r
+    lines = study.flatness(records)
+    assert lines[0].startswith("Epsilon flatness over eps=0.2, eps=0.8, eps=3.2 ")
+    assert "means 81.90 to 82.10 (0.20 points)" in lines[2]
+    assert sum("flat (no difference across epsilon detected)" in x for x in lines) == 2
+    for seed in range(3):  # eps 3.2 five points lower: not flat any more
+        records[f"epsilon-eps=3.2-{seed}"]["linear_probe_top1"] -= 0.05
+    lines = study.flatness(records)
+    assert "not flat (accuracy changes with epsilon)" in lines[2]
+    assert "flat (no difference" in lines[3]  # the k-NN did not move
+    assert study.flatness({k: v for k, v in records.items() if "epsilon" not in k}) == []
+
+    for seed, (k3, k4) in enumerate([(0.01, 0.01), (0.02, -0.01), (0.015, 0.0)]):
+        for label, delta in (("k=2", 0.0), ("k=3", k3), ("k=4", k4)):
+            r = _record("m3g", label, seed, 0.80 + delta, 0.75 + delta)
+            records[r["name"]] = r
+    table = study.summarize(records)
+    assert (
+        "m3g: k=3 − k=2, linear probe: +1.50 points, 95% interval [+0.26, +2.74] over "
+        "3 seeds (per seed +1.00, +2.00, +1.50): 3 views is better"
+    ) in table
+    assert "m3g: k=4 − k=2, k-NN: +0.00 points" in table
+    assert table.count("m3g: k=") == 4  # k = 3 and 4, probe and k-NN; never k=2 against itself
+
+
 def test_paired_interval_and_verdict():
     mean, low, high = study.paired_interval([0.5, 0.7, 0.6, 0.4, 0.8])
     # std 0.1581, t(0.975, 4) = 2.7764: half-width 0.1963.
