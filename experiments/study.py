@@ -430,7 +430,7 @@ def flatness(records: dict) -> list[str]:
         low_mean, high_mean = min(means), max(means)
         spread = f"means {low_mean:.2f} to {high_mean:.2f} ({high_mean - low_mean:.2f} points)"
         if min(len(a) for a in acc) < 2:
-            out.append(f"- {name}: {spread}; one seed somewhere: no test")
+            out.append(f"- {name}: {spread}; an epsilon with one seed: no test yet")
             continue
         p = stats.f_oneway(*acc).pvalue
         out.append(f"- {name}: {spread}, p = {p:.3f}: " + (

@@ -100,6 +100,8 @@ def test_epsilon_flatness_inside_m3g_range_and_more_views_against_two(tmp_path):
     assert lines[0].startswith("Epsilon flatness over eps=0.2, eps=0.8, eps=3.2 ")
     assert "means 81.90 to 82.10 (0.20 points)" in lines[2]
     assert sum("flat (no difference across epsilon detected)" in x for x in lines) == 2
+    one = {k: v for k, v in records.items() if k not in ("epsilon-eps=0.8-1", "epsilon-eps=0.8-2")}
+    assert study.flatness(one)[2].endswith("an epsilon with one seed: no test yet")
     for seed in range(3):  # eps 3.2 five points lower: not flat any more
         records[f"epsilon-eps=3.2-{seed}"]["linear_probe_top1"] -= 0.05
     lines = study.flatness(records)
