@@ -385,10 +385,7 @@ def _claim(records: dict) -> list[str]:
                 continue
             for metric, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "k-NN")):
                 d = [100 * (mine[s][metric] - nce[s][metric]) for s in seeds]
-                mean, low, high = paired_interval(d)
-                line = (f"- {group}: {other} − InfoNCE, {name}: {mean:+.2f} points, 95% "
-                        f"interval [{low:+.2f}, {high:+.2f}] over {_seeds(len(d))} (per seed "
-                        f"{', '.join(f'{x:+.2f}' for x in d)})")  # fmt: skip
+                line, mean, low, high = _paired_line(f"{group}: {other} − InfoNCE, {name}", d)
                 if other == "matching gap":
                     line += f": {verdict(low, high)}"
                 else:  # issue 12's target for BYOL
@@ -404,12 +401,18 @@ def _claim(records: dict) -> list[str]:
             continue
         for metric, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "k-NN")):
             d = [100 * (mine[s][metric] - two[s][metric]) for s in seeds]
-            mean, low, high = paired_interval(d)
-            out.append(f"- m3g: {label} − k=2, {name}: {mean:+.2f} points, 95% interval "
-                       f"[{low:+.2f}, {high:+.2f}] over {_seeds(len(d))} (per seed "
-                       f"{', '.join(f'{x:+.2f}' for x in d)}): "
-                       f"{verdict(low, high, f'{label[2:]} views')}")  # fmt: skip
+            line, _, low, high = _paired_line(f"m3g: {label} − k=2, {name}", d)
+            out.append(f"{line}: {verdict(low, high, f'{label[2:]} views')}")
     return out and ["Paired differences (same seed), 95% t-intervals:", ""] + out + [""]
+
+
+def _paired_line(what: str, diffs: list[float]) -> tuple[str, float, float, float]:
+    """``- what: mean points, 95% interval [...] over n seeds (per seed ...)`` and its
+    ``mean, low, high``."""
+    mean, low, high = paired_interval(diffs)
+    line = (f"- {what}: {mean:+.2f} points, 95% interval [{low:+.2f}, {high:+.2f}] over "
+            f"{_seeds(len(diffs))} (per seed {', '.join(f'{x:+.2f}' for x in diffs)})")  # fmt: skip
+    return line, mean, low, high
 
 
 def flatness(records: dict) -> list[str]:
@@ -420,7 +423,7 @@ def flatness(records: dict) -> list[str]:
     low, high = M3G_FLAT_RANGE
     rows = {label: rs for label, rs in _epsilon_rows(records).items()
             if low <= float(label.split("=")[1]) <= high}  # fmt: skip
-    if len(rows) < 2 or not _rows(records, "epsilon"):
+    if len(rows) < 2:  # without sweep cells only the shared eps=0.2 row is there
         return []
     out = [f"Epsilon flatness over {', '.join(rows)} (M3G: flat over [0.05, 1] on the "
            f"circular variance, [{low:g}, {high:g}] on this cost), one-way ANOVA:", ""]  # fmt: skip
