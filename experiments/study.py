@@ -373,7 +373,8 @@ def verdict(low: float, high: float, subject: str = "the matching gap") -> str:
 
 def _claim(records: dict) -> list[str]:
     """Matching gap minus InfoNCE (and BYOL minus InfoNCE), per seed (same seed = same
-    init and data order), with 95% intervals and the verdict on the claim."""
+    init and data order), with 95% intervals and the verdict on the claim; then each
+    epsilon against 0.2 and each M3G k against 2."""
     out = []
     for group in ("cropflip", "strong", "cifar10"):
         rows = _rows(records, group)
@@ -392,18 +393,28 @@ def _claim(records: dict) -> list[str]:
                     line += (": within 2 points of InfoNCE" if round(mean, 2) >= -2.0
                              else ": more than 2 points behind InfoNCE")  # fmt: skip
                 out.append(line)
-    rows = _rows(records, "m3g")  # more views against two, at equal encoder passes
-    two = {r["seed"]: r for r in rows.get("k=2", [])}
+    if _rows(records, "epsilon"):  # each epsilon against the claim's 0.2
+        out += _against("epsilon", _epsilon_rows(records), "eps=0.2", lambda label: label)
+    # More views against two, at equal encoder passes.
+    out += _against("m3g", _rows(records, "m3g"), "k=2", lambda label: f"{label[2:]} views")
+    return out and ["Paired differences (same seed), 95% t-intervals:", ""] + out + [""]
+
+
+def _against(group: str, rows: dict, reference: str, subject) -> list[str]:
+    """Every row of ``rows`` but ``reference`` minus ``reference``, paired by seed, with
+    the verdict on ``subject(row label)``."""
+    ref = {r["seed"]: r for r in rows.get(reference, [])}
+    out = []
     for label, rs in rows.items():
         mine = {r["seed"]: r for r in rs}
-        seeds = sorted(set(mine) & set(two))
-        if label == "k=2" or not seeds:
+        seeds = sorted(set(mine) & set(ref))
+        if label == reference or not seeds:
             continue
         for metric, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "k-NN")):
-            d = [100 * (mine[s][metric] - two[s][metric]) for s in seeds]
-            line, _, low, high = _paired_line(f"m3g: {label} − k=2, {name}", d)
-            out.append(f"{line}: {verdict(low, high, f'{label[2:]} views')}")
-    return out and ["Paired differences (same seed), 95% t-intervals:", ""] + out + [""]
+            d = [100 * (mine[s][metric] - ref[s][metric]) for s in seeds]
+            line, _, low, high = _paired_line(f"{group}: {label} − {reference}, {name}", d)
+            out.append(f"{line}: {verdict(low, high, subject(label))}")
+    return out
 
 
 def _paired_line(what: str, diffs: list[float]) -> tuple[str, float, float, float]:

@@ -108,6 +108,13 @@ def test_epsilon_flatness_inside_m3g_range_and_more_views_against_two(tmp_path):
     assert "not flat (accuracy changes with epsilon)" in lines[2]
     assert "flat (no difference" in lines[3]  # the k-NN did not move
     assert study.flatness({k: v for k, v in records.items() if "epsilon" not in k}) == []
+    # Each epsilon against the claim's 0.2, paired by seed (the seed's noise cancels).
+    table = study.summarize(records)
+    assert ("epsilon: eps=3.2 − eps=0.2, linear probe: -5.10 points, 95% interval "
+            "[-5.10, -5.10] over 3 seeds (per seed -5.10, -5.10, -5.10): eps=3.2 is worse "
+            "(the interval is below 0)") in table  # fmt: skip
+    assert "epsilon: eps=0.05 − eps=0.2, k-NN: -12.00 points" in table
+    assert table.count("epsilon: eps=") == 6  # 0.05, 0.8, 3.2; never 0.2 against itself
 
     for seed, (k3, k4) in enumerate([(0.01, 0.01), (0.02, -0.01), (0.015, 0.0)]):
         for label, delta in (("k=2", 0.0), ("k=3", k3), ("k=4", k4)):
