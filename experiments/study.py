@@ -377,32 +377,29 @@ def _claim(records: dict) -> list[str]:
     epsilon against 0.2 and each M3G k against 2."""
     out = []
     for group in ("cropflip", "strong", "cifar10"):
-        rows = _rows(records, group)
-        nce = {r["seed"]: r for r in rows.get("InfoNCE", [])}
-        for other in ("matching gap", "BYOL"):
-            mine = {r["seed"]: r for r in rows.get(other, [])}
-            seeds = sorted(set(mine) & set(nce))
-            if not seeds:
-                continue
-            for metric, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "k-NN")):
-                d = [100 * (mine[s][metric] - nce[s][metric]) for s in seeds]
-                line, mean, low, high = _paired_line(f"{group}: {other} − InfoNCE, {name}", d)
-                if other == "matching gap":
-                    line += f": {verdict(low, high)}"
-                else:  # issue 12's target for BYOL
-                    line += (": within 2 points of InfoNCE" if round(mean, 2) >= -2.0
-                             else ": more than 2 points behind InfoNCE")  # fmt: skip
-                out.append(line)
-    if _rows(records, "epsilon"):  # each epsilon against the claim's 0.2
-        out += _against("epsilon", _epsilon_rows(records), "eps=0.2", lambda label: label)
+        out += _against(group, _rows(records, group), "InfoNCE", _claim_verdict)
+    out += _against("epsilon", _epsilon_rows(records), "eps=0.2",
+                    lambda label, mean, low, high: verdict(low, high, label))  # fmt: skip
     # More views against two, at equal encoder passes.
-    out += _against("m3g", _rows(records, "m3g"), "k=2", lambda label: f"{label[2:]} views")
+    views = lambda label, mean, low, high: verdict(low, high, f"{label[2:]} views")  # noqa: E731
+    out += _against("m3g", _rows(records, "m3g"), "k=2", views)
     return out and ["Paired differences (same seed), 95% t-intervals:", ""] + out + [""]
 
 
-def _against(group: str, rows: dict, reference: str, subject) -> list[str]:
-    """Every row of ``rows`` but ``reference`` minus ``reference``, paired by seed, with
-    the verdict on ``subject(row label)``."""
+def _claim_verdict(label: str, mean: float, low: float, high: float) -> str:
+    """The claim's verdict for the matching gap; issue 12's 2-point target for BYOL."""
+    if label == "matching gap":
+        return verdict(low, high)
+    return (
+        "within 2 points of InfoNCE"
+        if round(mean, 2) >= -2.0
+        else "more than 2 points behind InfoNCE"
+    )
+
+
+def _against(group: str, rows: dict, reference: str, judge) -> list[str]:
+    """Every row of ``rows`` but ``reference`` minus ``reference``, paired by seed, each
+    line ending in ``judge(row label, mean, low, high)``."""
     ref = {r["seed"]: r for r in rows.get(reference, [])}
     out = []
     for label, rs in rows.items():
@@ -412,8 +409,8 @@ def _against(group: str, rows: dict, reference: str, subject) -> list[str]:
             continue
         for metric, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "k-NN")):
             d = [100 * (mine[s][metric] - ref[s][metric]) for s in seeds]
-            line, _, low, high = _paired_line(f"{group}: {label} − {reference}, {name}", d)
-            out.append(f"{line}: {verdict(low, high, subject(label))}")
+            line, mean, low, high = _paired_line(f"{group}: {label} − {reference}, {name}", d)
+            out.append(f"{line}: {judge(label, mean, low, high)}")
     return out
 
 
