@@ -10,7 +10,7 @@ weighted k-NN on the 10k test images. Groups of cells, run in this order:
 
 - ``cropflip`` (the claim: ``--claim_seeds``, 5 by default): matching gap, InfoNCE
   (temperature 0.1), BYOL (EMA teacher and predictor, BatchNorm in the heads, momentum
-  0.99), random-resized crop + flip only;
+  0.95 -> 1), random-resized crop + flip only;
 - ``strong``: the same three with BYOL's colour jitter / blur / solarisation on top
   (asymmetric blur 1.0 / 0.1 and solarize 0 / 0.2, as BYOL);
 - ``epsilon``: the matching gap at epsilons on the paper's scale (0.8 on this cost is M3G's
@@ -26,7 +26,9 @@ Each cell's budget is a fixed number of optimiser steps, so that a busy machine 
 how long the study takes and not its results; the training minutes of each cell are
 recorded beside its accuracy and the plots show accuracy against them. A cell's workdir
 under ``--workdir`` holds its checkpoints, so an interrupted cell resumes where it stopped
-and finished cells are never rerun. Finished cells are collected in
+and finished cells are not rerun, unless the study now gives a cell other settings (its
+overrides, such as BYOL's momentum): then it is trained afresh in a new workdir and replaces
+the old result. Finished cells are collected in
 ``experiments/study/results.json``, from which ``--report_only`` rebuilds
 ``experiments/study/results.md`` (mean ± std, paired differences with 95% intervals, the
 verdict) and the PNG plots.
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -72,15 +75,27 @@ class Cell:
     random_init: bool = False  # also evaluate the untrained encoder
 
     @property
+    def settings(self) -> list:
+        """The overrides as ``results.json`` stores them (JSON lists)."""
+        return json.loads(json.dumps([list(o) for o in self.overrides]))
+
+    @property
+    def workdir_name(self) -> str:
+        """The name plus a tag of the settings: a cell whose settings change is trained
+        afresh, never resumed from (or re-evaluated on) checkpoints of the old ones."""
+        tag = hashlib.sha1(json.dumps(self.settings).encode()).hexdigest()[:8]
+        return f"{self.name}-{tag}"
+
+    @property
     def name(self) -> str:
         slug = self.label.replace(" ", "_").replace("=", "").replace(".", "p")
         return f"{self.group}-{slug}-seed{self.seed}"
 
 
 def _loss_overrides(loss: str) -> tuple[tuple[str, object], ...]:
-    if loss == "byol":  # BYOL's own short-run setting: BatchNorm heads, momentum 0.99
+    if loss == "byol":  # BYOL short-run: BatchNorm heads, momentum 0.95 (experiments/README.md)
         return (("loss.name", "byol"), ("teacher.ema", True), ("model.use_predictor", True),
-                ("model.head_batchnorm", True), ("teacher.momentum", 0.99))  # fmt: skip
+                ("model.head_batchnorm", True), ("teacher.momentum", 0.95))  # fmt: skip
     return (("loss.name", loss),)
 
 
@@ -179,7 +194,7 @@ def _finished_record(cell: Cell, workdir: str, results: dict, minutes: float, ep
     seconds = train_seconds(rows, batch_size)
     return {
         "name": cell.name, "group": cell.group, "label": cell.label, "seed": cell.seed,
-        "overrides": [list(o) for o in cell.overrides], "strong": cell.strong,
+        "overrides": cell.settings, "strong": cell.strong,
         "dataset": cell.dataset, "epochs": epochs, "steps": final_step,
         "minutes": round(minutes, 2),
         "train_minutes": round(seconds.get(final_step, float("nan")) / 60, 2),
@@ -212,7 +227,17 @@ def run(args) -> None:
             f"--epochs={args.epochs}: pass that --epochs, or another --out and --workdir."
         )
     cells = make_cells(seeds, groups, cifar10, claim_seeds)
-    todo = [c for c in cells if c.name not in records]
+    stale = [c for c in cells if c.name in records and records[c.name]["overrides"] != c.settings]
+    if stale:
+        c = stale[0]
+        before, now = dict(records[c.name]["overrides"]), dict(c.settings)
+        keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        changes = ", ".join(f"{k} {before.get(k, '(unset)')} -> {now.get(k, '(unset)')}"
+                            for k in keys)  # fmt: skip
+        print(f"{len(stale)} finished cells were trained with other settings than the study "
+              f"gives them now (e.g. {c.name}: {changes}); rerunning them, their old "
+              "results kept until each is replaced.")  # fmt: skip
+    todo = [c for c in cells if c.name not in records or c in stale]
     print(f"{len(cells) - len(todo)} of {len(cells)} cells done; running {len(todo)}.")
     start = time.perf_counter()
     for i, cell in enumerate(todo):
@@ -224,7 +249,7 @@ def run(args) -> None:
                              cifar10_data_dir=args.cifar10_data_dir)  # fmt: skip
         if args.max_minutes:  # stop mid-cell with a checkpoint; the next run resumes it
             config.train.time_limit_minutes = args.max_minutes - spent
-        workdir = os.path.join(args.workdir, cell.name)
+        workdir = os.path.join(args.workdir, cell.workdir_name)
         print(f"\n=== cell {i + 1}/{len(todo)}: {cell.name} ({workdir})", flush=True)
         t0 = time.perf_counter()
         outcome = train.train_and_evaluate(config, workdir)

@@ -183,6 +183,47 @@ def test_a_cell_run_in_two_pieces_records_the_minutes_of_both(tmp_path, monkeypa
     assert records["cropflip-InfoNCE-seed0"]["minutes"] == 2.0
 
 
+def test_a_cell_whose_settings_changed_is_rerun_afresh_and_replaced(tmp_path, monkeypatch,
+                                                                    capsys):  # fmt: skip
+    """Changing a cell's overrides (here BYOL's momentum) reruns that cell alone, in a new
+    workdir (never resuming the old settings' checkpoints), and replaces its result."""
+    import json
+
+    from matching_gap import train
+
+    calls = []
+
+    def fake_train(config, workdir):
+        calls.append((workdir, config.loss.name, config.teacher.momentum))
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": 10, "train/images_per_second": 1.0}) + "\n")
+        return train.TrainResult(step=10, num_steps=10, results={
+            "eval/linear_probe_top1": 0.8, "eval/knn_top1": len(calls) / 10})  # fmt: skip
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(study, "write_report", lambda records, out: None)
+    args = ["--groups=cropflip", "--claim_seeds=0", "--epochs=1", f"--out={tmp_path / 'out'}",
+            f"--workdir={tmp_path / 'cells'}"]  # fmt: skip
+    study.main(args)
+    assert len(calls) == 3
+    original = study._loss_overrides
+    monkeypatch.setattr(study, "_loss_overrides", lambda loss: tuple(
+        (k, 0.5 if k == "teacher.momentum" else v) for k, v in original(loss)))  # fmt: skip
+    capsys.readouterr()
+    study.main(args)
+    assert "cropflip-BYOL-seed0: teacher.momentum 0.95 -> 0.5" in capsys.readouterr().out
+    assert len(calls) == 4 and calls[3][1:] == ("byol", 0.5)
+    assert calls[3][0] != calls[2][0]  # BYOL's first run was the third
+    study.main(args)  # nothing left to do
+    assert len(calls) == 4
+    with open(tmp_path / "out" / "results.json") as f:
+        records = {r["name"]: r for r in json.load(f)}
+    assert records["cropflip-BYOL-seed0"]["knn_top1"] == 0.4
+    assert ["teacher.momentum", 0.5] in records["cropflip-BYOL-seed0"]["overrides"]
+    assert records["cropflip-InfoNCE-seed0"]["knn_top1"] == 0.2
+
+
 @pytest.mark.parametrize("arg, message", [
     ("--groups=cropflip,bogus", "unknown group(s) ['bogus']"),
     ("--seeds=0,a", "'0,a' is not a comma-separated list of integers"),
