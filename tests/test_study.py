@@ -212,7 +212,8 @@ def test_a_cell_whose_settings_changed_is_rerun_afresh_and_replaced(tmp_path, mo
         (k, 0.5 if k == "teacher.momentum" else v) for k, v in original(loss)))  # fmt: skip
     capsys.readouterr()
     study.main(args)
-    assert "cropflip-BYOL-seed0: teacher.momentum 0.95 -> 0.5" in capsys.readouterr().out
+    before = dict(original("byol"))["teacher.momentum"]
+    assert f"cropflip-BYOL-seed0: teacher.momentum {before} -> 0.5" in capsys.readouterr().out
     assert len(calls) == 4 and calls[3][1:] == ("byol", 0.5)
     assert calls[3][0] != calls[2][0]  # BYOL's first run was the third
     study.main(args)  # nothing left to do
