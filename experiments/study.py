@@ -227,7 +227,9 @@ def run(args) -> None:
             f"--epochs={args.epochs}: pass that --epochs, or another --out and --workdir."
         )
     cells = make_cells(seeds, groups, cifar10, claim_seeds)
-    stale = [c for c in cells if c.name in records and records[c.name]["overrides"] != c.settings]
+    # A cell is to do when it has no record, or one trained with other overrides (stale).
+    todo = [c for c in cells if records.get(c.name, {}).get("overrides") != c.settings]
+    stale = [c for c in todo if c.name in records]
     if stale:
         c = stale[0]
         before, now = dict(records[c.name]["overrides"]), dict(c.settings)
@@ -237,7 +239,6 @@ def run(args) -> None:
         print(f"{len(stale)} finished cells were trained with other settings than the study "
               f"gives them now (e.g. {c.name}: {changes}); rerunning them, their old "
               "results kept until each is replaced.")  # fmt: skip
-    todo = [c for c in cells if c.name not in records or c in stale]
     print(f"{len(cells) - len(todo)} of {len(cells)} cells done; running {len(todo)}.")
     start = time.perf_counter()
     for i, cell in enumerate(todo):
