@@ -17,8 +17,11 @@ on storage that every host sees (a bucket or a shared file system).
 import os
 
 # Before anything imports TensorFlow (the input pipelines): its C++ start-up notices (oneDNN,
-# CUDA not found, ...) say nothing a user of this program can act on.
+# CUDA not found, ...) say nothing a user of this program can act on. TensorFlow >= 2.21 prints
+# its oneDNN notice through absl logging, which ignores TF_CPP_MIN_LOG_LEVEL; turning oneDNN's
+# custom ops off is what silences it (TensorFlow only decodes and batches images here).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import logging as std_logging  # noqa: E402
 import sys  # noqa: E402

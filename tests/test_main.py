@@ -15,13 +15,17 @@ import pytest
 from matching_gap import main
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
-# What TensorFlow's C++ start-up prints unless TF_CPP_MIN_LOG_LEVEL hides it.
+# What TensorFlow's C++ start-up prints unless main silences it.
 TF_START_UP = ("absl::InitializeLog", "cpu_feature_guard", "oneDNN", "TensorFlow binary", "cuda")
 
 
 def run_cli(workdir, *args: str) -> subprocess.CompletedProcess:
-    # The user's environment, without a TF_CPP_MIN_LOG_LEVEL of its own: main sets it.
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    # The user's environment, without TensorFlow log settings of its own: main sets them.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")
+    }
     command = [sys.executable, "-m", "matching_gap.main", "--config=configs/default.py",
                f"--workdir={workdir}", *args]  # fmt: skip
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
