@@ -390,13 +390,20 @@ _ADAM = optax.scale_by_adam()
 
 @functools.lru_cache(maxsize=8)
 def _probe_epoch(mesh: Mesh, total_steps: int):
+    with_batch_split = functools.partial(
+        jax.lax.with_sharding_constraint, shardings=sharding_lib.batch_sharding(mesh)
+    )
+
     @jax.jit
     def epoch(params, opt_state, features, labels, mean, std, batch_idx, pos, lrs, wds, step0):
         def step(carry, inputs):
             params, opt_state, t = carry
             b_idx, p_idx = inputs
-            x = (gather_rows(mesh, features, b_idx, p_idx) - mean) / std
-            y = gather_rows(mesh, labels, b_idx, p_idx)
+            # The minibatch arrives on every device; each device takes its share of the
+            # rows (a slice, no traffic), so the heads' gradients cost 1/N per device and
+            # one all-reduce sums them.
+            x = with_batch_split((gather_rows(mesh, features, b_idx, p_idx) - mean) / std)
+            y = with_batch_split(gather_rows(mesh, labels, b_idx, p_idx))
             grads = jax.grad(head_loss)(params, x, y)
             direction, opt_state = _ADAM.update(grads, opt_state)
             scale = 0.5 * (1 + jnp.cos(jnp.pi * t / total_steps))  # cosine to 0

@@ -2,7 +2,10 @@
 
 Trains (resuming from ``--workdir`` if it holds checkpoints) and evaluates; with
 ``--mode=evaluate`` only runs the evaluators on the newest checkpoint of ``--workdir``;
-``--mode=pictures`` only draws its pictures (``<workdir>/pictures/``).
+``--mode=pictures`` only draws its pictures (``<workdir>/pictures/``); ``--mode=plan
+--topology=v4-32`` compiles the train step for a TPU slice (or ``cpu-N``) without one and
+prints memory per device, FLOPs, collectives and projected chip-hours (``matching_gap.plan``;
+``<workdir>/plan.json`` with ``--workdir``).
 Override any config field from the command line: ``--config.loss.epsilon=0.1``.
 
 A mistake in the command line, the config or the data (:class:`errors.UserError`) is
@@ -37,7 +40,11 @@ from matching_gap import config_lib, errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "pictures"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "pictures", "plan"],
+                          "What to run.")  # fmt: skip
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "--mode=plan: a Cloud TPU slice (v4-32, v5litepod-256, v5p-128, "
+    "v6e-64) or cpu-N (N simulated CPU devices).")  # fmt: skip
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, for multi-host runs outside "
     "TPU pods and SLURM (which are detected automatically).")  # fmt: skip
@@ -46,7 +53,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "auto: initialise jax.distributed when flags or a cluster environment ask for it.")  # fmt: skip
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 _USAGE = "usage: python -m matching_gap.main --config=configs/default.py --workdir=DIR"
 USER_ERROR_STATUS = 2
@@ -149,15 +156,42 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
         _default_show_warning(message, category, filename, lineno, file, line)
 
 
+def run_plan(config, workdir: str | None) -> None:
+    """``--mode=plan``: compiles on this machine's CPU (a TPU slice's devices come from
+    libtpu, compile-only), so no accelerator is touched and ``cpu-N`` gets N devices."""
+    from matching_gap import plan
+
+    if not _TOPOLOGY.value:
+        _exit_with("--mode=plan needs --topology (e.g. v4-32, v5litepod-256, v5p-128, v6e-64, "
+                   "or cpu-4).")  # fmt: skip
+    try:
+        _, count, _ = plan.parse_topology(_TOPOLOGY.value)
+        jax.config.update("jax_platforms", "cpu")
+        if _TOPOLOGY.value.startswith("cpu-"):
+            jax.config.update("jax_num_cpu_devices", count)
+        result = plan.plan_run(config, plan.get_topology(_TOPOLOGY.value))
+    except errors.UserError as e:
+        _exit_with(str(e))
+    print(plan.format_plan(result), flush=True)
+    if workdir:
+        path = plan.write_plan(workdir, result)
+        print(f"Wrote {path}.", flush=True)
+
+
 def main(argv):
     if len(argv) > 1:
         _exit_with(f"unexpected arguments {argv[1:]}.\n{_USAGE}")
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if _MODE.value == "plan":
+        run_plan(config, workdir)
+        return
+    if not workdir:
+        _exit_with(f"--workdir is required.\n{_USAGE}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # progress is printed; Orbax's INFO is noise
     std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)
     warnings.showwarning = _show_warning
     initialize_distributed()
-    config, workdir = _CONFIG.value, _WORKDIR.value
     try:
         config_lib.validate(config, num_devices=jax.device_count())
         # Imported here, so that command-line mistakes are reported without the wait.

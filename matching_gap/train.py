@@ -157,10 +157,17 @@ def init_train_state(config, optimizer, shardings) -> TrainState:
 
 
 def _forward_views(model, views: jax.Array, key: jax.Array | None) -> dict:
-    """Runs the model on ``views [V, b, h, w, c]`` as one batch; outputs are [V, b, ...]."""
+    """Runs the model on ``views [V, b, h, w, c]`` as one batch; outputs are [V, b, ...].
+
+    The batch is merged image-major, ``[b, V] -> [b * V]``: with ``b`` split over the
+    devices each device's share of the merged batch is its own images' views, so the
+    encoder runs on 1/N of the batch per device. Merging view-major (``[V * b]``) gives a
+    layout XLA can only hold by gathering every view onto every device (N times the work).
+    """
     v, b = views.shape[:2]
-    out = model(views.reshape((v * b,) + views.shape[2:]), key=key)
-    return {k: x.reshape((v, b) + x.shape[1:]) for k, x in out.items()}
+    merged = jnp.swapaxes(views, 0, 1).reshape((b * v,) + views.shape[2:])
+    out = model(merged, key=key)
+    return {k: jnp.swapaxes(x.reshape((b, v) + x.shape[1:]), 0, 1) for k, x in out.items()}
 
 
 def make_train_step(config, graphdef, optimizer, schedules: dict, mesh=None):

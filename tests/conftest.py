@@ -1,14 +1,20 @@
-"""Four simulated CPU devices for every test (set before any JAX computation), and one
-compilation cache for the session.
+"""The CPU only, four simulated CPU devices for every test (set before any JAX
+computation), and one compilation cache for the session.
 
 The multi-device tests compare a 4-device mesh with a 1-device mesh in one process; the
 others simply run on the 4-device mesh, as a multi-GPU machine would. Many tests compile
 the same smoke train step: JAX's persistent cache compiles it once per session.
 """
 
+import os
 import tempfile
 
-import jax
+# The tests run on the CPU. Where libtpu is installed (the `tpu` extra, for the plan tests)
+# JAX would otherwise probe for a TPU and print libtpu's start-up lines into every
+# subprocess's stderr; the plan tests get TPU devices from libtpu compile-only anyway.
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="mg_jax_cache_"))
