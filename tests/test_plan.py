@@ -108,7 +108,7 @@ def test_collectives_are_parsed_with_their_bytes():
         [
             "  %ag = (f32[4,8]{1,0}, f32[16,8]{1,0}) all-gather-start(f32[4,8]{1,0} %p), ...",
             "  %agd = f32[16,8]{1,0} all-gather-done((f32[4,8]{1,0}, f32[16,8]{1,0}) %ag)",
-            "  %ar = (bf16[10]{0}, f32[3,3]{1,0}) all-reduce(bf16[10]{0} %a, f32[3,3]{1,0} %b), ...",
+            "  %ar = (bf16[10]{0}, f32[3,3]{1,0}) all-reduce(bf16[10]{0} %a, f32[3,3]{1,0} %b)",
             "  %add = f32[16,8]{1,0} add(f32[16,8]{1,0} %x, f32[16,8]{1,0} %y)",
         ]
     )
