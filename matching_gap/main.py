@@ -2,7 +2,9 @@
 
 Trains (resuming from ``--workdir`` if it holds checkpoints) and evaluates; with
 ``--mode=evaluate`` only runs the evaluators on the newest checkpoint of ``--workdir``;
-``--mode=pictures`` only draws its pictures (``<workdir>/pictures/``).
+``--mode=pictures`` only draws its pictures (``<workdir>/pictures/``); ``--mode=export``
+writes its encoder as timm or Hugging Face files (``--config.export.format=timm|hf
+--config.export.dir=OUT``).
 Override any config field from the command line: ``--config.loss.epsilon=0.1``.
 
 A mistake in the command line, the config or the data (:class:`errors.UserError`) is
@@ -37,7 +39,9 @@ from matching_gap import config_lib, errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "pictures"], "What to run.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "evaluate", "pictures", "export"], "What to run."
+)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, for multi-host runs outside "
     "TPU pods and SLURM (which are detected automatically).")  # fmt: skip
@@ -169,6 +173,10 @@ def main(argv):
             from matching_gap import pictures
 
             pictures.write_workdir_pictures(config, workdir)
+        elif _MODE.value == "export":
+            from matching_gap import evaluate
+
+            evaluate.export_workdir(config, workdir)
         else:
             from matching_gap import train
 
