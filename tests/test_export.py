@@ -510,3 +510,28 @@ def test_resuming_ignores_init_from_and_a_field_the_saved_run_predates(workdir, 
     config.model.layer_norm_eps = 1e-12
     with pytest.raises(errors.WorkdirError, match=r"model\.layer_norm_eps: 1e-06 -> 1e-12"):
         checkpointing.check_workdir(copy, config)
+
+
+def test_readme_feature_recipes_for_hugging_face_give_the_evaluators_features(small, small_hf):
+    """README's table: last4_cls from ``hidden_states`` through the final LayerNorm, and
+    cls_avgpool from ``last_hidden_state``, equal ``SSLModel.encode``'s."""
+    from safetensors.numpy import load_file
+    from transformers import FlaxViTModel
+
+    encoder, images, _ = small
+    model = FlaxViTModel.from_pretrained(small_hf, from_pt=True, add_pooling_layer=False)
+    out = model(pixel_values=images.transpose(0, 3, 1, 2), output_hidden_states=True)
+    tensors = load_file(os.path.join(small_hf, export.WEIGHTS_FILE))
+
+    def layernorm(h):  # model.layernorm, with the file's weights and the config's epsilon
+        mean, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+        normed = (h - mean) / np.sqrt(var + SMALL.layer_norm_eps)
+        return normed * tensors["layernorm.weight"] + tensors["layernorm.bias"]
+
+    hidden = [np.asarray(h, np.float64) for h in out.hidden_states[-4:]]
+    last4 = np.concatenate([layernorm(h[:, 0]) for h in hidden], axis=-1)
+    tokens = np.asarray(out.last_hidden_state)
+    cls_avgpool = np.concatenate([tokens[:, 0], tokens[:, 1:].mean(1)], axis=-1)
+    ssl = models.SSLModel(encoder, None)
+    assert max_difference(last4, ssl.encode(images, "last4_cls")) < SMALL_TOLERANCE
+    assert max_difference(cls_avgpool, ssl.encode(images, "cls_avgpool")) < SMALL_TOLERANCE
