@@ -535,3 +535,24 @@ def test_readme_feature_recipes_for_hugging_face_give_the_evaluators_features(sm
     ssl = models.SSLModel(encoder, None)
     assert max_difference(last4, ssl.encode(images, "last4_cls")) < SMALL_TOLERANCE
     assert max_difference(cls_avgpool, ssl.encode(images, "cls_avgpool")) < SMALL_TOLERANCE
+
+
+def test_training_starts_from_init_from(workdir, tmp_path, capsys):
+    """The real loop (mocked TFDS data) from an HF file: one step at a learning rate too
+    small to move a float32 parameter leaves the file's encoder bitwise in the checkpoint."""
+    import tensorflow_datasets as tfds
+
+    config, directory, teacher = workdir
+    config = config.copy_and_resolve_references()
+    config.export.update(format="hf", dir=str(tmp_path / "hf"))
+    evaluate.export_workdir(config, directory)
+    config.model.init_from = str(tmp_path / "hf")
+    config.teacher.ema = False
+    config.optim.update(num_steps=1, base_lr=1e-30, min_lr=0.0)
+    config.train.update(final_eval=False, knn_every=0)
+    with tfds.testing.mock_data(num_examples=64):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert f"The encoder starts from {tmp_path / 'hf'}." in capsys.readouterr().out
+    _, params, step = evaluate.restore_encoder(config, str(tmp_path / "run"))
+    assert step == 1
+    assert_bitwise_equal(jax.device_get(params["encoder"]), jax.device_get(teacher))
