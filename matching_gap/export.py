@@ -590,14 +590,16 @@ def _check_sizes(tensors: dict[str, np.ndarray], fmt: str, heads: int | None,
                  "encoder.layer.0.intermediate.dense.weight",
                  r"encoder\.layer\.(\d+)\.layernorm_before\.weight")  # fmt: skip
     norm, pos, patch, fc1, block = names
-    if any(k not in tensors for k in (norm, pos, patch, fc1)):
-        return  # not a plain ViT: the key-by-key check names what is missing
+    ranks = {norm: 1, pos: 3, patch: 4, fc1: 2}
+    if any(k not in tensors or tensors[k].ndim != r for k, r in ranks.items()):
+        return  # not a plain ViT: the key-by-key check names what does not fit
     width, (_, channels, patch_size, _) = tensors[norm].shape[0], tensors[patch].shape
     tokens = tensors[pos].shape[1] - (model.pooling == "cls")
-    grid = math.isqrt(tokens)
+    grid = math.isqrt(max(tokens, 0))
+    blocks = [int(m.group(1)) for k in tensors if (m := re.fullmatch(block, k))]
     file_sizes = {
         "width": width,
-        "depth": 1 + max(int(m.group(1)) for k in tensors if (m := re.fullmatch(block, k))),
+        "depth": 1 + max(blocks, default=-1),
         "mlp_dim": tensors[fc1].shape[0],
         "patch_size": patch_size,
         "channels": channels,
