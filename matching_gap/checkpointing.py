@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from matching_gap import errors, metrics
+from matching_gap import config_lib, errors, metrics
 
 # Attempts to read one checkpoint before it counts as corrupt: a shared file system or a
 # bucket can fail a read transiently, and quarantining a good checkpoint loses work.
@@ -30,7 +30,8 @@ RESTORE_RETRY_SECONDS = 1.0
 
 # Model fields that change how a model computes, not its parameters: a run may resume with
 # other values.
-_RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "attention")
+# init_from only chooses the start of a run: a resumed run continues from its checkpoint.
+_RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "attention", "init_from")
 
 
 def _sync(name: str) -> None:
@@ -151,11 +152,15 @@ def check_workdir(workdir: str, config) -> None:
             "against this config. Use a new --workdir, or restore that file."
         ) from e
     current = json.loads(config.to_json_best_effort())
+    # A field added after the saved run was written (model.layer_norm_eps) ran at its default.
+    defaults = json.loads(config_lib.base_config().to_json_best_effort())
+    was = {section: {**defaults[section], **saved.get(section, {})}
+           for section in ("model", "teacher")}  # fmt: skip
     changed = [
-        f"{section}.{k}: {saved.get(section, {}).get(k)!r} -> {v!r}"
+        f"{section}.{k}: {was[section].get(k)!r} -> {v!r}"
         for section in ("model", "teacher")
         for k, v in current[section].items()
-        if saved.get(section, {}).get(k) != v and k not in _RESUMABLE_MODEL_FIELDS
+        if was[section].get(k) != v and k not in _RESUMABLE_MODEL_FIELDS
     ]
     if changed:
         raise errors.WorkdirError(

@@ -86,6 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
         remat=False,
         attention="xla",  # xla | cudnn (flash attention: GPU and bfloat16 only)
         stem_channels=0,  # > 0: a 3x3 conv stem with this many channels before the patchify
+        layer_norm_eps=1e-6,  # every LayerNorm's epsilon (Hugging Face ViT files may use 1e-12)
+        init_from="",  # a timm or Hugging Face ViT directory that starts the encoder ("": random)
         projector_hidden_dim=256,
         projector_dim=64,
         projector_layers=2,
@@ -159,6 +161,10 @@ def base_config() -> ml_collections.ConfigDict:
         augmented_crop_scale=(0.35, 1.0),  # as augment.crop_scale; ImageNet: (0.08, 1)
         augmented_checkpoint_every=500,
         augmented_run_steps=0,  # > 0: stop (with a checkpoint) after this many steps
+    )
+    c.export = dict(
+        format="timm",  # --mode=export writes timm | hf (Hugging Face transformers) files
+        dir="",  # where --mode=export writes them
     )
     return c
 
@@ -414,7 +420,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     """
     # Imported here: config files import this module, and building a config should not
     # wait for JAX, Flax and OTT (seconds), e.g. to report a misspelt key.
-    from matching_gap import augment, data, losses, models
+    from matching_gap import augment, data, export, losses, models
 
     for key, (ok, rule) in _SCALAR_RULES.items():
         if not ok(_value(config, key)):
@@ -435,7 +441,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     except ValueError as e:
         raise _section_error("loss", e) from None
     typed = {"augment": augment.AugmentConfig, "model": models.ModelConfig,
-             "data": data.DataConfig}  # fmt: skip
+             "data": data.DataConfig, "export": export.ExportConfig}  # fmt: skip
     sections = {}
     for section, cls in typed.items():
         try:

@@ -1,6 +1,7 @@
 """Evaluating encoders: the quick monitor run during and after training, the whole-split
-protocols of ``--mode=evaluate``, and :func:`load_encoder`, a trained run as a frozen
-feature extractor.
+protocols of ``--mode=evaluate``, :func:`load_encoder`, a trained run as a frozen feature
+extractor, and :func:`export_workdir` (``--mode=export``), a trained run as timm or Hugging
+Face files.
 
 The algorithms live in ``matching_gap.evaluators`` (extraction, k-NN, the ``features``
 linear probe) and ``matching_gap.augmented_probe`` (the ``augmented`` linear probe); this
@@ -27,7 +28,9 @@ from matching_gap import (
     data,
     errors,
     evaluators,
+    export,
     metrics,
+    models,
 )
 from matching_gap import sharding as sharding_lib
 
@@ -153,12 +156,17 @@ def encoder_params(config, state) -> Any:
 def restore_encoder(config, workdir: str, mesh=None) -> tuple[Any, Any, int]:
     """``(graphdef, params, step)``: the evaluated encoder of the newest checkpoint of
     ``workdir`` (the EMA teacher's when the run had one), restored without training onto
-    ``mesh`` (default: all devices)."""
+    ``mesh`` (default: all devices). With no checkpoint, ``model.init_from``'s encoder (a
+    timm or Hugging Face ViT), at step 0."""
     from matching_gap import train
 
     mesh = sharding_lib.make_mesh() if mesh is None else mesh
     optimizer, _ = train.make_optimizer(config, 2, 1)
-    graphdef, abstract, _ = train.abstract_train_state(config, optimizer, mesh)
+    graphdef, abstract, shardings = train.abstract_train_state(config, optimizer, mesh)
+    if not checkpointing.has_checkpoints(workdir) and config.model.init_from:
+        encoder = train.imported_encoder(config)
+        state = train.init_train_state(config, optimizer, shardings, encoder=encoder)
+        return graphdef, encoder_params(config, state), 0
     if not checkpointing.has_checkpoints(workdir):
         raise errors.WorkdirError(f"No checkpoint in {workdir}/checkpoints: train there first, "
                                   "or point --workdir at a training run.")  # fmt: skip
@@ -224,6 +232,30 @@ def evaluate_workdir(config, workdir: str) -> dict:
     _write_summary(workdir, entries)
     print_summary(results)
     return entries
+
+
+def export_workdir(config, workdir: str) -> list[str]:
+    """``--mode=export``: the evaluated encoder of the newest checkpoint of ``workdir`` (the EMA
+    teacher's when the run had one; with no checkpoint, ``model.init_from``'s) as
+    ``export.format`` files in ``export.dir`` (``matching_gap.export``). Returns their paths.
+    """
+    settings = export.ExportConfig.from_config(config.export)
+    model_config = models.ModelConfig.from_config(config.model)
+    export.check_exportable(model_config, settings.format)  # before restoring anything
+    if not settings.dir:
+        raise errors.ConfigError("--mode=export writes into export.dir: set "
+                                 "--config.export.dir=OUT.")  # fmt: skip
+    checkpointing.check_workdir(workdir, config)
+    _, params, step = restore_encoder(config, workdir)
+    encoder = jax.device_get(params["encoder"])
+    paths = []
+    if jax.process_index() == 0:
+        paths = export.write_encoder(encoder, model_config, settings.format, settings.dir,
+                                     preprocessing=export.preprocessing(config))  # fmt: skip
+        which = "EMA teacher" if config.teacher.ema else "encoder"
+        metrics.log(f"Wrote the {which} of step {step} as {settings.format} files: "
+                    f"{', '.join(paths)}.")  # fmt: skip
+    return paths
 
 
 def _write_summary(workdir: str, entries: dict) -> None:

@@ -2,10 +2,11 @@
 
 Trains (resuming from ``--workdir`` if it holds checkpoints) and evaluates; with
 ``--mode=evaluate`` only runs the evaluators on the newest checkpoint of ``--workdir``;
-``--mode=pictures`` only draws its pictures (``<workdir>/pictures/``); ``--mode=plan
---topology=v4-32`` compiles the train step for a TPU slice (or ``cpu-N``) without one and
-prints memory per device, FLOPs, collectives and projected chip-hours (``matching_gap.plan``;
-``<workdir>/plan.json`` with ``--workdir``).
+``--mode=pictures`` only draws its pictures (``<workdir>/pictures/``); ``--mode=export``
+writes its encoder as timm or Hugging Face files (``--config.export.format=timm|hf
+--config.export.dir=OUT``); ``--mode=plan --topology=v4-32`` compiles the train step for a
+TPU slice (or ``cpu-N``) without one and prints memory per device, FLOPs, collectives and
+projected chip-hours (``matching_gap.plan``; ``<workdir>/plan.json`` with ``--workdir``).
 Override any config field from the command line: ``--config.loss.epsilon=0.1``.
 
 A mistake in the command line, the config or the data (:class:`errors.UserError`) is
@@ -40,11 +41,15 @@ from matching_gap import config_lib, errors  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "pictures", "plan"],
-                          "What to run.")  # fmt: skip
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "evaluate", "pictures", "export", "plan"], "What to run."
+)
 _TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "--mode=plan: a Cloud TPU slice (v4-32, v5litepod-256, v5p-128, "
-    "v6e-64) or cpu-N (N simulated CPU devices).")  # fmt: skip
+    "topology",
+    None,
+    "--mode=plan: a Cloud TPU slice (v4-32, v5litepod-256, v5p-128, v6e-64) or cpu-N "
+    "(N simulated CPU devices).",
+)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, for multi-host runs outside "
     "TPU pods and SLURM (which are detected automatically).")  # fmt: skip
@@ -162,8 +167,7 @@ def run_plan(config, workdir: str | None) -> None:
     from matching_gap import plan
 
     if not _TOPOLOGY.value:
-        _exit_with("--mode=plan needs --topology (e.g. v4-32, v5litepod-256, v5p-128, v6e-64, "
-                   "or cpu-4).")  # fmt: skip
+        _exit_with("--mode=plan needs --topology (e.g. v4-32, v5litepod-256, v6e-64, cpu-4).")
     try:
         _, count, _ = plan.parse_topology(_TOPOLOGY.value)
         jax.config.update("jax_platforms", "cpu")
@@ -182,15 +186,15 @@ def main(argv):
     if len(argv) > 1:
         _exit_with(f"unexpected arguments {argv[1:]}.\n{_USAGE}")
     config, workdir = _CONFIG.value, _WORKDIR.value
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # progress is printed; Orbax's INFO is noise
+    std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)
+    warnings.showwarning = _show_warning
     if _MODE.value == "plan":
         run_plan(config, workdir)
         return
     if not workdir:
         _exit_with(f"--workdir is required.\n{_USAGE}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # progress is printed; Orbax's INFO is noise
-    std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)
-    warnings.showwarning = _show_warning
     initialize_distributed()
     try:
         config_lib.validate(config, num_devices=jax.device_count())
@@ -203,6 +207,10 @@ def main(argv):
             from matching_gap import pictures
 
             pictures.write_workdir_pictures(config, workdir)
+        elif _MODE.value == "export":
+            from matching_gap import evaluate
+
+            evaluate.export_workdir(config, workdir)
         else:
             from matching_gap import train
 

@@ -45,10 +45,19 @@ _POOLINGS = ("cls", "mean")
 _ATTENTIONS = ("xla", "cudnn")
 # What SSLModel.encode returns for the evaluators (config key eval.features).
 FEATURES = ("pooled", "cls_avgpool", "last4_cls", "mean_patch")
+# LayerNorm's epsilon in DINO / timm ViTs; Hugging Face's ViTConfig defaults to 1e-12, so a
+# ViT imported from such a file needs its own (model.layer_norm_eps) to give the same outputs.
+LAYER_NORM_EPS = 1e-6
 
 
 def _check_encoder(
-    sizes: dict[str, int], *, pooling: str, drop_path_rate: float, attention: str, prefix: str
+    sizes: dict[str, int],
+    *,
+    pooling: str,
+    drop_path_rate: float,
+    attention: str,
+    layer_norm_eps: float,
+    prefix: str,
 ) -> None:
     """The ViT's rules, for :class:`ModelConfig` (``prefix="model."``) and a standalone ViT.
 
@@ -80,6 +89,9 @@ def _check_encoder(
         raise errors.ConfigError(
             f"{prefix}attention must be one of {_ATTENTIONS}, got {attention!r}."
         )
+    eps = layer_norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, float | int | np.floating) or not eps > 0:
+        raise errors.ConfigError(f"{prefix}layer_norm_eps must be a number > 0, got {eps!r}.")
 
 
 def _check_cudnn_attention(dtype) -> None:
@@ -202,9 +214,10 @@ class EncoderBlock(nnx.Module):
         param_dtype,
         rngs: nnx.Rngs,
         attention: str = "xla",
+        layer_norm_eps: float = LAYER_NORM_EPS,
     ):
         self.drop_path_rate = float(drop_path_rate)
-        norm_kw = dict(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        norm_kw = dict(epsilon=layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = nnx.LayerNorm(width, **norm_kw)
         self.attn = Attention(
             width,
@@ -245,6 +258,7 @@ class ViT(nnx.Module):
         dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay in ``param_dtype``.
         remat: rematerialise each block in the backward pass (saves activation memory).
         attention: ``"xla"`` or ``"cudnn"`` (flash attention; GPU and bfloat16 only).
+        layer_norm_eps: the epsilon of every LayerNorm.
         rngs: used for initialisation only.
     """
 
@@ -265,12 +279,13 @@ class ViT(nnx.Module):
         remat: bool = False,
         attention: str = "xla",
         stem_channels: int = 0,
+        layer_norm_eps: float = LAYER_NORM_EPS,
         rngs: nnx.Rngs,
     ):
         sizes = dict(width=width, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
                      patch_size=patch_size, image_size=image_size, channels=channels)  # fmt: skip
         _check_encoder(sizes, pooling=pooling, drop_path_rate=drop_path_rate,
-                       attention=attention, prefix="")  # fmt: skip
+                       attention=attention, layer_norm_eps=layer_norm_eps, prefix="")  # fmt: skip
         self.width = width
         self.num_features = width
         self.depth = depth
@@ -328,12 +343,13 @@ class ViT(nnx.Module):
                     param_dtype=param_dtype,
                     rngs=rngs,
                     attention=attention,
+                    layer_norm_eps=layer_norm_eps,
                 )
                 for rate in rates
             ]
         )
         self.norm = nnx.LayerNorm(
-            width, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            width, epsilon=layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
 
     def _position_embedding(self, grid_h: int, grid_w: int) -> Array:
@@ -515,7 +531,10 @@ class ModelConfig:
     ``variant`` (e.g. ``"B/16"``) sets the encoder sizes; ``""`` takes ``width``, ``depth``,
     ``num_heads``, ``mlp_dim`` and ``patch_size``. ``predictor_hidden_dim`` and
     ``predictor_layers`` default to the projector's. ``attention="cudnn"`` needs a GPU and
-    ``dtype="bfloat16"``. Errors are :class:`errors.ConfigError` naming the ``model.`` key.
+    ``dtype="bfloat16"``. ``init_from`` names a timm or Hugging Face ViT directory whose
+    weights start the encoder (read by ``matching_gap.export``; ``""``: a random start), and
+    ``layer_norm_eps`` the LayerNorms' epsilon (1e-6 as timm; an HF file may say 1e-12).
+    Errors are :class:`errors.ConfigError` naming the ``model.`` key.
     """
 
     image_size: int
@@ -532,6 +551,8 @@ class ModelConfig:
     remat: bool = False
     attention: str = "xla"
     stem_channels: int = 0
+    layer_norm_eps: float = LAYER_NORM_EPS
+    init_from: str = ""
     projector_hidden_dim: int = 2048
     projector_dim: int = 256
     projector_layers: int = 2
@@ -544,8 +565,13 @@ class ModelConfig:
         _check_encoder(
             dict(self.encoder_sizes(), image_size=self.image_size, channels=self.channels),
             pooling=self.pooling, drop_path_rate=self.drop_path_rate, attention=self.attention,
-            prefix="model.",
+            layer_norm_eps=self.layer_norm_eps, prefix="model.",
         )  # fmt: skip
+        if not isinstance(self.init_from, str):
+            raise errors.ConfigError(
+                f"model.init_from must be a path (or '' for a random start), got "
+                f"{self.init_from!r}."
+            )
         if self.dtype not in _DTYPES:
             raise errors.ConfigError(
                 f"model.dtype must be one of {list(_DTYPES)}, got {self.dtype!r}."
@@ -556,6 +582,12 @@ class ModelConfig:
         if isinstance(stem, bool) or not isinstance(stem, int | np.integer) or stem < 0:
             raise errors.ConfigError(
                 f"model.stem_channels must be a non-negative integer (0: no stem), got {stem!r}."
+            )
+        if self.init_from and self.stem_channels:
+            raise errors.ConfigError(
+                f"model.stem_channels={self.stem_channels}: a convolutional stem has no "
+                "counterpart in timm or Hugging Face ViT files, so model.init_from cannot "
+                "start it; set model.stem_channels=0."
             )
         if not isinstance(self.head_batchnorm, bool):
             raise errors.ConfigError(
@@ -605,7 +637,8 @@ def create_model(model_config: ModelConfig | Any, *, rngs: nnx.Rngs) -> SSLModel
     encoder = ViT(
         **cfg.encoder_sizes(), image_size=cfg.image_size, channels=cfg.channels,
         pooling=cfg.pooling, drop_path_rate=cfg.drop_path_rate, dtype=dtype, remat=cfg.remat,
-        attention=cfg.attention, stem_channels=cfg.stem_channels, rngs=rngs,
+        attention=cfg.attention, stem_channels=cfg.stem_channels,
+        layer_norm_eps=cfg.layer_norm_eps, rngs=rngs,
     )  # fmt: skip
     projector = MLPHead(
         encoder.num_features, cfg.projector_hidden_dim, cfg.projector_dim,

@@ -31,6 +31,7 @@ from matching_gap import (
     data,
     errors,
     evaluate,
+    export,
     metrics,
     models,
     objectives,
@@ -148,9 +149,31 @@ def abstract_train_state(config, optimizer, mesh) -> tuple[Any, TrainState, Any]
     return graphdef, abstract, shardings
 
 
-def init_train_state(config, optimizer, shardings) -> TrainState:
-    """The random-init state, created directly in its (possibly sharded) layout."""
-    return jax.jit(lambda: create_train_state(config, optimizer)[1], out_shardings=shardings)()
+def init_train_state(config, optimizer, shardings, *, encoder=None) -> TrainState:
+    """The random-init state, created directly in its (possibly sharded) layout.
+
+    ``encoder``: parameters that replace the random encoder's in the student and the teacher
+    (:func:`imported_encoder`); the heads stay random.
+    """
+    state = jax.jit(lambda: create_train_state(config, optimizer)[1], out_shardings=shardings)()
+    if encoder is None:
+        return state
+    if jax.tree.structure(encoder) != jax.tree.structure(state.params["encoder"]):
+        raise ValueError("encoder does not have the structure of the model's encoder.")
+
+    def start(params, sharding):
+        return {**params, "encoder": jax.device_put(encoder, sharding["encoder"])}
+
+    teacher = None if state.teacher is None else start(state.teacher, shardings.teacher)
+    return state.replace(params=start(state.params, shardings.params), teacher=teacher)
+
+
+def imported_encoder(config) -> Any:
+    """The encoder's parameters read from ``model.init_from`` (``matching_gap.export``)."""
+    encoder, skipped = export.read_encoder(models.ModelConfig.from_config(config.model))
+    note = f", skipping {', '.join(skipped)} (not the encoder's)" if skipped else ""
+    metrics.log(f"The encoder starts from {config.model.init_from}{note}.")
+    return encoder
 
 
 # -------------------------------------------------------------------------- train step
@@ -283,13 +306,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     if config.train.final_eval or config.train.knn_every:
         evaluator.splits()  # missing evaluation data fails now, not after training
     checkpointing.check_workdir(workdir, config)
+    encoder = None  # a resumed run continues from its checkpoint, whatever model.init_from says
+    if config.model.init_from and not checkpointing.has_checkpoints(workdir):
+        encoder = imported_encoder(config)  # a file that does not fit fails before any write
     checkpointing.write_config(workdir, config)
     ckpt = checkpointing.Checkpointer(workdir, every=config.train.checkpoint_every,
                                       keep=config.train.keep_checkpoints)  # fmt: skip
     state = ckpt.restore_latest(abstract_state)
     start_step = 0 if state is None else int(state.step)
     if state is None:
-        state = init_train_state(config, optimizer, state_sharding)
+        state = init_train_state(config, optimizer, state_sharding, encoder=encoder)
     writer = metrics.create_writer(workdir, resume_step=start_step)
 
     train_step = jit_train_step(config, graphdef, optimizer, schedules, mesh, state_sharding)
