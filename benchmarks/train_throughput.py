@@ -1,9 +1,9 @@
 """Training-step throughput of a config with the matching gap and with InfoNCE, side by side.
 
 Prints one markdown table: median step time, images/s (per device too), model FLOPs
-utilisation (MFU: the ViT's analytic training FLOPs per step / step time / the devices'
-peak; augmentation and the loss are not counted as useful work) and the ratio of each
-loss's step to the InfoNCE step. Batches are synthetic uint8 images
+utilisation (MFU: the model's analytic matmul FLOPs per step, ``plan.analytic_flops``, / step
+time / the devices' peak; augmentation and the loss are not counted as useful work) and the
+ratio of each loss's step to the InfoNCE step. Batches are synthetic uint8 images
 (no dataset or TensorFlow needed); the step is the real ``train.make_train_step`` (views,
 forward, loss, backward, AdamW, EMA), on a mesh over all devices.
 
@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from matching_gap import augment, models, train
+from matching_gap import augment, models, plan, train
 from matching_gap import sharding as sharding_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
@@ -55,33 +55,6 @@ def peak_tflops(device) -> float | None:
         if name.lower() in device.device_kind.lower():
             return value
     return None
-
-
-def model_sizes(config) -> dict:
-    if config.model.variant:
-        return models.parse_variant(config.model.variant)
-    return {k: config.model[k] for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size")}
-
-
-def vit_forward_flops(config, image_size: int) -> float:
-    """Multiply-adds x 2 of one ViT forward pass on one image (matmuls and attention)."""
-    m = model_sizes(config)
-    w, depth, mlp, p = m["width"], m["depth"], m["mlp_dim"], m["patch_size"]
-    patches = (image_size // p) ** 2
-    tokens = patches + (config.model.pooling == "cls")
-    block = 8 * tokens * w * w + 4 * tokens * w * mlp + 4 * tokens * tokens * w
-    embed = 2 * patches * p * p * config.model.channels * w
-    return depth * block + embed
-
-
-def step_flops(config) -> float:
-    """Model FLOPs of one training step: 3x forward for the student (forward + backward)
-    on every view, 1x forward for an EMA teacher on the global views."""
-    a = config.augment
-    global_fwd = a.num_views * vit_forward_flops(config, a.crop_size)
-    local_fwd = a.num_local_crops * vit_forward_flops(config, a.local_crop_size or a.crop_size)
-    per_image = 3 * (global_fwd + local_fwd) + (global_fwd if config.teacher.ema else 0.0)
-    return per_image * config.optim.batch_size
 
 
 def _xla_cost(compiled) -> tuple[float, float] | None:
@@ -171,8 +144,8 @@ def main(argv):
 
     device = jax.devices()[0]
     peak = peak_tflops(device)
-    flops = step_flops(config)
-    sizes = model_sizes(config)
+    flops = plan.analytic_flops(config)["total"]
+    sizes = models.ModelConfig.from_config(config.model).encoder_sizes()
     base = statistics.median(runs[_LOSSES.value[-1]]["times"])
     print(
         f"model FLOPs per step: {flops / 1e12:.2f} TFLOP | peak per device: "

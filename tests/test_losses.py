@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ott.geometry import geometry
+from ott.geometry import costs, geometry, pointcloud
 from ott.problems.linear import linear_problem
+from ott.solvers import linear
 from ott.solvers.linear import implicit_differentiation, sinkhorn
 from scipy.optimize import linear_sum_assignment
 
@@ -117,6 +118,30 @@ def test_value_matches_ott_primal_and_dual_forms(x64):
     entropy = -np.sum(np.where(plan > 0, plan * np.log(np.where(plan > 0, plan, 1.0)), 0.0))
     primal = np.sum(plan * np.asarray(c)) - eps * entropy
     np.testing.assert_allclose(value, paired - eps * math.log(n) - primal, rtol=1e-7)
+
+
+def _ott_monge_gap(x, y, eps):
+    """The body of OTT's ``ott.neural.methods.monge_gap.monge_gap_from_samples`` (importing
+    ``ott.neural`` needs diffrax): the mean paired cost minus Sinkhorn's ``ent_reg_cost``,
+    all computed by OTT (its point cloud, its cost function, its solver)."""
+    cost_fn = costs.SqEuclidean()
+    geom = pointcloud.PointCloud(x, y, cost_fn=cost_fn, epsilon=eps)
+    paired = jnp.mean(jax.vmap(cost_fn)(x, y))
+    return paired - linear.solve(geom, **TIGHT).ent_reg_cost
+
+
+def test_value_and_gradient_match_otts_monge_gap_formula(x64):
+    # OTT takes the entropy relative to the product of the marginals: its gap is this
+    # project's plus epsilon * log n; the gradients are the same.
+    x, y = _views(21, n=10, d=5, dtype=np.float64)
+    eps, n = 0.3, x.shape[0]
+    ours = lambda x, y: losses.matching_gap(x, y, epsilon=eps, sinkhorn_options=TIGHT)[0]
+    theirs = lambda x, y: _ott_monge_gap(x, y, eps)
+    value, grads = jax.value_and_grad(ours, argnums=(0, 1))(x, y)
+    reference, reference_grads = jax.value_and_grad(theirs, argnums=(0, 1))(x, y)
+    assert abs(float(reference) - float(value) - eps * math.log(n)) < 1e-9
+    for g, r in zip(grads, reference_grads, strict=True):
+        np.testing.assert_allclose(g, r, atol=1e-9)
 
 
 def test_invariant_to_joint_permutation_of_pairs():
