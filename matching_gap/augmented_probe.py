@@ -215,8 +215,10 @@ def _normaliser(state, batchnorm: bool, dim: int):
     return state["bn_mean"], jnp.sqrt(state["bn_var"] + BATCHNORM_EPS)
 
 
-def _make_step(config, graphdef, settings: AugmentedSettings, num_steps: int, mesh) -> Any:
-    aug = dataclasses.replace(
+def probe_view_config(config, settings: AugmentedSettings) -> augment.AugmentConfig:
+    """The probe's training view: one random-resized crop + flip of the run's size and
+    normalisation, nothing else (DINO's linear-evaluation transform)."""
+    return dataclasses.replace(
         augment.AugmentConfig.from_config(config.augment),
         num_views=1,
         num_local_crops=0,
@@ -229,6 +231,10 @@ def _make_step(config, graphdef, settings: AugmentedSettings, num_steps: int, me
         view_blur_probs=(),
         view_solarize_probs=(),
     )
+
+
+def _make_step(config, graphdef, settings: AugmentedSettings, num_steps: int, mesh) -> Any:
+    aug = probe_view_config(config, settings)
     lrs = jnp.array(settings.learning_rates, jnp.float32) * settings.batch_size / 256
     key = jax.random.key(config.seed)
     features_kind = config.eval.features

@@ -1,0 +1,150 @@
+"""The ``augmented`` probe's step learns as its references say: each head's update is
+``optax.sgd(momentum=0.9)`` with PyTorch's weight decay and a cosine schedule, the BatchNorm
+is MAE's ``BatchNorm1d(affine=False, eps=1e-6)``, and the heads learn a separable task."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from matching_gap import augment, augmented_probe, config_lib, evaluators, train
+from matching_gap import sharding as sharding_lib
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+NUM_STEPS, BATCH, CLASSES = 10, 16, 3
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = config_lib.load_config_file(os.path.join(ROOT, "configs", "default.py"), "smoke")
+    config.eval.features = "pooled"
+    mesh = sharding_lib.make_mesh(jax.devices()[:1])
+    graphdef, state = train.create_train_state(config, optax.identity())
+    return config, mesh, graphdef, state.params
+
+
+def _settings(**kw):
+    return augmented_probe.AugmentedSettings(
+        batch_size=BATCH, learning_rates=(0.5, 2.0), weight_decay=1e-2, **kw
+    )
+
+
+def _features(config, graphdef, params, settings, images, step):
+    """The features the step trains on at ``step`` (its views, by the same key)."""
+    aug = augmented_probe.probe_view_config(config, settings)
+    key = jax.random.fold_in(jax.random.key(config.seed), step)
+    views, _ = augment.make_views(key, images, aug)
+    return nnx.merge(graphdef, params).encode(views[0], config.eval.features)
+
+
+def _random_state(settings, dim, seed=0):
+    state = augmented_probe._init_state(len(settings.learning_rates), dim, CLASSES)
+    rng = np.random.default_rng(seed)
+    state["heads"] = jax.tree.map(
+        lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), state["heads"]
+    )
+    return state
+
+
+def _batches(config, count, seed=1):
+    rng = np.random.default_rng(seed)
+    size = config.data.image_size
+    images = rng.integers(0, 256, (count, BATCH, size, size, 1), dtype=np.uint8)
+    labels = rng.integers(0, CLASSES, (count, BATCH)).astype(np.int32)
+    return images, labels
+
+
+def test_two_steps_equal_optax_sgd_with_momentum_per_head(setup):
+    config, mesh, graphdef, params = setup
+    settings = _settings()
+    step_fn = augmented_probe._make_step(config, graphdef, settings, NUM_STEPS, mesh)
+    images, labels = _batches(config, 2)
+    dim = config.model.width
+    state = _random_state(settings, dim)
+    start = jax.tree.map(np.asarray, state["heads"])
+    for t in range(2):
+        state, _ = step_fn(state, params, jnp.asarray(images[t]), jnp.asarray(labels[t]))
+
+    for h, base_lr in enumerate(settings.learning_rates):
+        lr = optax.cosine_decay_schedule(base_lr * BATCH / 256, NUM_STEPS)
+        mask = {"w": True, "b": False}  # PyTorch's weight decay on the weights only
+        tx = optax.chain(
+            optax.add_decayed_weights(settings.weight_decay, mask), optax.sgd(lr, momentum=0.9)
+        )
+        head = {"w": start["w"][h], "b": start["b"][h]}
+        opt_state = tx.init(head)
+        for t in range(2):
+            x = _features(config, graphdef, params, settings, jnp.asarray(images[t]), t + 1)
+
+            def loss(p, x=x, t=t):
+                logits = x @ p["w"] + p["b"]
+                return optax.softmax_cross_entropy_with_integer_labels(logits, labels[t]).mean()
+
+            updates, opt_state = tx.update(jax.grad(loss)(head), opt_state, head)
+            head = optax.apply_updates(head, updates)
+        np.testing.assert_allclose(state["heads"]["w"][h], head["w"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state["heads"]["b"][h], head["b"], rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_is_maes_batchnorm1d(setup):
+    config, mesh, graphdef, params = setup
+    settings = _settings(batchnorm=True)
+    step_fn = augmented_probe._make_step(config, graphdef, settings, NUM_STEPS, mesh)
+    images, labels = _batches(config, 2)
+    dim = config.model.width
+    state = _random_state(settings, dim)
+    running_mean, running_var = np.zeros(dim), np.ones(dim)
+    for t in range(2):
+        heads = jax.tree.map(np.asarray, state["heads"])
+        state, loss = step_fn(state, params, jnp.asarray(images[t]), jnp.asarray(labels[t]))
+        x = np.asarray(
+            _features(config, graphdef, params, settings, jnp.asarray(images[t]), t + 1),
+            np.float64,
+        )
+        # torch.nn.BatchNorm1d(affine=False, eps=1e-6), training mode, momentum 0.1: the
+        # batch is normalised by its biased variance, the running variance is unbiased.
+        mean, var = x.mean(0), x.var(0)
+        normed = (x - mean) / np.sqrt(var + 1e-6)
+        running_mean = 0.9 * running_mean + 0.1 * mean
+        running_var = 0.9 * running_var + 0.1 * x.var(0, ddof=1)
+        logits = np.einsum("bd,hdc->hbc", normed, heads["w"]) + heads["b"][:, None]
+        expected = np.mean(
+            [optax.softmax_cross_entropy_with_integer_labels(z, labels[t]).mean() for z in logits]
+        )
+        np.testing.assert_allclose(loss, expected, rtol=1e-4)
+    np.testing.assert_allclose(state["bn_mean"], running_mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(state["bn_var"], running_var, rtol=1e-4, atol=1e-6)
+
+
+def test_the_heads_learn_a_separable_task(setup):
+    config, mesh, graphdef, params = setup
+    # Dark and bright images: their classes survive any crop and flip.
+    settings = dataclasses.replace(
+        _settings(batchnorm=True), learning_rates=(1.0, 4.0), weight_decay=0.0
+    )
+    steps, classes = 30, 2
+    step_fn = augmented_probe._make_step(config, graphdef, settings, steps, mesh)
+    size = config.data.image_size
+    rng = np.random.default_rng(0)
+    labels = np.arange(BATCH, dtype=np.int32) % classes
+    levels = np.array([30, 225])[labels]
+    noise = rng.integers(-20, 21, (BATCH, size, size, 1))
+    images = np.clip(levels[:, None, None, None] + noise, 0, 255).astype(np.uint8)
+    state = augmented_probe._init_state(len(settings.learning_rates), config.model.width, classes)
+    losses = []
+    for _ in range(steps):
+        state, loss = step_fn(state, params, jnp.asarray(images), jnp.asarray(labels))
+        losses.append(float(loss))
+    assert losses[-1] < 0.1 * losses[0], losses
+    aug = augment.AugmentConfig.from_config(config.augment)
+    x = nnx.merge(graphdef, params).encode(augment.center_view(jnp.asarray(images), aug), "pooled")
+    mean, std = augmented_probe._normaliser(state, True, x.shape[-1])
+    correct = evaluators.head_correct(
+        state["heads"], x[None], jnp.asarray(labels)[None], jnp.ones((1, BATCH)), mean, std
+    )
+    assert np.all(np.asarray(correct) == BATCH), correct
