@@ -147,6 +147,7 @@ def test_plan_of_the_smoke_config_on_cpu_4():
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_plan_of_the_smoke_config_on_a_tpu_slice(tmp_path):
     result = subprocess.run(
         [

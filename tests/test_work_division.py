@@ -75,7 +75,7 @@ TRAIN_STEPS = {
     "byol": ("default.py", "smoke,byol", {}),  # teacher, BatchNorm heads (synchronised)
     "m3g_3_views": ("m3g_vitb16.py", "k=3,smoke", {}),
 }
-_SLOW = {"info_nce", "byol", "m3g_3_views"}
+_SLOW = {"info_nce", "byol", "m3g_3_views", "teacher_local_crops", "fsdp"}
 
 
 def _allowed_gather(config, params_shapes, c: plan.Collective) -> bool:
