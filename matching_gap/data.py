@@ -82,6 +82,7 @@ _IDX_LABELS_MAGIC = 2049
 _DEFAULT_SHUFFLE_BUFFER = 10_000
 # How many unreadable image-folder files the warning names one by one.
 _SKIPPED_NAMED = 10
+_REPORTED_SKIPS: set = set()  # (folder, unreadable files) already reported by this process
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -460,7 +461,9 @@ def _load_image_folder(cfg: DataConfig, split: str) -> Dataset:
     images, labels = _prepare_in_memory(
         ds, encoded=False, image_size=cfg.image_size, channels=cfg.channels
     )
-    if skipped:
+    # The same files are often loaded twice (pretraining, then the k-NN / probe split).
+    if skipped and (split_dir, tuple(skipped)) not in _REPORTED_SKIPS:
+        _REPORTED_SKIPS.add((split_dir, tuple(skipped)))
         extra = len(skipped) - _SKIPPED_NAMED
         logging.warning(
             "image_folder: skipped %d of %d image files that cannot be read (delete or "
@@ -719,6 +722,15 @@ def train_iterator(
                         **where)  # fmt: skip
 
 
+def check_batch_fits(num_examples: int, batch_size: int, name: str) -> None:
+    """A training split must hold at least one global batch."""
+    if num_examples < batch_size:
+        raise DataError(
+            f"dataset {name!r} has {num_examples} examples < batch_size {batch_size}; lower "
+            "--config.optim.batch_size or raise data.max_examples"
+        )
+
+
 def train_batches(
     dataset: Dataset,
     *,
@@ -747,11 +759,7 @@ def train_batches(
         )
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if n < batch_size:
-        raise DataError(
-            f"dataset {dataset.name!r} has {n} examples < batch_size {batch_size}; lower "
-            "--config.optim.batch_size or raise data.max_examples"
-        )
+    check_batch_fits(n, batch_size, dataset.name)
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     local = batch_size // process_count

@@ -119,16 +119,34 @@ class Evaluator:
         return self.extract(fit, params), self.extract(report, params)
 
     def __call__(self, params, *, probe: bool) -> dict:
-        """``{"eval/knn_top1": ...}`` and, with ``probe``, ``"eval/linear_probe_top1"``."""
-        e = self._config.eval
+        """``{"eval/knn_top1": ...}`` and, with ``probe``, ``"eval/linear_probe_top1"``
+        (absent when the split is too small for the probe)."""
         fit, report = self.features(params)
-        out = {"eval/knn_top1": evaluators.knn_accuracy(fit, report, k=e.knn_k,
-                                                        temperature=e.knn_temperature)}  # fmt: skip
-        if probe:
-            result = evaluators.linear_probe(fit, report, probe_settings(self._config),
-                                             seed=self._config.seed)  # fmt: skip
+        out = {"eval/knn_top1": knn(fit, report, self._config)[0]}
+        result = linear_probe(fit, report, self._config) if probe else None
+        if result is not None:
             out["eval/linear_probe_top1"] = result.top1
         return out
+
+
+def knn(fit, report, config) -> tuple[float, int]:
+    """``(top-1, k)``: the weighted k-NN with ``eval.knn_k`` neighbours, or every training
+    example when there are fewer (said in one line)."""
+    e = config.eval
+    k = min(e.knn_k, fit.num_examples)
+    if k < e.knn_k:
+        metrics.log(f"k-NN: {fit.num_examples} training examples, fewer than eval.knn_k = "
+                    f"{e.knn_k}; voting with all {k}.")  # fmt: skip
+    return evaluators.knn_accuracy(fit, report, k=k, temperature=e.knn_temperature), k
+
+
+def linear_probe(fit, report, config) -> evaluators.ProbeResult | None:
+    """The ``features`` probe, or None (said in one line) for a split too small for it."""
+    try:
+        return evaluators.linear_probe(fit, report, probe_settings(config), seed=config.seed)
+    except evaluators.TooFewExamplesError as e:
+        metrics.log(f"Linear probe skipped: {e}.")
+        return None
 
 
 def print_summary(results: dict) -> None:
@@ -205,12 +223,12 @@ def evaluate_workdir(config, workdir: str) -> dict:
         "eval_examples": report_split.num_examples,
     }
     if "knn" in protocols:
-        top1 = evaluators.knn_accuracy(fit, report, k=e.knn_k, temperature=e.knn_temperature)
+        top1, k = knn(fit, report, config)
         results["eval/knn_top1"] = top1
-        entries["knn"] = {**common, "k": e.knn_k, "temperature": e.knn_temperature, "top1": top1}
-    if "features" in protocols:
+        entries["knn"] = {**common, "k": k, "temperature": e.knn_temperature, "top1": top1}
+    probe = linear_probe(fit, report, config) if "features" in protocols else None
+    if probe is not None:
         settings = probe_settings(config)
-        probe = evaluators.linear_probe(fit, report, settings, seed=config.seed)
         results["eval/linear_probe_top1"] = probe.top1
         entries["features"] = {
             **common,

@@ -40,6 +40,10 @@ DATA_AXIS = sharding_lib.DATA_AXIS
 QUERY_CHUNK = 256
 
 
+class TooFewExamplesError(ValueError):
+    """A split too small for an evaluator's settings."""
+
+
 class Features(NamedTuple):
     """A split's features, sharded ``P(None, "data")`` over a mesh."""
 
@@ -168,7 +172,7 @@ def knn_accuracy(
     """
     n_train, n_test = train.num_examples, test.num_examples
     if n_train < k:
-        raise ValueError(f"k-NN needs at least k = {k} training points, got {n_train}.")
+        raise TooFewExamplesError(f"k-NN needs at least k = {k} training points, got {n_train}.")
     mesh = train.features.sharding.mesh
     count = _knn_counter(mesh, k, float(temperature), train.num_classes, query_chunk)
     correct = jnp.int32(0)
@@ -280,7 +284,7 @@ def linear_probe(
     flat_rows = np.flatnonzero(fit)
     fit_rows = flat_rows[np.argsort(ids.reshape(-1)[flat_rows])]  # by example index
     if not len(fit_rows) or (settings.holdout > 0 and not held.any()):
-        raise ValueError(
+        raise TooFewExamplesError(
             f"{mask.sum()} labelled examples are too few for a linear probe with "
             f"a held-out fraction of {settings.holdout}"
         )

@@ -113,8 +113,9 @@ def tsne(features: np.ndarray, *, seed: int = 0) -> np.ndarray:
 
     x = np.asarray(features, np.float64)
     x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
-    if x.shape[1] > 50:
-        x = PCA(50, random_state=seed).fit_transform(x)
+    components = min(50, *x.shape)  # PCA needs no more components than samples
+    if x.shape[1] > components:
+        x = PCA(components, random_state=seed).fit_transform(x)
     perplexity = min(30.0, (len(x) - 1) / 3)
     return TSNE(2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(x)
 

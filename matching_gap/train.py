@@ -298,6 +298,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     config_lib.validate(config, num_devices=mesh.size)
     data_config = data.DataConfig.from_config(config.data)
     train_set, num_examples = data.training_split(data_config)
+    name = data_config.name if train_set is None else train_set.name
+    data.check_batch_fits(num_examples, config.optim.batch_size, name)
     epoch_steps = steps_per_epoch(config, num_examples)
     num_steps = total_steps(config, num_examples)
     optimizer, schedules = make_optimizer(config, num_steps, epoch_steps)

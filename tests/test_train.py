@@ -318,3 +318,33 @@ def test_image_folder_config_trains_on_a_folder_of_images(tmp_path):
     shutil.rmtree(tmp_path / "images" / "val" / "stripes")  # a class missing from val
     with pytest.raises(errors.DataError, match="same class sub-folders"):
         evaluate.evaluate_workdir(config, str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_sixteen_images_run_the_whole_command(tmp_path, capsys, caplog):
+    """Small data is not an error: a folder of 16 training images (one unreadable) trains,
+    evaluates (k-NN with every training image as neighbours) and draws the pictures."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 3)):
+        for c, cls in enumerate(["circle", "stripes"]):
+            folder = tmp_path / "images" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 80, (60, 80, 3), dtype=np.uint8)
+                pixels[::4] += np.uint8(120 * c)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    truncated = tmp_path / "images" / "train" / "circle" / "0.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    config = load("image_folder.py")
+    config.data.data_dir = str(tmp_path / "images")
+    config.optim.update(num_steps=2, batch_size=8)
+    workdir = tmp_path / "run"
+    outcome = train.train_and_evaluate(config, str(workdir))
+    assert {"eval/knn_top1", "eval/linear_probe_top1"} <= set(outcome.results)
+    out = capsys.readouterr().out
+    assert "fewer than eval.knn_k = 20; voting with all 15" in out
+    skips = [r for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(skips) == 1, [r.getMessage() for r in skips]
+    assert sorted(os.listdir(workdir / "pictures")) == ["embedding.png", "neighbours.png"]
