@@ -33,7 +33,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from matching_gap import config_lib, errors  # noqa: E402
+from matching_gap import config_lib, errors, storage  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
@@ -160,6 +160,7 @@ def main(argv):
     config, workdir = _CONFIG.value, _WORKDIR.value
     try:
         config_lib.validate(config, num_devices=jax.device_count())
+        storage.check_workdir(workdir)  # a gs:// bucket that is missing or out of reach
         # Imported here, so that command-line mistakes are reported without the wait.
         if _MODE.value == "evaluate":
             from matching_gap import evaluate
