@@ -154,8 +154,7 @@ class Checkpointer:
         processes wait until it has."""
         target = self.workdir / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
         if jax.process_index() == 0:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            (self.workdir / "checkpoints" / str(step)).rename(target)
+            storage.move_tree(self.workdir / "checkpoints" / str(step), target)
         _sync(f"quarantine_{step}")
         metrics.log(f"WARNING: the checkpoint at step {step} could not be read "
                     f"({type(error).__name__}: {str(error)[:200]}); moved to {target}, falling "

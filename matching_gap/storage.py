@@ -80,6 +80,23 @@ def write_text(target: epath.Path, text: str) -> None:
     write_bytes(target, text.encode())
 
 
+def move_tree(source: epath.Path, target: epath.Path) -> None:
+    """Moves the folder ``source`` to ``target`` (its parent created as needed).
+
+    A bucket has no folders, only object names: epath's rename insists that the target's
+    parent folder exist, which an empty one never does there, so objects are moved by
+    gcsfs (a copy and a delete of each).
+    """
+    if is_remote(source):
+        import fsspec.core
+
+        fs, source_path = fsspec.core.url_to_fs(os.fspath(source))
+        fs.mv(source_path, fs._strip_protocol(os.fspath(target)), recursive=True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.rename(target)
+
+
 class GrowingFile:
     """A file written by appends (metric records, TensorBoard events).
 
