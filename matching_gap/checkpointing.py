@@ -28,6 +28,9 @@ from matching_gap import errors, metrics, storage
 RESTORE_TRIES = 3
 RESTORE_RETRY_SECONDS = 1.0
 
+# The name Orbax's CheckpointManager gives the one item of a step saved with unnamed args.
+ITEM = "default"
+
 # Model fields that change how a model computes, not its parameters: a run may resume with
 # other values.
 _RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "attention")
@@ -139,14 +142,22 @@ class Checkpointer:
         return None
 
     def _restore_step(self, step: int, target: Any) -> tuple[Any, Exception | None]:
+        """Reads one checkpoint in this process alone: Orbax's own restore ends with a barrier
+        of all processes, which the others would wait at forever when this one's read fails
+        (the processes agree afterwards, in :meth:`restore_latest`)."""
+        this_process = jax.process_index()
+        alone = ocp.options.MultiprocessingOptions(primary_host=this_process,
+                                                   active_processes={this_process})  # fmt: skip
+        path = self.workdir / "checkpoints" / str(step) / ITEM
         error = None
-        for attempt in range(RESTORE_TRIES):
-            try:
-                return self._manager.restore(step, args=ocp.args.StandardRestore(target)), None
-            except Exception as e:  # noqa: BLE001 (any read failure: retry, then fall back)
-                error = e
-                if attempt + 1 < RESTORE_TRIES:
-                    time.sleep(RESTORE_RETRY_SECONDS * (attempt + 1))
+        with ocp.StandardCheckpointer(multiprocessing_options=alone) as reader:
+            for attempt in range(RESTORE_TRIES):
+                try:
+                    return reader.restore(path, target), None
+                except Exception as e:  # noqa: BLE001 (any read failure: retry, then fall back)
+                    error = e
+                    if attempt + 1 < RESTORE_TRIES:
+                        time.sleep(RESTORE_RETRY_SECONDS * (attempt + 1))
         return None, error
 
     def _quarantine(self, step: int, error: Exception) -> None:
