@@ -255,8 +255,10 @@ def test_the_demo_in_a_bucket_killed_resumed_evaluated_and_drawn(emulator, tmp_p
         assert expected in names, names
     assert any(n.startswith("run/tensorboard/events.out.tfevents.") for n in names), names
     assert not list(cwd.iterdir())  # nothing written locally
-    steps = [r["step"] for r in metrics.read_metrics(workdir)]
-    assert steps == sorted(set(steps)) and steps[-1] == 20, steps  # each step once
+    records = metrics.read_metrics(workdir)
+    steps = [r["step"] for r in records if "train/loss" in r]
+    assert steps == [10, 20], steps  # each logged training step once, the redone ones included
+    assert [r["step"] for r in records if "eval/knn_top1" in r] == [20]  # --mode=evaluate's
     assert json.loads(storage.path(workdir, "evaluation.json").read_text())["knn"]["step"] == 20
     straight = _final_params(local / "checkpoints" / "20")
     resumed = _final_params(storage.path(workdir, "checkpoints", "20"))
@@ -326,3 +328,48 @@ def test_both_processes_fail_to_read_the_newest_it_is_quarantined_once(tmp_path)
     moved = os.listdir(tmp_path / "corrupt_checkpoints")
     assert len(moved) == 1 and moved[0].startswith("3-"), moved
     assert outputs[0].count("moved to") == 1 and "moved to" not in outputs[1]
+
+
+def test_the_study_keeps_its_cells_in_the_bucket(emulator, tmp_path, monkeypatch):
+    """experiments/study.py with ``--workdir=gs://...``: each cell's workdir is in the bucket,
+    and a cell stopped mid-way records its minutes there for the rerun."""
+    import importlib.util
+
+    from matching_gap import train
+
+    spec = importlib.util.spec_from_file_location("study_gs", os.path.join(ROOT, "experiments",
+                                                                           "study.py"))  # fmt: skip
+    study = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "study_gs", study)  # dataclasses look their module up
+    spec.loader.exec_module(study)
+    clock, calls = [0.0], []
+
+    def fake_train(config, workdir):  # 3 minutes stopped at step 5, then 2 minutes to the end
+        calls.append(workdir)
+        first = len(calls) == 1
+        clock[0] += 60 * (3 if first else 2)
+        writer = metrics.create_writer(workdir)
+        writer.write_scalars(5 if first else 10, {"train/images_per_second": 1.0})
+        writer.close()
+        if first:
+            return train.TrainResult(step=5, num_steps=10, results={})
+        return train.TrainResult(step=10, num_steps=10, results={
+            "eval/linear_probe_top1": 0.8, "eval/knn_top1": 0.7})  # fmt: skip
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(study.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(study, "write_report", lambda records, out: None)
+    args = ["--groups=cropflip", "--claim_seeds=0", "--epochs=1", f"--out={tmp_path / 'out'}",
+            f"--workdir=gs://{BUCKET}/study"]  # fmt: skip
+    study.main(args + ["--max_minutes=10"])
+    cell = calls[0]
+    assert cell.startswith(f"gs://{BUCKET}/study/")
+    assert f"{cell[len(f'gs://{BUCKET}/') :]}/{study.MINUTES_FILE}" in list_objects(emulator)
+    study.main(args)
+    records = {r["name"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
+    assert calls[1] == cell  # the stopped cell resumed first, from the bucket
+    assert records["cropflip-matching_gap-seed0"]["minutes"] == 5.0
+    missing = [*args[:3], f"--out={tmp_path / 'out2'}", "--workdir=gs://no-such-bucket/study"]
+    with pytest.raises(SystemExit) as e:  # a missing bucket: one line, status 2
+        study.main(missing)
+    assert e.value.code == 2
