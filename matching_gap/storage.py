@@ -31,8 +31,10 @@ def configure() -> None:
     - gcsfs's listing cache is turned off: other processes (hosts) and tensorstore write to
       the same bucket behind its back, and a stale listing hides or resurrects checkpoints.
     - With an emulator: tensorstore reads ``TENSORSTORE_GCS_HTTP_URL`` instead; and gcsfs's
-      support for zonal / hierarchical buckets first probes the bucket over gRPC, which an
-      emulator does not serve (a ~60 s wait), so it is turned off.
+      support for zonal / hierarchical buckets first asks for the bucket's layout over gRPC
+      (Storage Control), which an emulator does not serve: a wait of about a minute where
+      that endpoint does not answer, or a warning per bucket without credentials. It is
+      turned off (``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``, read when gcsfs is imported).
     """
     os.environ["EPATH_USE_TF"] = "false"
     import fsspec.config
