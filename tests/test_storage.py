@@ -213,7 +213,7 @@ DEMO = ["--config.optim.num_steps=20", "--config.train.checkpoint_every=10",
 
 def _final_params(path) -> list[np.ndarray]:
     restored = ocp.StandardCheckpointer().restore(path / "default")
-    return [np.asarray(x) for x in jax.tree.leaves(restored.params)]
+    return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
 
 
 @pytest.mark.slow
