@@ -142,23 +142,26 @@ class Checkpointer:
         return None
 
     def _restore_step(self, step: int, target: Any) -> tuple[Any, Exception | None]:
+        """``(state, None)``, or ``(None, the last error)`` after ``RESTORE_TRIES`` reads."""
+        error = None
+        for attempt in range(RESTORE_TRIES):
+            try:
+                return self._read(step, target), None
+            except Exception as e:  # noqa: BLE001 (any read failure: retry, then fall back)
+                error = e
+                if attempt + 1 < RESTORE_TRIES:
+                    time.sleep(RESTORE_RETRY_SECONDS * (attempt + 1))
+        return None, error
+
+    def _read(self, step: int, target: Any) -> Any:
         """Reads one checkpoint in this process alone: Orbax's own restore ends with a barrier
         of all processes, which the others would wait at forever when this one's read fails
         (the processes agree afterwards, in :meth:`restore_latest`)."""
         this_process = jax.process_index()
         alone = ocp.options.MultiprocessingOptions(primary_host=this_process,
                                                    active_processes={this_process})  # fmt: skip
-        path = self.workdir / "checkpoints" / str(step) / ITEM
-        error = None
         with ocp.StandardCheckpointer(multiprocessing_options=alone) as reader:
-            for attempt in range(RESTORE_TRIES):
-                try:
-                    return reader.restore(path, target), None
-                except Exception as e:  # noqa: BLE001 (any read failure: retry, then fall back)
-                    error = e
-                    if attempt + 1 < RESTORE_TRIES:
-                        time.sleep(RESTORE_RETRY_SECONDS * (attempt + 1))
-        return None, error
+            return reader.restore(self.workdir / "checkpoints" / str(step) / ITEM, target)
 
     def _quarantine(self, step: int, error: Exception) -> None:
         """Process 0 moves an unreadable checkpoint aside (keeping its files); the other
