@@ -209,7 +209,7 @@ def _finished_record(cell: Cell, workdir: str, results: dict, minutes: float, ep
 
 
 def run(args) -> None:
-    from matching_gap import train
+    from matching_gap import storage, train
 
     groups, seeds, claim_seeds = args.groups, args.seeds, args.claim_seeds
     args.epochs = demo_epochs() if args.epochs is None else args.epochs
@@ -240,6 +240,8 @@ def run(args) -> None:
               f"gives them now (e.g. {c.name}: {changes}); rerunning them, their old "
               "results kept until each is replaced.")  # fmt: skip
     print(f"{len(cells) - len(todo)} of {len(cells)} cells done; running {len(todo)}.")
+    if todo:
+        storage.check_workdir(args.workdir)  # a gs:// bucket that is missing or out of reach
     start = time.perf_counter()
     for i, cell in enumerate(todo):
         spent = (time.perf_counter() - start) / 60
@@ -250,15 +252,14 @@ def run(args) -> None:
                              cifar10_data_dir=args.cifar10_data_dir)  # fmt: skip
         if args.max_minutes:  # stop mid-cell with a checkpoint; the next run resumes it
             config.train.time_limit_minutes = args.max_minutes - spent
-        workdir = os.path.join(args.workdir, cell.workdir_name)
+        workdir = str(storage.path(args.workdir, cell.workdir_name))  # local, or gs://
         print(f"\n=== cell {i + 1}/{len(todo)}: {cell.name} ({workdir})", flush=True)
         t0 = time.perf_counter()
         outcome = train.train_and_evaluate(config, workdir)
         # The cell's minutes, its earlier pieces included (a resumed cell).
         minutes = _earlier_minutes(workdir) + (time.perf_counter() - t0) / 60
         if not outcome.finished:
-            with open(os.path.join(workdir, MINUTES_FILE), "w") as f:
-                f.write(f"{minutes}\n")
+            storage.write_text(storage.path(workdir, MINUTES_FILE), f"{minutes}\n")
             print(f"{cell.name} stopped before its last step; rerun to resume it.")
             break
         records[cell.name] = _finished_record(cell, workdir, outcome.results, minutes,
@@ -268,11 +269,10 @@ def run(args) -> None:
 
 
 def _earlier_minutes(workdir: str) -> float:
-    path = os.path.join(workdir, MINUTES_FILE)
-    if not os.path.exists(path):
-        return 0.0
-    with open(path) as f:
-        return float(f.read())
+    from matching_gap import storage
+
+    path = storage.path(workdir, MINUTES_FILE)
+    return float(path.read_text()) if path.exists() else 0.0
 
 
 def _load_records(path: str) -> dict:
@@ -614,7 +614,13 @@ def main(argv=None) -> None:
         write_report(records, args.out)
     else:
         sys.path.insert(0, REPO)
-        run(args)
+        from matching_gap import errors
+
+        try:
+            run(args)
+        except errors.UserError as e:  # as python -m matching_gap.main: one line, status 2
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any
 
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from matching_gap import augment, checkpointing, data, errors, evaluators, metrics
+from matching_gap import augment, checkpointing, data, errors, evaluators, metrics, storage
 from matching_gap import sharding as sharding_lib
 
 BATCHNORM_EPS = 1e-6  # MAE's BatchNorm1d(affine=False, eps=1e-6)
@@ -75,7 +74,7 @@ def run(config, graphdef, params, test: evaluators.Features, workdir: str) -> di
     """
     settings = AugmentedSettings.from_config(config)
     mesh = test.features.sharding.mesh
-    directory = os.path.join(workdir, "linear_eval")
+    directory = storage.path(workdir, "linear_eval")
     data_config = dataclasses.replace(
         data.DataConfig.from_config(config.data),
         train_split=config.data.eval_train_split,
@@ -172,13 +171,12 @@ def run(config, graphdef, params, test: evaluators.Features, workdir: str) -> di
     return summary
 
 
-def _check_settings(directory: str, settings: AugmentedSettings) -> None:
+def _check_settings(directory, settings: AugmentedSettings) -> None:
     """Refuses to resume heads trained with other settings; records them for a fresh start."""
-    path = os.path.join(directory, "settings.json")
+    path = storage.path(directory, "settings.json")
     wanted = json.loads(json.dumps(settings.resumable_fields()))
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+    if path.exists():
+        saved = json.loads(path.read_text())
         if saved != wanted and checkpointing.has_checkpoints(directory):
             changed = [
                 f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in wanted.items() if saved.get(k) != v
@@ -189,9 +187,7 @@ def _check_settings(directory: str, settings: AugmentedSettings) -> None:
                 "settings it was trained with to resume."
             )
     if jax.process_index() == 0:
-        os.makedirs(directory, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(wanted, f, indent=2)
+        storage.write_text(path, json.dumps(wanted, indent=2))
 
 
 def _init_state(num_heads: int, dim: int, num_classes: int) -> dict:

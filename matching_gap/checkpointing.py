@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import threading
 import time
@@ -19,14 +18,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-from matching_gap import config_lib, errors, metrics
+from matching_gap import config_lib, errors, metrics, storage
 
 # Attempts to read one checkpoint before it counts as corrupt: a shared file system or a
 # bucket can fail a read transiently, and quarantining a good checkpoint loses work.
 RESTORE_TRIES = 3
 RESTORE_RETRY_SECONDS = 1.0
+
+# The name Orbax's CheckpointManager gives the one item of a step saved with unnamed args.
+ITEM = "default"
 
 # Model fields that change how a model computes, not its parameters: a run may resume with
 # other values.
@@ -42,21 +45,42 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _agreed_steps(local_steps) -> list[int]:
+    """The checkpoint steps to try, newest first: process 0's listing, for every process (a
+    listing of shared storage can differ between hosts while a save is being finalised)."""
+    steps = np.array(sorted(local_steps, reverse=True), np.int32)
+    if jax.process_count() == 1:
+        return steps.tolist()
+    from jax.experimental import multihost_utils
+
+    count = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+    padded = np.full(count, -1, np.int32)  # the same shape on every process
+    padded[: min(count, len(steps))] = steps[:count]
+    return np.asarray(multihost_utils.broadcast_one_to_all(padded)).tolist()
+
+
+def _count_processes(local: bool) -> int:
+    """How many processes hold ``local`` True (a collective; ``local`` itself with one)."""
+    if jax.process_count() == 1:
+        return int(local)
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.asarray(local))))
+
+
 class Checkpointer:
     """The checkpoints of ``<workdir>/checkpoints``: one every ``every`` steps (Orbax's
     fixed-interval policy) plus the forced ones (end of run, time limit, preemption)."""
 
     def __init__(self, workdir: str, *, every: int = 1, keep: int = 2, read_only: bool = False):
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = storage.path(workdir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=not read_only,
             read_only=read_only,
             save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every),
         )
-        self._manager = ocp.CheckpointManager(
-            os.path.join(self.workdir, "checkpoints"), options=options
-        )
+        self._manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options)
 
     def due(self, step: int) -> bool:
         """Whether the schedule saves a checkpoint at ``step``."""
@@ -78,55 +102,74 @@ class Checkpointer:
         self._manager.close()
 
     def restore_latest(self, target: Any) -> Any | None:
-        """The newest checkpoint that restores into ``target`` (abstract arrays with
-        shardings, or arrays), or None when there is none.
+        """The newest checkpoint that every process restores into ``target`` (abstract arrays
+        with shardings, or arrays), or None when there is none.
 
-        A checkpoint that fails ``RESTORE_TRIES`` times is quarantined once the previous one
-        restores; if none restores, nothing is moved and the error says why (typically: the
+        One decision for all processes: they try the same steps (process 0's list), newest
+        first, and after each one share whether they could read it, so that all resume from
+        the same step or none does. A checkpoint that no process could read in
+        ``RESTORE_TRIES`` tries is quarantined once an older one restores (process 0 moves
+        it); one that some processes read is kept (the failure was on the others' side). If
+        none restores everywhere, nothing is moved and the error says why (typically: the
         checkpoints were written by a different config).
         """
-        failures = []
-        for step in sorted(self._manager.all_steps(), reverse=True):
+        unreadable, failures = [], []  # unreadable everywhere; every step failed here
+        for step in _agreed_steps(self._manager.all_steps()):
             state, error = self._restore_step(step, target)
+            readers = _count_processes(error is None)
+            if readers == jax.process_count():
+                for bad_step, bad_error in unreadable:
+                    self._quarantine(bad_step, bad_error)
+                if unreadable:
+                    self._manager.reload()
+                metrics.log(f"Resumed from the checkpoint at step {step} in {self.workdir}.")
+                return state
             if error is not None:
                 failures.append((step, error))
-                continue
-            for bad_step, bad_error in failures:
-                self._quarantine(bad_step, bad_error)
-            if failures:
-                self._manager.reload()
-            metrics.log(f"Resumed from the checkpoint at step {step} in {self.workdir}.")
-            return state
-        if failures:
-            step, error = failures[0]
+            if readers == 0:
+                unreadable.append((step, error))
+            else:
+                metrics.log(f"WARNING: the checkpoint at step {step} was read by {readers} of "
+                            f"{jax.process_count()} processes; all fall back to an older "
+                            "one (it is kept).")  # fmt: skip
+        if unreadable or failures:
+            step, error = (failures or unreadable)[0]
             raise errors.WorkdirError(
                 f"No checkpoint in {self.workdir}/checkpoints could be restored into the "
-                f"current config (model, teacher or optimiser differ?). Newest (step {step}): "
-                f"{type(error).__name__}: {str(error)[:600]} ... Use a new --workdir, or the "
-                "settings the checkpoints were written with."
+                f"current config by every process (model, teacher or optimiser differ?). "
+                f"Newest (step {step}): {type(error).__name__}: {str(error)[:600]} ... Use a "
+                "new --workdir, or the settings the checkpoints were written with."
             ) from error
         return None
 
     def _restore_step(self, step: int, target: Any) -> tuple[Any, Exception | None]:
+        """``(state, None)``, or ``(None, the last error)`` after ``RESTORE_TRIES`` reads."""
         error = None
         for attempt in range(RESTORE_TRIES):
             try:
-                return self._manager.restore(step, args=ocp.args.StandardRestore(target)), None
+                return self._read(step, target), None
             except Exception as e:  # noqa: BLE001 (any read failure: retry, then fall back)
                 error = e
                 if attempt + 1 < RESTORE_TRIES:
                     time.sleep(RESTORE_RETRY_SECONDS * (attempt + 1))
         return None, error
 
+    def _read(self, step: int, target: Any) -> Any:
+        """Reads one checkpoint in this process alone: Orbax's own restore ends with a barrier
+        of all processes, which the others would wait at forever when this one's read fails
+        (the processes agree afterwards, in :meth:`restore_latest`)."""
+        this_process = jax.process_index()
+        alone = ocp.options.MultiprocessingOptions(primary_host=this_process,
+                                                   active_processes={this_process})  # fmt: skip
+        with ocp.StandardCheckpointer(multiprocessing_options=alone) as reader:
+            return reader.restore(self.workdir / "checkpoints" / str(step) / ITEM, target)
+
     def _quarantine(self, step: int, error: Exception) -> None:
         """Process 0 moves an unreadable checkpoint aside (keeping its files); the other
         processes wait until it has."""
-        source = os.path.join(self.workdir, "checkpoints", str(step))
-        target_dir = os.path.join(self.workdir, "corrupt_checkpoints")
-        target = os.path.join(target_dir, f"{step}-{int(time.time())}")
+        target = self.workdir / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
         if jax.process_index() == 0:
-            os.makedirs(target_dir, exist_ok=True)
-            os.rename(source, target)
+            storage.move_tree(self.workdir / "checkpoints" / str(step), target)
         _sync(f"quarantine_{step}")
         metrics.log(f"WARNING: the checkpoint at step {step} could not be read "
                     f"({type(error).__name__}: {str(error)[:200]}); moved to {target}, falling "
@@ -134,18 +177,17 @@ class Checkpointer:
 
 
 def has_checkpoints(workdir: str) -> bool:
-    path = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+    path = storage.path(workdir, "checkpoints")
+    return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
 
 
 def check_workdir(workdir: str, config) -> None:
     """Refuses a workdir whose checkpoints belong to a different model (writes nothing)."""
-    path = os.path.join(workdir, "config.json")
-    if not (has_checkpoints(workdir) and os.path.exists(path)):
+    path = storage.path(workdir, "config.json")
+    if not (has_checkpoints(workdir) and path.exists()):
         return
     try:
-        with open(path) as f:
-            saved = json.load(f)
+        saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise errors.WorkdirError(
             f"{path} cannot be read ({e}); the checkpoints beside it cannot be checked "
@@ -173,9 +215,8 @@ def write_config(workdir: str, config) -> None:
     """Saves the run's config as ``<workdir>/config.json`` (process 0)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
+    text = json.dumps(json.loads(config.to_json_best_effort()), indent=2)
+    storage.write_text(storage.path(workdir, "config.json"), text)
 
 
 @contextlib.contextmanager

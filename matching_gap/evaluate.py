@@ -11,7 +11,6 @@ module turns a parameter tree and the configured labelled splits into their resu
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +30,7 @@ from matching_gap import (
     export,
     metrics,
     models,
+    storage,
 )
 from matching_gap import sharding as sharding_lib
 
@@ -280,19 +280,15 @@ def _write_summary(workdir: str, entries: dict) -> None:
     """Merges ``entries`` (protocol -> figures) into ``<workdir>/evaluation.json``."""
     if jax.process_index() != 0:
         return
-    path = os.path.join(workdir, SUMMARY_FILE)
+    path = storage.path(workdir, SUMMARY_FILE)
     summary = {}
-    if os.path.exists(path):
+    if path.exists():
         try:
-            with open(path) as f:
-                summary = json.load(f)
+            summary = json.loads(path.read_text())
         except (OSError, ValueError):
-            os.replace(path, path + ".unreadable")  # kept, not lost
+            path.replace(path.parent / f"{path.name}.unreadable")  # kept, not lost
     summary.update(entries)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps(summary, indent=2))
     metrics.log(f"Wrote {path}.")
 
 
@@ -307,13 +303,12 @@ def load_encoder(workdir: str) -> tuple[Callable[[Any], jax.Array], ml_collectio
     run had one), as the k-NN and linear-probe evaluators see them. A run trained with
     ``model.attention='cudnn'`` is read with XLA's attention on a machine without a GPU.
     """
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = storage.path(workdir, "config.json")
+    if not path.exists():
         raise errors.WorkdirError(
             f"{path} not found: is {workdir} the --workdir of a training run?"
         )
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
     if config.model.get("attention") == "cudnn" and jax.default_backend() != "gpu":
         config.model.attention = "xla"  # the same function of the same parameters
     graphdef, params, _ = restore_encoder(config, workdir)

@@ -37,7 +37,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from matching_gap import config_lib, errors  # noqa: E402
+from matching_gap import config_lib, errors, storage  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
@@ -169,6 +169,8 @@ def run_plan(config, workdir: str | None) -> None:
     if not _TOPOLOGY.value:
         _exit_with("--mode=plan needs --topology (e.g. v4-32, v5litepod-256, v6e-64, cpu-4).")
     try:
+        if workdir:
+            storage.check_workdir(workdir)  # before minutes of compiling
         _, count, _ = plan.parse_topology(_TOPOLOGY.value)
         jax.config.update("jax_platforms", "cpu")
         if _TOPOLOGY.value.startswith("cpu-"):
@@ -198,6 +200,7 @@ def main(argv):
     initialize_distributed()
     try:
         config_lib.validate(config, num_devices=jax.device_count())
+        storage.check_workdir(workdir)  # a gs:// bucket that is missing or out of reach
         # Imported here, so that command-line mistakes are reported without the wait.
         if _MODE.value == "evaluate":
             from matching_gap import evaluate

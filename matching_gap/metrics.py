@@ -1,5 +1,6 @@
-"""Metric writing with CLU's writers: ``metrics.jsonl`` (one JSON object per record) and,
-where TensorFlow and TensorBoard are installed, TensorBoard event files.
+"""Metric writing behind CLU's writer interface: ``metrics.jsonl`` (one JSON object per
+record) and, where the ``tensorboard`` package is installed, TensorBoard event files. Both go
+through :mod:`matching_gap.storage`, so a ``gs://`` workdir gets them in its bucket.
 
 Only process 0 writes. On the accelerator machines without TensorFlow the JSON lines are
 still written. After a restart from the checkpoint at step ``s``, the records of steps after
@@ -9,8 +10,9 @@ training step appears once.
 
 from __future__ import annotations
 
+import io
 import json
-import os
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -19,22 +21,24 @@ import jax
 import numpy as np
 from absl import logging
 from clu import metric_writers
+from etils import epath
+
+from matching_gap import storage
 
 
 class JsonlWriter(metric_writers.MetricWriter):
     """Scalars as JSON lines ``{"step": s, name: value, ...}``; other kinds are ignored."""
 
-    def __init__(self, path: str, *, resume_step: int | None = None):
-        self._path = path
-        if resume_step is not None and os.path.exists(path):
-            kept = [r for r in read_records(path) if r["step"] <= resume_step]
-            with open(path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+    def __init__(self, path: epath.Path, *, resume_step: int | None = None):
+        kept = read_records(path) if path.exists() else []
+        if resume_step is not None:
+            kept = [r for r in kept if r["step"] <= resume_step]
+        self._file = storage.GrowingFile(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         record = {"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}
-        with open(self._path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._file.append((json.dumps(record) + "\n").encode())
+        self._file.flush()  # each record is on disk (or in the bucket) once written
 
     def write_summaries(self, step, values, metadata=None):
         del step, values, metadata
@@ -74,18 +78,94 @@ def create_writer(workdir: str, *, resume_step: int | None = None) -> metric_wri
     """The run's writer: JSON lines + TensorBoard on process 0, nothing elsewhere."""
     if jax.process_index() != 0:
         return metric_writers.MultiWriter([])
-    os.makedirs(workdir, exist_ok=True)
-    writers = [JsonlWriter(os.path.join(workdir, "metrics.jsonl"), resume_step=resume_step)]
+    writers = [JsonlWriter(storage.path(workdir, "metrics.jsonl"), resume_step=resume_step)]
     try:
-        import tensorboard  # noqa: F401  (tf.summary needs it; tensorflow-cpu lacks it)
-
-        from matching_gap import data
-
-        data.import_tensorflow()  # hidden from accelerators before CLU's writer imports it
-        writers.append(metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")))
+        writers.append(TensorBoardWriter(storage.path(workdir, "tensorboard")))
     except ImportError:
-        logging.warning("No TensorFlow/TensorBoard here: metrics go to metrics.jsonl only.")
+        logging.warning("No tensorboard package here: metrics go to metrics.jsonl only.")
     return metric_writers.MultiWriter(writers)
+
+
+class TensorBoardWriter(metric_writers.MetricWriter):
+    """Scalars and images as TensorBoard event files in ``logdir``, written through
+    :mod:`matching_gap.storage` with the ``tensorboard`` package's protos and record format.
+
+    CLU's ``SummaryWriter`` writes through TensorFlow's file system, which for ``gs://``
+    always goes to the real Google Cloud Storage (no emulator, no other endpoint) and needs
+    TensorFlow. On a bucket an event file is rewritten whole at each flush; a new one is
+    started past ``EVENT_FILE_BYTES`` so that a long run does not upload an ever larger one.
+    Other kinds (histograms, audio, ...) are not written: the project writes none.
+    """
+
+    EVENT_FILE_BYTES = 16 * 2**20
+
+    def __init__(self, logdir: epath.Path):
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        self._logdir, self._event_pb2, self._summary_pb2 = logdir, event_pb2, summary_pb2
+        self._record_writer = RecordWriter
+        self._file = None
+
+    def _write(self, step: int, values: list) -> None:
+        if self._file is None or self._file.size > self.EVENT_FILE_BYTES:
+            # TensorBoard reads a folder's event files in the order of their names.
+            name = f"events.out.tfevents.{time.time_ns() // 1000}.{socket.gethostname()}"
+            self._file = storage.GrowingFile(self._logdir / name)
+            self._append(self._event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        summary = self._summary_pb2.Summary(value=values)
+        self._append(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def _append(self, event) -> None:
+        buffer = io.BytesIO()
+        self._record_writer(buffer).write(event.SerializeToString())
+        self._file.append(buffer.getvalue())
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        Value = self._summary_pb2.Summary.Value
+        self._write(step, [Value(tag=k, simple_value=_scalar(v)) for k, v in scalars.items()])
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        """``images``: name -> ``[N, H, W, C]`` uint8 (C = 1, 3 or 4); N > 1 adds ``/i``."""
+        from PIL import Image
+
+        values = []
+        for name, batch in images.items():
+            for i, image in enumerate(np.asarray(batch)):
+                png = io.BytesIO()
+                Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(
+                    png, format="PNG")  # fmt: skip
+                encoded = self._summary_pb2.Summary.Image(
+                    height=image.shape[0], width=image.shape[1], colorspace=image.shape[2],
+                    encoded_image_string=png.getvalue())  # fmt: skip
+                tag = name if len(batch) == 1 else f"{name}/{i}"
+                values.append(self._summary_pb2.Summary.Value(tag=tag, image=encoded))
+        self._write(step, values)
+
+    def write_summaries(self, step, values, metadata=None):
+        del step, values, metadata
+
+    def write_videos(self, step, videos):
+        del step, videos
+
+    def write_audios(self, step, audios, *, sample_rate):
+        del step, audios, sample_rate
+
+    def write_texts(self, step, texts):
+        del step, texts
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        del step, arrays, num_buckets
+
+    def write_hparams(self, hparams):
+        del hparams
+
+    def flush(self):
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self):
+        self.flush()
 
 
 def _scalar(value) -> float:
@@ -93,15 +173,14 @@ def _scalar(value) -> float:
     return float(value) if value.dtype != bool else float(bool(value))
 
 
-def read_records(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_records(path: epath.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def read_metrics(workdir: str) -> list[dict]:
     """All records of ``<workdir>/metrics.jsonl`` (empty list if none)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    return read_records(path) if os.path.exists(path) else []
+    path = storage.path(workdir, "metrics.jsonl")
+    return read_records(path) if path.exists() else []
 
 
 class Progress:

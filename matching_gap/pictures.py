@@ -17,6 +17,7 @@ Everything is drawn with Pillow into uint8 arrays (no plotting library needed).
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -24,7 +25,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-from matching_gap import augment, data, losses, metrics
+from matching_gap import augment, data, losses, metrics, storage
 
 # Fashion-MNIST's classes in label order (the IDX files carry no names).
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
@@ -250,10 +251,15 @@ def plan_images(config, views: np.ndarray, student: np.ndarray, targets: np.ndar
 def save_latest(workdir: str, images: dict[str, np.ndarray]) -> None:
     """``<workdir>/pictures/<name>.png`` for each ``[1, H, W, 3]`` image (the latest step's;
     TensorBoard keeps every step's)."""
-    out_dir = os.path.join(workdir, "pictures")
-    os.makedirs(out_dir, exist_ok=True)
     for name, image in images.items():
-        Image.fromarray(image[0]).save(os.path.join(out_dir, f"{name}.png"))
+        _save_png(storage.path(workdir, "pictures", f"{name}.png"), image[0])
+
+
+def _save_png(target, image: np.ndarray) -> None:
+    """``image`` ``[H, W, 3]`` uint8 as a PNG file at ``target`` (a storage path)."""
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG")
+    storage.write_bytes(target, png.getvalue())
 
 
 # ---------------------------------------------------------------- the end-of-run pictures
@@ -347,15 +353,14 @@ def write_pictures(
             test_feats, seed=config.seed
         )
     names = class_names(config, num_classes)
-    out_dir = os.path.join(workdir, "pictures")
-    os.makedirs(out_dir, exist_ok=True)
     grid = neighbour_grid(test_images[queries], test_labels[queries], train_images,
                           train_labels, found)  # fmt: skip
-    paths = [os.path.join(out_dir, "neighbours.png"), os.path.join(out_dir, "embedding.png")]
-    Image.fromarray(grid).save(paths[0])
-    Image.fromarray(embedding_map(points, test_labels, names)).save(paths[1])
+    paths = [storage.path(workdir, "pictures", name) for name in ("neighbours.png",
+                                                                  "embedding.png")]  # fmt: skip
+    _save_png(paths[0], grid)
+    _save_png(paths[1], embedding_map(points, test_labels, names))
     metrics.log(f"Wrote {paths[0]} and {paths[1]}.")
-    return paths
+    return [str(p) for p in paths]
 
 
 def write_workdir_pictures(config, workdir: str) -> list[str]:

@@ -496,12 +496,11 @@ def to_json(plan: dict) -> dict:
 
 
 def write_plan(workdir: str, plan: dict) -> str:
-    """Writes ``<workdir>/plan.json`` (local or a bucket: etils.epath) and returns its path."""
+    """Writes ``<workdir>/plan.json`` (a local folder or a bucket) and returns its path."""
     import json
 
-    from etils import epath
+    from matching_gap import storage
 
-    path = epath.Path(workdir) / "plan.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_json(plan), indent=2))
+    path = storage.path(workdir, "plan.json")
+    storage.write_text(path, json.dumps(to_json(plan), indent=2))
     return str(path)

@@ -203,15 +203,15 @@ def test_a_transient_read_error_is_retried_not_quarantined(tmp_path, monkeypatch
     ckpt.save(1, state)
     ckpt.close()
     ckpt = checkpointing.Checkpointer(str(tmp_path), every=1)
-    real_restore, calls = ckpt._manager.restore, []
+    real_read, calls = ckpt._read, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise OSError("connection reset")
-        return real_restore(*args, **kwargs)
+        return real_read(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt._manager, "restore", flaky)
+    monkeypatch.setattr(ckpt, "_read", flaky)
     np.testing.assert_array_equal(ckpt.restore_latest(state)["w"], state["w"])
     assert len(calls) == 2 and not (tmp_path / "corrupt_checkpoints").exists()
 
