@@ -26,25 +26,12 @@ from etils import epath
 from matching_gap import storage
 
 
-class JsonlWriter(metric_writers.MetricWriter):
-    """Scalars as JSON lines ``{"step": s, name: value, ...}``; other kinds are ignored."""
-
-    def __init__(self, path: epath.Path, *, resume_step: int | None = None):
-        kept = read_records(path) if path.exists() else []
-        if resume_step is not None:
-            kept = [r for r in kept if r["step"] <= resume_step]
-        self._file = storage.GrowingFile(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        record = {"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}
-        self._file.append((json.dumps(record) + "\n").encode())
-        self._file.flush()  # each record is on disk (or in the bucket) once written
+class _ScalarsAndImages(metric_writers.MetricWriter):
+    """A writer of the kinds of metric this project writes (scalars, images); the others
+    are ignored."""
 
     def write_summaries(self, step, values, metadata=None):
         del step, values, metadata
-
-    def write_images(self, step, images):
-        del step, images
 
     def write_videos(self, step, videos):
         del step, videos
@@ -60,6 +47,24 @@ class JsonlWriter(metric_writers.MetricWriter):
 
     def write_hparams(self, hparams):
         del hparams
+
+
+class JsonlWriter(_ScalarsAndImages):
+    """Scalars as JSON lines ``{"step": s, name: value, ...}``; other kinds are ignored."""
+
+    def __init__(self, path: epath.Path, *, resume_step: int | None = None):
+        kept = read_records(path) if path.exists() else []
+        if resume_step is not None:
+            kept = [r for r in kept if r["step"] <= resume_step]
+        self._file = storage.GrowingFile(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        record = {"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}
+        self._file.append((json.dumps(record) + "\n").encode())
+        self._file.flush()  # each record is on disk (or in the bucket) once written
+
+    def write_images(self, step, images):
+        del step, images
 
     def flush(self):
         pass
@@ -86,7 +91,7 @@ def create_writer(workdir: str, *, resume_step: int | None = None) -> metric_wri
     return metric_writers.MultiWriter(writers)
 
 
-class TensorBoardWriter(metric_writers.MetricWriter):
+class TensorBoardWriter(_ScalarsAndImages):
     """Scalars and images as TensorBoard event files in ``logdir``, written through
     :mod:`matching_gap.storage` with the ``tensorboard`` package's protos and record format.
 
@@ -141,24 +146,6 @@ class TensorBoardWriter(metric_writers.MetricWriter):
                 tag = name if len(batch) == 1 else f"{name}/{i}"
                 values.append(self._summary_pb2.Summary.Value(tag=tag, image=encoded))
         self._write(step, values)
-
-    def write_summaries(self, step, values, metadata=None):
-        del step, values, metadata
-
-    def write_videos(self, step, videos):
-        del step, videos
-
-    def write_audios(self, step, audios, *, sample_rate):
-        del step, audios, sample_rate
-
-    def write_texts(self, step, texts):
-        del step, texts
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        del step, arrays, num_buckets
-
-    def write_hparams(self, hparams):
-        del hparams
 
     def flush(self):
         if self._file is not None:
