@@ -37,6 +37,12 @@ def configure() -> None:
       turned off (``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``, read when gcsfs is imported).
     """
     os.environ["EPATH_USE_TF"] = "false"
+    # epath decides once per process (a cached check that any path, local ones too, makes
+    # first): forget a decision taken before the variable was set.
+    from etils.epath import gpath
+
+    if hasattr(gpath._is_tf_installed, "cache_clear"):
+        gpath._is_tf_installed.cache_clear()
     import fsspec.config
 
     fsspec.config.conf.setdefault("gcs", {})["use_listings_cache"] = False
