@@ -296,18 +296,24 @@ def test_load_encoder_gives_the_features_of_the_saved_parameters(tmp_path):
         np.testing.assert_array_equal(encode(images), features)
 
 
-def test_image_folder_config_trains_on_a_folder_of_images(tmp_path):
+def write_image_folder(root, train_count: int, *, formats=("jpg",)) -> None:
+    """``root/{train,val}/{circle,stripes}/*``: ``train_count`` and 3 images per class,
+    saved in turn in each of ``formats``; bright stripes on every 4th row mark the class."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for split, count in (("train", 10), ("val", 3)):
+    for split, count in (("train", train_count), ("val", 3)):
         for c, cls in enumerate(["circle", "stripes"]):
-            folder = tmp_path / "images" / split / cls
+            folder = root / split / cls
             folder.mkdir(parents=True)
             for i in range(count):
                 pixels = rng.integers(0, 80, (60, 80, 3), dtype=np.uint8)
                 pixels[::4] += np.uint8(120 * c)  # the class shows in the image
-                Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+                Image.fromarray(pixels).save(folder / f"{i}.{formats[i % len(formats)]}")
+
+
+def test_image_folder_config_trains_on_a_folder_of_images(tmp_path):
+    write_image_folder(tmp_path / "images", 10, formats=("jpg", "png"))
     config = load("image_folder.py", "smoke")
     config.data.update(source="image_folder", data_dir=str(tmp_path / "images"))
     outcome = train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -324,17 +330,7 @@ def test_image_folder_config_trains_on_a_folder_of_images(tmp_path):
 def test_sixteen_images_run_the_whole_command(tmp_path, capsys, caplog):
     """Small data is not an error: a folder of 16 training images (one unreadable) trains,
     evaluates (k-NN with every training image as neighbours) and draws the pictures."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("val", 3)):
-        for c, cls in enumerate(["circle", "stripes"]):
-            folder = tmp_path / "images" / split / cls
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 80, (60, 80, 3), dtype=np.uint8)
-                pixels[::4] += np.uint8(120 * c)
-                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    write_image_folder(tmp_path / "images", 8)
     truncated = tmp_path / "images" / "train" / "circle" / "0.jpg"
     truncated.write_bytes(truncated.read_bytes()[:200])
     config = load("image_folder.py")
