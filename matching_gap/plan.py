@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from matching_gap import config_lib, errors, models
+from matching_gap import config_lib, errors, models, train
 from matching_gap import sharding as sharding_lib
 
 GiB = 2**30
@@ -319,8 +319,6 @@ def compile_train_step(config, mesh, *, num_steps: int = 1000, epoch_steps: int 
     """The jitted train step of :func:`matching_gap.train.train_and_evaluate`, lowered and
     compiled for ``mesh`` from abstract inputs (nothing is allocated). Returns the
     ``jax.stages.Compiled``; an executable that does not fit raises XLA's error."""
-    from matching_gap import train  # train imports this module's siblings, not this one
-
     optimizer, schedules = train.make_optimizer(config, num_steps, epoch_steps)
     graphdef, abstract, shardings = train.abstract_train_state(config, optimizer, mesh)
     step = train.jit_train_step(config, graphdef, optimizer, schedules, mesh, shardings)
@@ -344,8 +342,6 @@ KNOWN_TRAIN_EXAMPLES = {
 def recipe_steps(config) -> int | None:
     """The run's number of steps, from ``optim.num_steps`` or the epochs and the training
     split's size (known datasets only; None otherwise)."""
-    from matching_gap import train
-
     if config.optim.num_steps > 0:
         return int(config.optim.num_steps)
     d = config.data
