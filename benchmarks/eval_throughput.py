@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from matching_gap import augmented_probe, evaluate, evaluators, train
+from matching_gap import augmented_probe, evaluate, evaluators, schema, train
 from matching_gap import sharding as sharding_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
@@ -72,7 +72,7 @@ def main(argv):
         feats.features.block_until_ready()
 
     dim = encode(params, on_device).shape[-1]
-    settings = dataclasses.replace(augmented_probe.AugmentedSettings.from_config(config),
+    settings = dataclasses.replace(augmented_probe.AugmentedSettings.from_eval(schema.parse(config).eval),
                                    batch_size=batch)  # fmt: skip
     step = augmented_probe._make_step(config, graphdef, settings, 10 * n, mesh)
     init = jax.jit(lambda: augmented_probe._init_state(len(settings.learning_rates), dim, 10),

@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from matching_gap import augment, models, plan, train
+from matching_gap import augment, plan, schema, train
 from matching_gap import sharding as sharding_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
@@ -122,7 +122,7 @@ def main(argv):
         jax.block_until_ready(state)
         runs[name] = {"fn": compiled, "state": state, "times": []}
 
-    aug_config = augment.AugmentConfig.from_config(config.augment)
+    aug_config = schema.parse(config).augment
     key = jax.random.key(0)
     jax.block_until_ready(augment.make_views(key, batch, aug_config))  # compile (it is jitted)
     views_times = []
@@ -145,7 +145,7 @@ def main(argv):
     device = jax.devices()[0]
     peak = peak_tflops(device)
     flops = plan.analytic_flops(config)["total"]
-    sizes = models.ModelConfig.from_config(config.model).encoder_sizes()
+    sizes = schema.parse(config).model.encoder_sizes()
     base = statistics.median(runs[_LOSSES.value[-1]]["times"])
     print(
         f"model FLOPs per step: {flops / 1e12:.2f} TFLOP | peak per device: "

@@ -14,7 +14,7 @@ and more images start from ``configs/vits16.py`` with ``--config.data.source=ima
 Variant ``:smoke``: three steps (the tests run it on ``tfds.testing.mock_data``).
 """
 
-from matching_gap import config_lib
+from matching_gap import config_lib, schema
 
 
 def get_config(arg: str | None = None):
@@ -24,8 +24,8 @@ def get_config(arg: str | None = None):
         source="image_folder", data_dir="", train_split="train", eval_train_split="train",
         eval_split="val", image_size=72, channels=3,
     )  # fmt: skip
-    c.augment.update(crop_size=64, crop_scale=(0.25, 1.0), mean=config_lib.IMAGENET_MEAN,
-                     std=config_lib.IMAGENET_STD, eval_crop_fraction=64 / 72)  # fmt: skip
+    c.augment.update(crop_size=64, crop_scale=(0.25, 1.0), mean=schema.IMAGENET_MEAN,
+                     std=schema.IMAGENET_STD, eval_crop_fraction=64 / 72)  # fmt: skip
     c.model.update(image_size=64, channels=3, patch_size=8)
     c.optim.num_epochs = 100.0  # small folders: many passes
     if "smoke" in words:

@@ -5,11 +5,10 @@ colour jitter -> grayscale -> gaussian blur -> solarize -> normalise. Every view
 image draws its own randomness from the key passed in, so the functions are pure:
 the same key and images give the same views.
 
-The settings live in :class:`AugmentConfig`, a frozen (hashable) dataclass, passed as a
-static argument: :func:`make_views` and :func:`center_view` are already jitted (one
-compilation per config and input shape), and can also be called inside a caller's jit.
-Build the config from the experiment's ``ml_collections.ConfigDict`` with
-:meth:`AugmentConfig.from_config`.
+The settings are the ``augment`` section of a config (``schema.AugmentConfig``), a frozen
+(hashable) dataclass passed as a static argument: :func:`make_views` and
+:func:`center_view` are already jitted (one compilation per config and input shape), and
+can also be called inside a caller's jit.
 
 Inputs are uint8 (or float on the same 0..255 scale) ``[b, H, W, c]``; outputs are float32
 ``(x / 255 - mean) / std``.
@@ -17,15 +16,13 @@ Inputs are uint8 (or float on the same 0..255 scale) ``[b, H, W, c]``; outputs a
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from matching_gap import config_lib
+from matching_gap.schema import AugmentConfig
 
 # SimCLR/BYOL aspect-ratio range of the random resized crop, and the number of tries
 # before falling back to the whole image (as torchvision does).
@@ -57,68 +54,6 @@ _U_RATIO = slice(_CROP_TRIES, 2 * _CROP_TRIES)
     _U_SOLARIZE,
 ) = range(2 * _CROP_TRIES, 2 * _CROP_TRIES + 12)
 _U_COUNT = 2 * _CROP_TRIES + 12
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """View settings; see the module docstring for the order the ops are applied in."""
-
-    crop_size: int
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    num_views: int = 2
-    flip: bool = True
-    color_jitter_prob: float = 0.0
-    color_jitter_strength: float = 1.0
-    grayscale_prob: float = 0.0
-    blur_prob: float = 0.0
-    solarize_prob: float = 0.0
-    # One probability per global view, replacing blur_prob / solarize_prob for those views
-    # (BYOL's asymmetric views: blur (1.0, 0.1), solarize (0.0, 0.2)); () = the same for all.
-    view_blur_probs: tuple[float, ...] = ()
-    view_solarize_probs: tuple[float, ...] = ()
-    num_local_crops: int = 0
-    local_crop_size: int = 0
-    local_crop_scale: tuple[float, float] = (0.05, 0.2)
-    mean: tuple[float, ...] = (0.5,)
-    std: tuple[float, ...] = (0.5,)
-    eval_crop_fraction: float = 1.0
-
-    def __post_init__(self):
-        # Config files and command lines hand in lists; tuples keep the dataclass hashable.
-        for name in ("crop_scale", "local_crop_scale", "mean", "std", "view_blur_probs",
-                     "view_solarize_probs"):  # fmt: skip
-            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
-        for name in ("view_blur_probs", "view_solarize_probs"):
-            probs = getattr(self, name)
-            if probs and (len(probs) != self.num_views or not all(0 <= p <= 1 for p in probs)):
-                raise ValueError(
-                    f"{name} must be () or one probability in [0, 1] per global view "
-                    f"(num_views = {self.num_views}), got {probs}; () applies "
-                    f"{name.replace('view_', '').replace('probs', 'prob')} to every view"
-                )
-        if self.crop_size <= 0:
-            raise ValueError(f"crop_size must be positive, got {self.crop_size}")
-        if self.num_views <= 0:
-            raise ValueError(f"num_views must be positive, got {self.num_views}")
-        for name in ("crop_scale", "local_crop_scale"):
-            lo_hi = getattr(self, name)
-            if len(lo_hi) != 2 or not 0.0 < lo_hi[0] <= lo_hi[1] <= 1.0:
-                raise ValueError(f"{name} must be (lo, hi) with 0 < lo <= hi <= 1, got {lo_hi}")
-        if self.num_local_crops < 0:
-            raise ValueError(f"num_local_crops must be >= 0, got {self.num_local_crops}")
-        if self.num_local_crops and self.local_crop_size <= 0:
-            raise ValueError("num_local_crops > 0 needs a positive local_crop_size")
-        if len(self.mean) != len(self.std) or not self.mean:
-            raise ValueError(f"mean {self.mean} and std {self.std} need the same length")
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {self.std}")
-        if not 0.0 < self.eval_crop_fraction <= 1.0:
-            raise ValueError(f"eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}")
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> AugmentConfig:
-        """From the ``augment`` section of a config (a ``ConfigDict`` or mapping)."""
-        return config_lib.typed_section(cls, cfg, "augment")
 
 
 # --------------------------------------------------------------------------------------

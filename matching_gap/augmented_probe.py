@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from matching_gap import augment, checkpointing, data, errors, evaluators, metrics, storage
+from matching_gap import augment, checkpointing, data, errors, evaluators, metrics, schema, storage
 from matching_gap import sharding as sharding_lib
 
 BATCHNORM_EPS = 1e-6  # MAE's BatchNorm1d(affine=False, eps=1e-6)
@@ -35,28 +35,20 @@ SGD_MOMENTUM = 0.9
 
 @dataclasses.dataclass(frozen=True)
 class AugmentedSettings:
-    epochs: int = 100
-    batch_size: int = 1024
-    learning_rates: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)  # x batch / 256
-    weight_decay: float = 0.0
-    batchnorm: bool = False
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # DINO's RandomResizedCrop
-    checkpoint_every: int = 500
-    run_steps: int = 0  # > 0: stop (with a checkpoint) after this many steps in this call
+    """The ``eval.augmented_*`` fields of a config (``schema.EvalConfig``), by their names here."""
+
+    epochs: int
+    batch_size: int
+    learning_rates: tuple[float, ...]  # x batch / 256
+    weight_decay: float
+    batchnorm: bool
+    crop_scale: tuple[float, float]  # DINO's RandomResizedCrop: (0.08, 1)
+    checkpoint_every: int
+    run_steps: int  # > 0: stop (with a checkpoint) after this many steps in this call
 
     @classmethod
-    def from_config(cls, config) -> AugmentedSettings:
-        e = config.eval
-        return cls(
-            e.augmented_epochs,
-            e.augmented_batch_size,
-            tuple(float(x) for x in e.augmented_learning_rates),
-            float(e.augmented_weight_decay),
-            bool(e.augmented_batchnorm),
-            tuple(float(x) for x in e.augmented_crop_scale),
-            e.augmented_checkpoint_every,
-            e.augmented_run_steps,
-        )
+    def from_eval(cls, e: schema.EvalConfig) -> AugmentedSettings:
+        return cls(**{f.name: getattr(e, f"augmented_{f.name}") for f in dataclasses.fields(cls)})
 
     def resumable_fields(self) -> dict:
         """What a checkpoint's heads depend on (``checkpoint_every`` and ``run_steps`` do not)."""
@@ -72,11 +64,11 @@ def run(config, graphdef, params, test: evaluators.Features, workdir: str) -> di
     Returns a summary: ``finished``, ``step``, ``num_steps`` and, when finished, ``top1``
     (the best head), its ``learning_rate`` and ``heads`` (every head's top-1).
     """
-    settings = AugmentedSettings.from_config(config)
+    settings = AugmentedSettings.from_eval(config.eval)
     mesh = test.features.sharding.mesh
     directory = storage.path(workdir, "linear_eval")
     data_config = dataclasses.replace(
-        data.DataConfig.from_config(config.data),
+        config.data,
         train_split=config.data.eval_train_split,
         max_examples=0,
     )
@@ -215,7 +207,7 @@ def probe_view_config(config, settings: AugmentedSettings) -> augment.AugmentCon
     """The probe's training view: one random-resized crop + flip of the run's size and
     normalisation, nothing else (DINO's linear-evaluation transform)."""
     return dataclasses.replace(
-        augment.AugmentConfig.from_config(config.augment),
+        config.augment,
         num_views=1,
         num_local_crops=0,
         flip=True,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from matching_gap import config_lib, errors, metrics, storage
+from matching_gap import errors, metrics, schema, storage
 
 # Attempts to read one checkpoint before it counts as corrupt: a shared file system or a
 # bucket can fail a read transiently, and quarantining a good checkpoint loses work.
@@ -193,9 +193,9 @@ def check_workdir(workdir: str, config) -> None:
             f"{path} cannot be read ({e}); the checkpoints beside it cannot be checked "
             "against this config. Use a new --workdir, or restore that file."
         ) from e
-    current = json.loads(config.to_json_best_effort())
+    current = _as_json(config)
     # A field added after the saved run was written (model.layer_norm_eps) ran at its default.
-    defaults = json.loads(config_lib.base_config().to_json_best_effort())
+    defaults = _as_json(schema.Config())
     was = {section: {**defaults[section], **saved.get(section, {})}
            for section in ("model", "teacher")}  # fmt: skip
     changed = [
@@ -211,11 +211,16 @@ def check_workdir(workdir: str, config) -> None:
         )
 
 
+def _as_json(config) -> dict:
+    """The config's values as ``config.json`` holds them (tuples as lists)."""
+    return json.loads(json.dumps(schema.parse(config).to_dict()))
+
+
 def write_config(workdir: str, config) -> None:
     """Saves the run's config as ``<workdir>/config.json`` (process 0)."""
     if jax.process_index() != 0:
         return
-    text = json.dumps(json.loads(config.to_json_best_effort()), indent=2)
+    text = json.dumps(_as_json(config), indent=2)
     storage.write_text(storage.path(workdir, "config.json"), text)
 
 

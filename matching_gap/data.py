@@ -10,8 +10,7 @@ Three sources are supported, chosen by ``DataConfig.source``:
 * ``"image_folder"``: a directory with one sub-folder of .jpg/.jpeg/.png files per class.
   Unreadable files are skipped with one warning that names them.
 
-The settings are a :class:`DataConfig`, built from the experiment's ``config.data`` with
-:meth:`DataConfig.from_config`.
+The settings are the ``data`` section of a config (``schema.DataConfig``).
 
 Every image is brought to ``image_size x image_size x channels`` uint8 at load time by one
 TensorFlow function for all sources (:func:`_tf_prepare_image`): colour to grey with the
@@ -37,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
-import numbers
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -46,9 +44,9 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from matching_gap import config_lib
 from matching_gap.augment import LUMA
 from matching_gap.errors import ConfigError, DataError, DataNotFoundError
+from matching_gap.schema import DataConfig
 
 __all__ = [
     "DataConfig",
@@ -66,7 +64,6 @@ __all__ = [
     "training_split",
 ]
 
-SOURCES = ("fashion_mnist_idx", "tfds", "image_folder")
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = 10
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -83,89 +80,6 @@ _DEFAULT_SHUFFLE_BUFFER = 10_000
 # How many unreadable image-folder files the warning names one by one.
 _SKIPPED_NAMED = 10
 _REPORTED_SKIPS: set = set()  # (folder, unreadable files) already reported by this process
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DataConfig:
-    """Where the images come from and the size they are stored at (``config.data``).
-
-    Attributes:
-      source: one of :data:`SOURCES`.
-      name: the TFDS dataset name (``source="tfds"`` only).
-      data_dir: the IDX folder, TFDS data_dir or image-folder root ("" = the default).
-      train_split, eval_train_split, eval_split: the split trained on, the labelled split
-        evaluators fit on and the one they report on.
-      image_size: stored (square) size that views are cropped from.
-      channels: 1 or 3.
-      max_examples: 0 = all of the training split, else a subset of that many.
-      eval_max_examples: the same for each evaluation split.
-      in_memory: False streams the training split with tf.data (TFDS only).
-      shuffle_buffer: the streaming shuffle buffer, in examples.
-    """
-
-    source: str
-    name: str = ""
-    data_dir: str = ""
-    train_split: str = "train"
-    eval_train_split: str = "train"
-    eval_split: str = "test"
-    image_size: int
-    channels: int
-    max_examples: int = 0
-    eval_max_examples: int = 0
-    in_memory: bool = True
-    shuffle_buffer: int = _DEFAULT_SHUFFLE_BUFFER
-
-    def __post_init__(self):
-        ints = ("image_size", "channels", "max_examples", "eval_max_examples", "shuffle_buffer")
-        for name in ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ConfigError(f"data.{name} must be an int, got {value!r}")
-            object.__setattr__(self, name, int(value))
-        strings = ("source", "name", "data_dir", "train_split", "eval_train_split", "eval_split")
-        for name in strings:
-            if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"data.{name} must be a string, got {getattr(self, name)!r}")
-        if not isinstance(self.in_memory, bool):
-            raise ConfigError(f"data.in_memory must be True or False, got {self.in_memory!r}")
-        if self.source not in SOURCES:
-            raise ConfigError(
-                f"unknown data.source {self.source!r}; valid sources: {', '.join(SOURCES)}"
-            )
-        if self.image_size <= 0:
-            raise ConfigError(f"data.image_size must be a positive int, got {self.image_size}")
-        if self.channels not in (1, 3):
-            raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
-        for name in ("max_examples", "eval_max_examples"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"data.{name} must be >= 0 (0 = all), got {getattr(self, name)}")
-        if self.shuffle_buffer <= 0:
-            raise ConfigError(f"data.shuffle_buffer must be positive, got {self.shuffle_buffer}")
-        if self.source == "tfds" and not self.name:
-            raise ConfigError("data.source='tfds' needs data.name, a TFDS name such as cifar10")
-        if self.source == "image_folder" and not self.data_dir:
-            raise ConfigError(
-                "data.source='image_folder' needs --config.data.data_dir=ROOT, a folder with "
-                "ROOT/<split>/<class_name>/*.{jpg,jpeg,png}"
-            )
-        if self.source == "fashion_mnist_idx":
-            splits = (self.train_split, self.eval_train_split, self.eval_split)
-            if not set(splits) <= set(_IDX_FILES):
-                raise ConfigError(
-                    f"fashion_mnist_idx has splits {sorted(_IDX_FILES)}; data.train_split, "
-                    f"eval_train_split and eval_split are {list(splits)}"
-                )
-        if not self.in_memory and self.source != "tfds":
-            raise ConfigError(
-                "data.in_memory=False streams with tf.data and needs data.source='tfds'; "
-                f"source {self.source!r} loads into memory (data.in_memory=True)"
-            )
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> DataConfig:
-        """From the ``data`` section of a config (a ``ConfigDict`` or mapping)."""
-        return config_lib.typed_section(cls, cfg, "data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -670,7 +584,8 @@ def iterate_tfds(
 def _check_data_config(data_config: Any) -> None:
     if not isinstance(data_config, DataConfig):
         raise TypeError(
-            "expected a data.DataConfig (build one with DataConfig.from_config(config.data)), "
+            "expected a schema.DataConfig (the data section of a parsed config, "
+            "schema.parse(config).data), "
             f"got {type(data_config).__name__}"
         )
 

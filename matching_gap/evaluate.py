@@ -10,26 +10,25 @@ module turns a parameter tree and the configured labelled splits into their resu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from matching_gap import (
     augment,
     augmented_probe,
     checkpointing,
-    config_lib,
     data,
     errors,
     evaluators,
     export,
     metrics,
-    models,
+    schema,
     storage,
 )
 from matching_gap import sharding as sharding_lib
@@ -43,7 +42,7 @@ def make_encode(config, graphdef, mesh=None, *,
     normalisation), then ``config.eval.features`` of the encoder; with ``raw_pixels``, the
     view's pixels flattened (``params`` unused: the bar a learned encoder should clear).
     With a ``mesh``, the features stay split over the devices like the images."""
-    aug_config = augment.AugmentConfig.from_config(config.augment)
+    aug_config = config.augment
 
     def encode(params, images):
         view = augment.center_view(images, aug_config)
@@ -88,8 +87,7 @@ class Evaluator:
     def splits(self) -> tuple[data.EvalSplit, data.EvalSplit]:
         """The two splits (missing or inconsistent data fails here)."""
         if self._splits is None:
-            c = self._config.data
-            data_config = data.DataConfig.from_config(c)
+            c = data_config = self._config.data
             fit, report = (
                 data.eval_split(
                     data_config,
@@ -202,8 +200,10 @@ def evaluate_workdir(config, workdir: str) -> dict:
     settings, to ``<workdir>/evaluation.json`` (entries of earlier calls for other protocols
     are kept). Returns that summary.
     """
-    protocols = config_lib.parse_protocols(config.eval.protocols)
+    config = schema.parse(config)
+    protocols = config.eval.protocol_names()
     mesh = sharding_lib.make_mesh()
+    schema.check_devices(config, mesh.size)
     graphdef, params, step = restore_encoder(config, workdir, mesh)
     evaluator = Evaluator(config, graphdef, mesh, whole_splits=True)
     fit_split, report_split = evaluator.splits()
@@ -257,8 +257,8 @@ def export_workdir(config, workdir: str) -> list[str]:
     teacher's when the run had one; with no checkpoint, ``model.init_from``'s) as
     ``export.format`` files in ``export.dir`` (``matching_gap.export``). Returns their paths.
     """
-    settings = export.ExportConfig.from_config(config.export)
-    model_config = models.ModelConfig.from_config(config.model)
+    config = schema.parse(config)
+    settings, model_config = config.export, config.model
     export.check_exportable(model_config, settings.format)  # before restoring anything
     if not settings.dir:
         raise errors.ConfigError("--mode=export writes into export.dir: set "
@@ -292,7 +292,7 @@ def _write_summary(workdir: str, entries: dict) -> None:
     metrics.log(f"Wrote {path}.")
 
 
-def load_encoder(workdir: str) -> tuple[Callable[[Any], jax.Array], ml_collections.ConfigDict]:
+def load_encoder(workdir: str) -> tuple[Callable[[Any], jax.Array], schema.Config]:
     """The newest checkpoint of a training run as a frozen feature extractor.
 
     Reads the config the run saved (``<workdir>/config.json``), restores the newest
@@ -308,9 +308,12 @@ def load_encoder(workdir: str) -> tuple[Callable[[Any], jax.Array], ml_collectio
         raise errors.WorkdirError(
             f"{path} not found: is {workdir} the --workdir of a training run?"
         )
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
-    if config.model.get("attention") == "cudnn" and jax.default_backend() != "gpu":
-        config.model.attention = "xla"  # the same function of the same parameters
+    config = schema.parse(json.loads(path.read_text()))
+    if config.model.attention == "cudnn" and jax.default_backend() != "gpu":
+        # the same function of the same parameters
+        config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, attention="xla")
+        )
     graphdef, params, _ = restore_encoder(config, workdir)
     size, channels = config.data.image_size, config.data.channels
     _encode = make_encode(config, graphdef)

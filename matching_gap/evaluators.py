@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from matching_gap import sharding as sharding_lib
 from matching_gap.losses import l2_normalize
+from matching_gap.schema import EvalConfig
 
 DATA_AXIS = sharding_lib.DATA_AXIS
 # Queries scored at once by the k-NN: similarities [QUERY_CHUNK, rows per device] per device.
@@ -244,11 +245,12 @@ class ProbeSettings:
     decay) of the grid, the grid point chosen on a held-out ``holdout`` fraction of the
     training split (0 = no held-out slice, for a single grid point)."""
 
-    epochs: int = 100
-    batch_size: int = 1024
-    learning_rates: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
-    weight_decays: tuple[float, ...] = (0.0, 1e-2, 1e-1)
-    holdout: float = 0.05
+    # The defaults are the config's (``eval.probe_*``), written once in the schema.
+    epochs: int = EvalConfig.probe_epochs
+    batch_size: int = EvalConfig.probe_batch_size
+    learning_rates: tuple[float, ...] = EvalConfig.probe_learning_rates
+    weight_decays: tuple[float, ...] = EvalConfig.probe_weight_decays
+    holdout: float = EvalConfig.probe_holdout
 
     def grid(self) -> list[tuple[float, float]]:
         return [(lr, wd) for lr in self.learning_rates for wd in self.weight_decays]

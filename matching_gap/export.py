@@ -27,18 +27,16 @@ names the setting or the key, before anything is written or loaded.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import re
-from typing import Any
 
 import numpy as np
 
-from matching_gap import config_lib, errors, models
+from matching_gap import errors, models, schema
 
-FORMATS = ("timm", "hf")
+FORMATS = schema.EXPORT_FORMATS
 WEIGHTS_FILE = "model.safetensors"  # the name timm and transformers (4.x and 5.x) look for
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"  # Hugging Face's image processor
@@ -79,26 +77,6 @@ _HF_TOP_NAMES = {
     "norm.weight": "layernorm.weight",
     "norm.bias": "layernorm.bias",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportConfig:
-    """The ``export`` section: ``--mode=export`` writes ``format`` files into ``dir``."""
-
-    format: str = "timm"
-    dir: str = ""
-
-    def __post_init__(self):
-        if self.format not in FORMATS:
-            raise errors.ConfigError(
-                f"export.format must be one of {list(FORMATS)}, got {self.format!r}."
-            )
-        if not isinstance(self.dir, str):
-            raise errors.ConfigError(f"export.dir must be a path, got {self.dir!r}.")
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> ExportConfig:
-        return config_lib.typed_section(cls, cfg, "export")
 
 
 # ------------------------------------------------------------------------- the mapping

@@ -33,6 +33,8 @@ from ott.geometry import costs, geometry
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import sinkhorn
 
+from matching_gap.schema import COSTS, MULTIVIEW_MODES
+
 __all__ = [
     "COSTS",
     "DEFAULT_SINKHORN_OPTIONS",
@@ -48,9 +50,7 @@ __all__ = [
     "transport_plan",
 ]
 
-COSTS = ("sqeuclidean", "cosine")
 RELATIVE_EPSILON = (None, "mean", "std")
-MULTIVIEW_MODES = ("pairwise", "one_vs_rest")
 
 # Options forwarded to `ott.solvers.linear.sinkhorn.Sinkhorn` (or, for M3G, to
 # `ott.experimental.mmsinkhorn.MMSinkhorn`). The threshold is the L1 marginal error.

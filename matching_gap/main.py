@@ -37,7 +37,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from matching_gap import config_lib, errors, storage  # noqa: E402
+from matching_gap import config_lib, errors, schema, storage  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
@@ -155,7 +155,7 @@ _default_show_warning = warnings.showwarning
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     """Config warnings as one line; every other warning as Python prints it."""
-    if issubclass(category, config_lib.ConfigWarning):
+    if issubclass(category, schema.ConfigWarning):
         print(f"warning: {message}", file=sys.stderr, flush=True)
     else:
         _default_show_warning(message, category, filename, lineno, file, line)
@@ -192,6 +192,10 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # progress is printed; Orbax's INFO is noise
     std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)
     warnings.showwarning = _show_warning
+    try:
+        config = schema.parse(config)  # the one parse; the modes check their devices
+    except errors.ConfigError as e:
+        _exit_with(str(e))
     if _MODE.value == "plan":
         run_plan(config, workdir)
         return
@@ -199,7 +203,6 @@ def main(argv):
         _exit_with(f"--workdir is required.\n{_USAGE}")
     initialize_distributed()
     try:
-        config_lib.validate(config, num_devices=jax.device_count())
         storage.check_workdir(workdir)  # a gs:// bucket that is missing or out of reach
         # Imported here, so that command-line mistakes are reported without the wait.
         if _MODE.value == "evaluate":

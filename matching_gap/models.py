@@ -11,15 +11,12 @@ Contents:
 * :class:`ViT`: a standard pre-LayerNorm ViT (as in DINO / timm) returning pooled features.
 * :class:`MLPHead`: ``Linear -> GELU -> ... -> Linear`` projector / predictor.
 * :class:`SSLModel`: encoder + projector + optional predictor.
-* :class:`ModelConfig`: the ``model`` section of a config, typed and validated once;
-  :func:`create_model` builds an :class:`SSLModel` from it (:data:`VIT_VARIANTS` and
-  :func:`parse_variant` name the standard sizes).
+* :func:`create_model` builds an :class:`SSLModel` from the ``model`` section of a config
+  (``schema.ModelConfig``; ``schema.VIT_VARIANTS`` names the standard sizes).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from typing import Any
 
 import jax
@@ -27,71 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from matching_gap import config_lib, errors
+from matching_gap import errors
+from matching_gap.schema import FEATURES, ModelConfig
+from matching_gap.schema import check_encoder as _check_encoder
 
 Array = jax.Array
 
-VIT_VARIANTS: dict[str, dict[str, int]] = {
-    "Ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
-    "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
-    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
-    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
-}
-
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_POOLINGS = ("cls", "mean")
-# "xla": XLA's attention (scores materialised, softmax in float32), on every device and dtype.
-# "cudnn": cuDNN's fused flash-attention kernel; GPUs only, bfloat16 compute only.
-_ATTENTIONS = ("xla", "cudnn")
-# What SSLModel.encode returns for the evaluators (config key eval.features).
-FEATURES = ("pooled", "cls_avgpool", "last4_cls", "mean_patch")
 # LayerNorm's epsilon in DINO / timm ViTs; Hugging Face's ViTConfig defaults to 1e-12, so a
 # ViT imported from such a file needs its own (model.layer_norm_eps) to give the same outputs.
 LAYER_NORM_EPS = 1e-6
-
-
-def _check_encoder(
-    sizes: dict[str, int],
-    *,
-    pooling: str,
-    drop_path_rate: float,
-    attention: str,
-    layer_norm_eps: float,
-    prefix: str,
-) -> None:
-    """The ViT's rules, for :class:`ModelConfig` (``prefix="model."``) and a standalone ViT.
-
-    ``sizes``: ``width``, ``depth``, ``num_heads``, ``mlp_dim``, ``patch_size``,
-    ``image_size`` and ``channels``.
-    """
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
-            raise errors.ConfigError(f"{prefix}{name} must be a positive integer, got {value!r}.")
-    width, num_heads = sizes["width"], sizes["num_heads"]
-    image_size, patch_size = sizes["image_size"], sizes["patch_size"]
-    if width % num_heads:
-        raise errors.ConfigError(
-            f"{prefix}width ({width}) must be divisible by {prefix}num_heads ({num_heads}); "
-            "change one of them."
-        )
-    if image_size % patch_size:
-        raise errors.ConfigError(
-            f"{prefix}image_size ({image_size}) must be divisible by the patch size "
-            f"({patch_size}); change the image size or the patch size."
-        )
-    if pooling not in _POOLINGS:
-        raise errors.ConfigError(f"{prefix}pooling must be one of {_POOLINGS}, got {pooling!r}.")
-    if not 0.0 <= drop_path_rate < 1.0:
-        raise errors.ConfigError(
-            f"{prefix}drop_path_rate must be in [0, 1), got {drop_path_rate!r}."
-        )
-    if attention not in _ATTENTIONS:
-        raise errors.ConfigError(
-            f"{prefix}attention must be one of {_ATTENTIONS}, got {attention!r}."
-        )
-    eps = layer_norm_eps
-    if isinstance(eps, bool) or not isinstance(eps, float | int | np.floating) or not eps > 0:
-        raise errors.ConfigError(f"{prefix}layer_norm_eps must be a number > 0, got {eps!r}.")
 
 
 def _check_cudnn_attention(dtype) -> None:
@@ -108,27 +50,6 @@ def _check_cudnn_attention(dtype) -> None:
 # DINO / timm initialise every linear layer and the learned tokens with a truncated normal of
 # std 0.02; keeping the same scheme keeps published hyper-parameters (lr, wd) meaningful.
 _trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
-
-
-def parse_variant(name: str) -> dict[str, int]:
-    """Parses a ViT variant string such as ``"B/16"`` or ``"Ti/4"``.
-
-    Returns:
-        A dict with ``width``, ``depth``, ``num_heads``, ``mlp_dim`` and ``patch_size``.
-
-    Raises:
-        ValueError: if the string is not ``<size>/<patch>`` with a known size.
-    """
-    valid = ", ".join(f"'{k}/<patch>'" for k in VIT_VARIANTS)
-    match = re.fullmatch(r"\s*([A-Za-z]+)\s*/\s*(\d+)\s*", name) if isinstance(name, str) else None
-    if match is None or match.group(1) not in VIT_VARIANTS:
-        raise ValueError(
-            f"Unknown ViT variant {name!r}: expected one of {valid} (e.g. 'B/16', 'S/8')."
-        )
-    patch_size = int(match.group(2))
-    if patch_size <= 0:
-        raise ValueError(f"ViT variant {name!r}: the patch size must be a positive integer.")
-    return dict(VIT_VARIANTS[match.group(1)], patch_size=patch_size)
 
 
 def _drop_path(x: Array, rate: float, key: Array | None) -> Array:
@@ -524,116 +445,12 @@ class SSLModel(nnx.Module):
         raise ValueError(f"Unknown features {features!r}; valid: {list(FEATURES)}.")
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The ``model`` section of a config, checked once here (:meth:`__post_init__`).
-
-    ``variant`` (e.g. ``"B/16"``) sets the encoder sizes; ``""`` takes ``width``, ``depth``,
-    ``num_heads``, ``mlp_dim`` and ``patch_size``. ``predictor_hidden_dim`` and
-    ``predictor_layers`` default to the projector's. ``attention="cudnn"`` needs a GPU and
-    ``dtype="bfloat16"``. ``init_from`` names a timm or Hugging Face ViT directory whose
-    weights start the encoder (read by ``matching_gap.export``; ``""``: a random start), and
-    ``layer_norm_eps`` the LayerNorms' epsilon (1e-6 as timm; an HF file may say 1e-12).
-    Errors are :class:`errors.ConfigError` naming the ``model.`` key.
-    """
-
-    image_size: int
-    channels: int = 3
-    variant: str = ""
-    width: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_dim: int | None = None
-    patch_size: int | None = None
-    pooling: str = "cls"
-    drop_path_rate: float = 0.0
-    dtype: str = "float32"
-    remat: bool = False
-    attention: str = "xla"
-    stem_channels: int = 0
-    layer_norm_eps: float = LAYER_NORM_EPS
-    init_from: str = ""
-    projector_hidden_dim: int = 2048
-    projector_dim: int = 256
-    projector_layers: int = 2
-    use_predictor: bool = False
-    predictor_hidden_dim: int | None = None
-    predictor_layers: int | None = None
-    head_batchnorm: bool = False
-
-    def __post_init__(self):
-        _check_encoder(
-            dict(self.encoder_sizes(), image_size=self.image_size, channels=self.channels),
-            pooling=self.pooling, drop_path_rate=self.drop_path_rate, attention=self.attention,
-            layer_norm_eps=self.layer_norm_eps, prefix="model.",
-        )  # fmt: skip
-        if not isinstance(self.init_from, str):
-            raise errors.ConfigError(
-                f"model.init_from must be a path (or '' for a random start), got "
-                f"{self.init_from!r}."
-            )
-        if self.dtype not in _DTYPES:
-            raise errors.ConfigError(
-                f"model.dtype must be one of {list(_DTYPES)}, got {self.dtype!r}."
-            )
-        if self.attention == "cudnn":
-            _check_cudnn_attention(_DTYPES[self.dtype])
-        stem = self.stem_channels
-        if isinstance(stem, bool) or not isinstance(stem, int | np.integer) or stem < 0:
-            raise errors.ConfigError(
-                f"model.stem_channels must be a non-negative integer (0: no stem), got {stem!r}."
-            )
-        if self.init_from and self.stem_channels:
-            raise errors.ConfigError(
-                f"model.stem_channels={self.stem_channels}: a convolutional stem has no "
-                "counterpart in timm or Hugging Face ViT files, so model.init_from cannot "
-                "start it; set model.stem_channels=0."
-            )
-        if not isinstance(self.head_batchnorm, bool):
-            raise errors.ConfigError(
-                f"model.head_batchnorm must be True or False, got {self.head_batchnorm!r}."
-            )
-        heads = dict(
-            projector_hidden_dim=self.projector_hidden_dim, projector_dim=self.projector_dim,
-            projector_layers=self.projector_layers,
-        )  # fmt: skip
-        if self.use_predictor:
-            heads.update(predictor_hidden_dim=self.predictor_hidden_dim,
-                         predictor_layers=self.predictor_layers)  # fmt: skip
-        for name, value in heads.items():
-            if value is not None and (not isinstance(value, int | np.integer) or value <= 0):
-                raise errors.ConfigError(f"model.{name} must be a positive integer, got {value!r}.")
-
-    def encoder_sizes(self) -> dict[str, int]:
-        """``width``, ``depth``, ``num_heads``, ``mlp_dim``, ``patch_size`` of the ViT."""
-        if self.variant:
-            try:
-                return parse_variant(self.variant)
-            except ValueError as e:
-                raise errors.ConfigError(f"model.variant: {e}") from None
-        sizes = {k: getattr(self, k) for k in ("width", "depth", "num_heads", "mlp_dim",
-                                              "patch_size")}  # fmt: skip
-        missing = [k for k, v in sizes.items() if v is None]
-        if missing:
-            raise errors.ConfigError(
-                f"model.variant is empty, so model.{missing} must be set (or set a variant "
-                "such as 'S/16')."
-            )
-        return sizes
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> ModelConfig:
-        """From the ``model`` section of a config (a ``ConfigDict`` or mapping)."""
-        return config_lib.typed_section(cls, cfg, "model")
-
-
-def create_model(model_config: ModelConfig | Any, *, rngs: nnx.Rngs) -> SSLModel:
-    """Builds an :class:`SSLModel` from a :class:`ModelConfig` (or the ``model`` section of
-    a config, read with :meth:`ModelConfig.from_config`)."""
-    cfg = model_config
-    if not isinstance(cfg, ModelConfig):
-        cfg = ModelConfig.from_config(cfg)
+def create_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> SSLModel:
+    """Builds an :class:`SSLModel` from the ``model`` section of a config. Raises
+    :class:`errors.ConfigError` for ``attention="cudnn"`` without a GPU and bfloat16."""
     dtype = _DTYPES[cfg.dtype]
+    if cfg.attention == "cudnn":
+        _check_cudnn_attention(dtype)
     encoder = ViT(
         **cfg.encoder_sizes(), image_size=cfg.image_size, channels=cfg.channels,
         pooling=cfg.pooling, drop_path_rate=cfg.drop_path_rate, dtype=dtype, remat=cfg.remat,
@@ -647,8 +464,8 @@ def create_model(model_config: ModelConfig | Any, *, rngs: nnx.Rngs) -> SSLModel
     predictor = None
     if cfg.use_predictor:
         predictor = MLPHead(
-            cfg.projector_dim, cfg.predictor_hidden_dim or cfg.projector_hidden_dim,
-            cfg.projector_dim, cfg.predictor_layers or cfg.projector_layers,
+            cfg.projector_dim, cfg.predictor_hidden_dim,
+            cfg.projector_dim, cfg.predictor_layers,
             batchnorm=cfg.head_batchnorm, dtype=dtype, rngs=rngs,
         )  # fmt: skip
     return SSLModel(encoder, projector, predictor)

@@ -98,7 +98,7 @@ def ssl_loss(loss_config, student: jax.Array, targets: jax.Array, *, ema: bool):
         if num_views == num_global and lc.multiview_mode == "one_vs_rest":
             return losses.multiview_byol(student, targets, mode="one_vs_rest")
         return _vmapped_mean(losses.byol_loss, student[a_idx], targets[b_idx])
-    raise ValueError(f"Unknown loss.name {lc.name!r}.")  # config_lib.validate lists them
+    raise ValueError(f"Unknown loss.name {lc.name!r}.")  # schema.LossConfig lists them
 
 
 def uses_per_device_groups(config, num_devices: int) -> bool:
@@ -118,7 +118,7 @@ def make_objective(config, mesh=None) -> Objective:
 
     With a mesh of several devices and OT groups that divide the per-device batch, each
     device solves its own groups (:func:`sharding.per_device_groups`); otherwise the OT
-    problems are solved on the gathered embeddings (``config_lib.validate`` warns).
+    problems are solved on the gathered embeddings (``schema.check_devices`` warns).
     """
     objective = functools.partial(ssl_loss, config.loss, ema=bool(config.teacher.ema))
     if mesh is not None and uses_per_device_groups(config, mesh.size):

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-from matching_gap import augment, data, losses, metrics, storage
+from matching_gap import augment, data, losses, metrics, schema, storage
 
 # Fashion-MNIST's classes in label order (the IDX files carry no names).
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
@@ -209,7 +209,7 @@ def make_plan_batch(config, graphdef, *, max_images: int = 128):
     the student's): the two sides of the loss's OT problem."""
     from flax import nnx
 
-    aug_config = augment.AugmentConfig.from_config(config.augment)
+    aug_config = config.augment
     base_key = jax.random.key(config.seed)
 
     @jax.jit
@@ -239,7 +239,7 @@ def plan_images(config, views: np.ndarray, student: np.ndarray, targets: np.ndar
                           "max_iterations": lc.sinkhorn_max_iterations},
     )  # fmt: skip
     plan = np.asarray(jax.device_get(plan))
-    aug_config = augment.AugmentConfig.from_config(config.augment)
+    aug_config = config.augment
     pixels = [views_to_uint8(views[v], aug_config) for v in range(2)]
     pairs = confused_pairs(plan, min(num_pairs, plan.shape[0] * (plan.shape[0] - 1)))
     return {
@@ -291,7 +291,7 @@ def class_names(config, num_classes: int) -> list[str]:
 
 def _load(config, split: str, max_examples: int) -> tuple[np.ndarray, np.ndarray, int]:
     """The first ``max_examples`` images and labels of ``split``, read by this process."""
-    data_config = data.DataConfig.from_config(config.data)
+    data_config = config.data
     s = data.eval_split(data_config, split, batch_size=config.eval.batch_size,
                         max_examples=max_examples, process_index=0, process_count=1)  # fmt: skip
     images, labels = [], []
@@ -373,6 +373,7 @@ def write_workdir_pictures(config, workdir: str) -> list[str]:
     if jax.process_count() > 1:
         raise errors.UserError("--mode=pictures runs on one process (one host): run it "
                                "without --num_processes.")  # fmt: skip
+    config = schema.parse(config)
     graphdef, params, step = evaluate.restore_encoder(config, workdir)
     random_params = None
     if config.train.compare_random_init:

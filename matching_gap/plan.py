@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from matching_gap import config_lib, errors, models, train
+from matching_gap import errors, models, schema, train
 from matching_gap import sharding as sharding_lib
 
 GiB = 2**30
@@ -278,7 +278,7 @@ def analytic_flops(config) -> dict:
     and projector on the global views. Rematerialisation is not counted (these are model
     FLOPs, the basis of MFU); neither are the loss, the optimiser or elementwise work.
     """
-    mc = models.ModelConfig.from_config(config.model)
+    mc = config.model
     a, b = config.augment, config.optim.batch_size
     width = mc.encoder_sizes()["width"]
     projector = _head_flops(width, mc.projector_hidden_dim, mc.projector_dim, mc.projector_layers)
@@ -286,9 +286,9 @@ def analytic_flops(config) -> dict:
     if mc.use_predictor:
         predictor = _head_flops(
             mc.projector_dim,
-            mc.predictor_hidden_dim or mc.projector_hidden_dim,
+            mc.predictor_hidden_dim,
             mc.projector_dim,
-            mc.predictor_layers or mc.projector_layers,
+            mc.predictor_layers,
         )
 
     def patch_embed(resolution):
@@ -394,8 +394,9 @@ def plan_run(config, topology: Topology) -> dict:
       DoesNotFitError: one step needs more than a device's memory (bytes and the levers).
       errors.ConfigError: the config does not fit the slice (e.g. the batch does not split).
     """
+    config = schema.parse(config)
     devices = len(topology.devices)
-    config_lib.validate(config, num_devices=devices)
+    schema.check_devices(config, devices)
     mesh = sharding_lib.make_mesh(topology.devices)
     hbm = topology.chip.hbm_bytes if topology.chip else None
     steps = recipe_steps(config)

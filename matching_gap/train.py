@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx, struct
@@ -27,7 +26,6 @@ from flax import nnx, struct
 from matching_gap import (
     augment,
     checkpointing,
-    config_lib,
     data,
     errors,
     evaluate,
@@ -36,6 +34,7 @@ from matching_gap import (
     models,
     objectives,
     pictures,
+    schema,
 )
 from matching_gap import sharding as sharding_lib
 
@@ -68,11 +67,11 @@ class TrainResult:
 # ------------------------------------------------------------------------------ set-up
 
 
-def steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> int:
+def steps_per_epoch(config: schema.Config, num_examples: int) -> int:
     return max(num_examples // config.optim.batch_size, 1)
 
 
-def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
+def total_steps(config: schema.Config, num_examples: int) -> int:
     """``optim.num_steps``, or ``optim.num_epochs`` of whole batches (rounded)."""
     if config.optim.num_steps > 0:
         return int(config.optim.num_steps)
@@ -170,7 +169,7 @@ def init_train_state(config, optimizer, shardings, *, encoder=None) -> TrainStat
 
 def imported_encoder(config) -> Any:
     """The encoder's parameters read from ``model.init_from`` (``matching_gap.export``)."""
-    encoder, skipped = export.read_encoder(models.ModelConfig.from_config(config.model))
+    encoder, skipped = export.read_encoder(config.model)
     note = f", skipping {', '.join(skipped)} (not the encoder's)" if skipped else ""
     metrics.log(f"The encoder starts from {config.model.init_from}{note}.")
     return encoder
@@ -200,7 +199,7 @@ def make_train_step(config, graphdef, optimizer, schedules: dict, mesh=None):
     (no gradient) or through the student itself. After the update the teacher moves to
     ``m * teacher + (1 - m) * new student`` with ``m`` the momentum schedule.
     """
-    aug_config = augment.AugmentConfig.from_config(config.augment)
+    aug_config = config.augment
     ema = bool(config.teacher.ema)
     base_key = jax.random.key(config.seed)
     objective = objectives.make_objective(config, mesh)
@@ -288,15 +287,17 @@ def _check_finite(step_metrics: list[tuple[int, dict]]) -> None:
             )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None):
+def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
     """Trains (resuming from ``workdir``), then evaluates. Returns a :class:`TrainResult`.
 
-    ``devices``: the devices to run on (default: all devices of all processes). Everything
-    that can be checked (config, data, workdir) is checked before anything is written.
+    ``config``: a :class:`schema.Config` (or a ConfigDict, parsed here). ``devices``: the
+    devices to run on (default: all devices of all processes). Everything that can be
+    checked (config, data, workdir) is checked before anything is written.
     """
+    config = schema.parse(config)
     mesh = sharding_lib.make_mesh(devices)
-    config_lib.validate(config, num_devices=mesh.size)
-    data_config = data.DataConfig.from_config(config.data)
+    schema.check_devices(config, mesh.size)
+    data_config = config.data
     train_set, num_examples = data.training_split(data_config)
     name = data_config.name if train_set is None else train_set.name
     data.check_batch_fits(num_examples, config.optim.batch_size, name)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matching_gap import augment
+from matching_gap import augment, schema
 from matching_gap.augment import LUMA, AugmentConfig, center_view, make_views
 
 UNIT = dict(mean=(0.0,), std=(1.0,))  # views equal x / 255, easy to compare
@@ -184,16 +184,12 @@ def test_center_view():
     assert small.shape == (2, 12, 12, 1)
 
 
-def test_from_config():
-    ml_collections = pytest.importorskip("ml_collections")
-    cfg = ml_collections.ConfigDict(
-        {"crop_size": 28, "crop_scale": [0.3, 1.0], "mean": (0.28,), "std": (0.35,)}
-    )
-    aug = AugmentConfig.from_config(cfg)
+def test_the_augment_section_of_a_config():
+    cfg = {"crop_size": 28, "crop_scale": [0.3, 1.0], "mean": (0.28,), "std": (0.35,)}
+    aug = schema.parse({"augment": cfg, "model": {"image_size": 28}}).augment
     assert aug.crop_scale == (0.3, 1.0) and aug.num_views == 2 and aug.crop_size == 28
     hash(aug)  # usable as a static jit argument
-    cfg.colour_jitter = 0.5
     with pytest.raises(ValueError, match="colour_jitter"):
-        AugmentConfig.from_config(cfg)
+        schema.parse({"augment": {**cfg, "colour_jitter": 0.5}})
     with pytest.raises(ValueError, match="local_crop_size"):
         AugmentConfig(crop_size=8, num_local_crops=2)

@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from matching_gap import augment, augmented_probe, config_lib, evaluators, train
+from matching_gap import augment, augmented_probe, config_lib, evaluators, schema, train
 from matching_gap import sharding as sharding_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -29,8 +29,9 @@ def setup():
 
 
 def _settings(**kw):
-    return augmented_probe.AugmentedSettings(
-        batch_size=BATCH, learning_rates=(0.5, 2.0), weight_decay=1e-2, **kw
+    defaults = augmented_probe.AugmentedSettings.from_eval(schema.EvalConfig())
+    return dataclasses.replace(
+        defaults, batch_size=BATCH, learning_rates=(0.5, 2.0), weight_decay=1e-2, **kw
     )
 
 
@@ -141,7 +142,7 @@ def test_the_heads_learn_a_separable_task(setup):
         state, loss = step_fn(state, params, jnp.asarray(images), jnp.asarray(labels))
         losses.append(float(loss))
     assert losses[-1] < 0.1 * losses[0], losses
-    aug = augment.AugmentConfig.from_config(config.augment)
+    aug = schema.parse(config).augment
     x = nnx.merge(graphdef, params).encode(augment.center_view(jnp.asarray(images), aug), "pooled")
     mean, std = augmented_probe._normaliser(state, True, x.shape[-1])
     correct = evaluators.head_correct(

@@ -1,6 +1,8 @@
 """Every config and variant loads, is locked and passes validate(); every rule of
 validate() fires on the value or combination it is about."""
 
+import ast
+import dataclasses
 import glob
 import os
 import re
@@ -8,7 +10,7 @@ import warnings
 
 import pytest
 
-from matching_gap import config_lib, errors, models
+from matching_gap import config_lib, errors, models, schema
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -38,7 +40,7 @@ def test_config_loads_locked_and_valid(name, arg):
     if name == "image_folder.py" and "smoke" not in arg:
         c.data.data_dir = "/path/to/images"  # the override its docstring asks for
     with warnings.catch_warnings():
-        warnings.simplefilter("error", config_lib.ConfigWarning)
+        warnings.simplefilter("error", schema.ConfigWarning)
         config_lib.validate(c)
     if "smoke" in arg:
         assert c.data.source in ("tfds", "image_folder") and c.optim.num_steps == 3
@@ -86,11 +88,45 @@ def assert_rejected(overrides: dict, match: str, num_devices: int = 1, base: str
 # The demo's strong preset gives one blur / solarize probability per view, for 2 views.
 SYMMETRIC = {"augment.view_blur_probs": (), "augment.view_solarize_probs": ()}
 
-# One bad value per scalar rule: (key, value). test_every_scalar_rule_is_tested keeps
-# this list in step with config_lib._SCALAR_RULES.
-BAD_SCALARS = [
+# One bad value per field that has a rule (its line in the schema): (key, value).
+# test_every_rule_is_tested keeps this list in step with the schema.
+BAD_VALUES = [
+    ("data.source", "csv"),
+    ("data.image_size", 0),
+    ("data.channels", 2),
+    ("data.max_examples", -1),
+    ("data.eval_max_examples", -2),
+    ("data.shuffle_buffer", 0),
+    ("augment.crop_size", 0),
+    ("augment.crop_scale", (0.0, 1.0)),
+    ("augment.num_views", 0),
+    ("augment.color_jitter_prob", 1.5),
+    ("augment.color_jitter_strength", -1.0),
+    ("augment.grayscale_prob", -0.1),
+    ("augment.blur_prob", 2.0),
+    ("augment.solarize_prob", 1.1),
+    ("augment.view_blur_probs", (1.5, 0.0)),
+    ("augment.view_solarize_probs", (0.0, -1.0)),
+    ("augment.num_local_crops", -1),
+    ("augment.local_crop_size", -1),
+    ("augment.local_crop_scale", (0.5, 0.2)),
+    ("augment.mean", ()),
+    ("augment.std", (0.0,)),
+    ("augment.eval_crop_fraction", 0.0),
+    ("model.dtype", "float16"),
+    ("model.stem_channels", -1),
+    ("model.projector_hidden_dim", 0),
+    ("model.projector_dim", 0),
+    ("model.projector_layers", 0),
+    ("model.predictor_hidden_dim", 0),
+    ("model.predictor_layers", 0),
+    ("loss.name", "simclr"),
+    ("loss.epsilon", -1.0),
+    ("loss.relative_epsilon", "median"),
+    ("loss.cost", "l1"),
     ("loss.temperature", 0.0),
     ("loss.group_size", 1),
+    ("loss.multiview_mode", "all"),
     ("loss.sinkhorn_threshold", -1e-3),
     ("loss.sinkhorn_max_iterations", 0),
     ("teacher.momentum", 1.5),
@@ -114,6 +150,7 @@ BAD_SCALARS = [
     ("train.run_steps", -1),
     ("train.plan_every", -1),
     ("eval.batch_size", 0),
+    ("eval.features", "last4"),
     ("eval.knn_k", 0),
     ("eval.knn_temperature", 0.0),
     ("eval.probe_epochs", 0),
@@ -128,22 +165,108 @@ BAD_SCALARS = [
     ("eval.augmented_crop_scale", (0.5, 0.2)),
     ("eval.augmented_checkpoint_every", 0),
     ("eval.augmented_run_steps", -1),
+    ("export.format", "onnx"),
 ]
 
 
-def test_every_scalar_rule_is_tested():
-    assert {k for k, _ in BAD_SCALARS} | {"seed"} == set(config_lib._SCALAR_RULES)
+def _fields():
+    """``(section, dataclasses.Field)`` for every field of the schema."""
+    for name, cls in schema.SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            yield name, f
 
 
-@pytest.mark.parametrize("key,value", BAD_SCALARS)
-def test_bad_scalar_is_rejected_with_key_and_value(key, value):
+def test_every_rule_is_tested():
+    ruled = {f"{s}.{f.name}" for s, f in _fields() if f.metadata.get("rule")}
+    assert {k for k, _ in BAD_VALUES} == ruled
+
+
+@pytest.mark.parametrize("key,value", BAD_VALUES)
+def test_bad_value_is_rejected_with_key_and_value(key, value):
     assert_rejected({key: value}, rf"^{key} must be .*got {re.escape(repr(value))}")
+
+
+def _wrong_type(default):
+    if isinstance(default, bool):
+        return 1  # not a bool
+    if isinstance(default, (int, float, tuple)):
+        return "x"
+    return 1  # a str field
+
+
+@pytest.mark.parametrize(
+    "section,field", [(s, f) for s, f in _fields()], ids=lambda x: getattr(x, "name", x)
+)
+def test_every_field_checks_its_type(section, field):
+    bad = _wrong_type(field.default)
+    with pytest.raises(errors.ConfigError, match=rf"^{section}\.{field.name} must be"):
+        schema.parse({section: {field.name: bad}})
+
+
+def _other_value(default):
+    """A value of the field's type that is not its default (for the command line)."""
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, int):
+        return default + 3
+    if isinstance(default, float):
+        return default + 0.25
+    if isinstance(default, tuple):
+        return (0.125, 0.5)
+    return default + "_x"
+
+
+def test_every_field_is_settable_from_the_command_line():
+    """--config.section.field=value reaches every field of the schema (none is missing
+    from base_config, so none is out of reach of a config file or a command line)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    wanted = {f"{s}.{f.name}": _other_value(f.default) for s, f in _fields()}
+    wanted["seed"] = 7
+    argv = ["prog", f"--config={os.path.join(CONFIG_DIR, 'default.py')}"]
+    argv += [f"--config.{k}={v}" for k, v in wanted.items()]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    got = flag_values.config
+    for key, value in wanted.items():
+        section, _, name = key.rpartition(".")
+        assert (got[section][name] if section else got[name]) == value, key
+
+
+def test_base_config_is_derived_from_the_schema():
+    """One default per field: base_config() parses back into the schema's defaults, and the
+    modules that take a section use the schema's class (no second set of defaults)."""
+    from matching_gap import augment, augmented_probe, data, evaluate, evaluators
+
+    assert schema.parse(config_lib.base_config()) == schema.Config()
+    assert config_lib.base_config().to_dict() == schema.Config().to_dict()
+    assert augment.AugmentConfig is schema.AugmentConfig
+    assert models.ModelConfig is schema.ModelConfig
+    assert data.DataConfig is schema.DataConfig
+    assert evaluators.ProbeSettings() == evaluate.probe_settings(schema.Config())
+    required = [f.default is dataclasses.MISSING
+                for f in dataclasses.fields(augmented_probe.AugmentedSettings)]  # fmt: skip
+    assert all(required)  # its values come from eval.augmented_*, nowhere else
+
+
+def test_config_lib_imports_only_the_schema():
+    with open(config_lib.__file__) as f:
+        tree = ast.parse(f.read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("matching_gap"):
+            imported |= {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names if a.name.startswith("matching_gap")}
+    assert imported <= {"matching_gap.schema", "matching_gap.errors"}, imported
 
 
 @pytest.mark.parametrize(
     "key,value",
     [("loss.name", "simclr"), ("loss.cost", "l1"), ("loss.multiview_mode", "all"),
-     ("eval.features", "last4")],
+     ("eval.features", "last4"), ("data.source", "csv"), ("export.format", "onnx")],
 )  # fmt: skip
 def test_unknown_choice_is_rejected_with_the_valid_ones(key, value):
     assert_rejected({key: value}, rf"^{key} must be one of \[.*got '{value}'")
@@ -155,8 +278,14 @@ def test_unknown_choice_is_rejected_with_the_valid_ones(key, value):
         ({"loss.epsilon": -1.0}, r"^loss\.epsilon must be > 0, got -1\.0"),
         ({"loss.epsilon": 0.0}, r"^loss\.epsilon must be > 0"),
         ({"loss.relative_epsilon": "median"}, r"^loss\.relative_epsilon must be one of"),
-        ({"augment.crop_size": 0}, r"^augment\.crop_size must be positive"),
-        ({"augment.std": (0.0,)}, r"^augment\.std must be positive"),
+        (
+            {"augment.num_local_crops": 2, "augment.local_crop_size": 0},
+            r"^augment\.num_local_crops=2 needs a positive augment\.local_crop_size",
+        ),
+        (
+            {"augment.mean": (0.5, 0.5)},
+            r"^augment\.mean \(0\.5, 0\.5\) and augment\.std \(0\.353,\) need the same",
+        ),
         (
             {"augment.view_blur_probs": (1.0,)},
             r"^augment\.view_blur_probs must be \(\) or one "
@@ -241,7 +370,7 @@ def test_shared_weights_with_a_predictor_warn_of_a_one_directional_loss(override
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         config_lib.validate(config)
-    messages = [str(w.message) for w in caught if w.category is config_lib.ConfigWarning]
+    messages = [str(w.message) for w in caught if w.category is schema.ConfigWarning]
     assert bool(messages) == warns
     if warns:
         assert "one direction only" in messages[0] and "teacher.ema=True" in messages[0]
@@ -249,10 +378,10 @@ def test_shared_weights_with_a_predictor_warn_of_a_one_directional_loss(override
 
 def test_groups_that_split_across_devices_warn_of_the_gathered_path():
     config = config_with({"loss.group_size": 64})  # batch 256
-    with pytest.warns(config_lib.ConfigWarning, match=r"per-device batch .* 256 / 8 devices = 32"):
+    with pytest.warns(schema.ConfigWarning, match=r"per-device batch .* 256 / 8 devices = 32"):
         config_lib.validate(config, num_devices=8)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", config_lib.ConfigWarning)
+        warnings.simplefilter("error", schema.ConfigWarning)
         config_lib.validate(config, num_devices=4)  # 64 per device: one group each
         config_lib.validate(config_with({"loss.name": "byol", "loss.group_size": 64}), 8)
 
@@ -270,11 +399,15 @@ def test_check_override_names_close_keys():
         config_lib.check_override(c, "loss.epsilon.value")
 
 
-def test_typed_section_rejects_unknown_and_missing_fields():
+def test_parse_rejects_unknown_sections_and_fields_and_fills_missing_ones():
     model = load("default.py").model.to_dict()
-    assert config_lib.typed_section(models.ModelConfig, model, "model").width == 64
+    assert schema.parse({"model": model}).model.width == 64
     with pytest.raises(errors.ConfigError, match=r"model: unknown fields \['widht'\]"):
-        config_lib.typed_section(models.ModelConfig, {**model, "widht": 8}, "model")
-    del model["image_size"]
-    with pytest.raises(errors.ConfigError, match=r"missing fields \['image_size'\]"):
-        models.ModelConfig.from_config(model)
+        schema.parse({"model": {**model, "widht": 8}})
+    with pytest.raises(errors.ConfigError, match=r"unknown config sections \['modle'\]"):
+        schema.parse({"modle": model})
+    # A config.json saved before a field existed: the field takes its default.
+    del model["layer_norm_eps"]
+    assert schema.parse({"model": model}).model.layer_norm_eps == 1e-6
+    config = schema.parse(load("default.py"))
+    assert schema.parse(config) is config  # parsed once: a Config passes through

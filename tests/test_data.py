@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from matching_gap import augment, data, errors
+from matching_gap import augment, data, errors, schema
 
 FASHION_DIR = data.DEFAULT_FASHION_MNIST_DIR
 ONE_PROCESS = dict(seed=0, start_step=0, process_index=0, process_count=1)
@@ -25,34 +25,28 @@ def _config(**overrides):
 # DataConfig
 
 
-def test_data_config_from_config_dict_and_mapping():
+def test_the_data_section_of_a_config_dict_and_of_a_mapping():
     ml_collections = pytest.importorskip("ml_collections")
     values = {f.name: getattr(_config(), f.name) for f in dataclasses.fields(data.DataConfig)}
-    values.update(image_size=32, channels=3, max_examples=5)
-    cfg = data.DataConfig.from_config(ml_collections.ConfigDict(values))
-    assert (
-        cfg
-        == data.DataConfig.from_config(values)
-        == _config(image_size=32, channels=3, max_examples=5)
-    )
+    values.update(max_examples=5, name="mnist")
+    cfg = schema.parse(ml_collections.ConfigDict({"data": values})).data
+    assert cfg == schema.parse({"data": values}).data == _config(max_examples=5, name="mnist")
     hash(cfg)  # frozen and hashable, like AugmentConfig
-    with pytest.raises(errors.ConfigError, match=r"unknown fields \['mock'\]"):
-        data.DataConfig.from_config({**values, "mock": True})
-    with pytest.raises(errors.ConfigError, match=r"missing fields \['image_size'\]"):
-        data.DataConfig.from_config({"source": "tfds", "name": "mnist", "channels": 1})
+    with pytest.raises(errors.ConfigError, match=r"data: unknown fields \['mock'\]"):
+        schema.parse({"data": {**values, "mock": True}})
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(source="csv"), "fashion_mnist_idx, tfds, image_folder"),
+        (dict(source="csv"), "'fashion_mnist_idx', 'tfds', 'image_folder'"),
         (dict(image_size=0), "image_size must be a positive"),
-        (dict(image_size=2.5), "image_size must be an int"),
+        (dict(image_size=2.5), "image_size must be an integer"),
         (dict(channels=2), "channels must be 1 or 3"),
-        (dict(max_examples=-1), "max_examples must be >= 0"),
-        (dict(eval_max_examples=-2), "eval_max_examples must be >= 0"),
-        (dict(shuffle_buffer=0), "shuffle_buffer must be positive"),
-        (dict(source="tfds"), "needs data.name"),
+        (dict(max_examples=-1), "max_examples must be an integer >= 0"),
+        (dict(eval_max_examples=-2), "eval_max_examples must be an integer >= 0"),
+        (dict(shuffle_buffer=0), "shuffle_buffer must be a positive"),
+        (dict(source="tfds", name=""), "needs data.name"),
         (dict(source="image_folder"), "needs --config.data.data_dir"),
         (dict(eval_split="validation"), "fashion_mnist_idx has splits"),
         (dict(in_memory=False), "needs data.source='tfds'"),
@@ -65,7 +59,7 @@ def test_data_config_rejects_bad_values(overrides, message):
 
 
 def test_loaders_take_a_data_config():
-    with pytest.raises(TypeError, match="DataConfig.from_config"):
+    with pytest.raises(TypeError, match="schema.DataConfig"):
         data.load_split({"source": "fashion_mnist_idx", "image_size": 28, "channels": 1}, "train")
     with pytest.raises(errors.ConfigError, match="streams TFDS"):
         data.iterate_tfds(_config(), "train", batch_size=2, **ONE_PROCESS)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from matching_gap import config_lib, errors, evaluate, export, models, train
+from matching_gap import config_lib, errors, evaluate, export, models, schema, train
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.py")
@@ -428,7 +428,7 @@ def test_export_mode_writes_the_ema_teacher(workdir, fmt, tmp_path):
     names = sorted(os.path.basename(p) for p in paths)
     expected = ["config.json", "model.safetensors"]
     assert names == (expected + ["preprocessor_config.json"] if fmt == "hf" else expected)
-    model_config = models.ModelConfig.from_config(config.model)
+    model_config = schema.parse(config).model
     out = str(tmp_path / "out")
     back, _ = export.read_encoder(dataclasses.replace(model_config, init_from=out))
     assert_bitwise_equal(back, jax.device_get(teacher))

@@ -2,20 +2,18 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from matching_gap.models import (
-    VIT_VARIANTS,
     Attention,
     MLPHead,
     SSLModel,
     ViT,
     create_model,
-    parse_variant,
 )
+from matching_gap.schema import VIT_VARIANTS, ModelConfig, parse_variant
 
 TINY = dict(width=32, depth=2, num_heads=4, mlp_dim=64, patch_size=7, image_size=28, channels=1)
 
@@ -213,28 +211,30 @@ def test_parse_variant():
 
 
 def _config(**overrides):
-    cfg = ml_collections.ConfigDict(
-        dict(
-            variant="",
-            width=32,
-            depth=2,
-            num_heads=4,
-            mlp_dim=64,
-            patch_size=7,
-            image_size=28,
-            channels=1,
-            pooling="cls",
-            drop_path_rate=0.1,
-            dtype="float32",
-            remat=False,
-            projector_hidden_dim=48,
-            projector_dim=16,
-            projector_layers=2,
-            use_predictor=True,
-            predictor_hidden_dim=24,
-        )
+    cfg = ModelConfig(
+        **{
+            **dict(
+                variant="",
+                width=32,
+                depth=2,
+                num_heads=4,
+                mlp_dim=64,
+                patch_size=7,
+                image_size=28,
+                channels=1,
+                pooling="cls",
+                drop_path_rate=0.1,
+                dtype="float32",
+                remat=False,
+                projector_hidden_dim=48,
+                projector_dim=16,
+                projector_layers=2,
+                use_predictor=True,
+                predictor_hidden_dim=24,
+            ),
+            **overrides,
+        }
     )
-    cfg.update(overrides)
     return cfg
 
 
@@ -278,13 +278,13 @@ def test_create_model_variant():
 )
 def test_create_model_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
-        create_model(_config(**overrides), rngs=nnx.Rngs(0))
+        create_model(_config(**overrides), rngs=nnx.Rngs(0))  # the config or the model says
 
 
 def _encode_config(depth):
     """A tiny CLS model (width 16, 8 x 8 images of 4 x 4 patches) for the encode tests."""
-    return ml_collections.ConfigDict(
-        dict(variant="", width=16, depth=depth, num_heads=2, mlp_dim=32, patch_size=4,
+    return ModelConfig(
+        **dict(variant="", width=16, depth=depth, num_heads=2, mlp_dim=32, patch_size=4,
              image_size=8, channels=1, pooling="cls", drop_path_rate=0.0, dtype="float32",
              remat=False, projector_hidden_dim=8, projector_dim=4, projector_layers=2,
              use_predictor=False, predictor_hidden_dim=8)

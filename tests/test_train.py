@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from matching_gap import checkpointing, config_lib, data, errors, evaluate, metrics, train
+from matching_gap import checkpointing, config_lib, data, errors, evaluate, metrics, schema, train
 from matching_gap import sharding as sharding_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -100,7 +100,7 @@ def test_final_knn_equals_a_brute_force_vote_on_the_saved_encoder_and_on_pixels(
     outcome = run(config, tmp_path)
     encode, _ = evaluate.load_encoder(str(tmp_path))
     with mocked():
-        data_config = data.DataConfig.from_config(config.data)
+        data_config = schema.parse(config).data
         fit = data.load_split(data_config, config.data.eval_train_split)
         report = data.load_split(data_config, config.data.eval_split)
     train_x, test_x = np.asarray(encode(fit.images)), np.asarray(encode(report.images))
@@ -279,7 +279,7 @@ def test_load_encoder_gives_the_features_of_the_saved_parameters(tmp_path):
 
     def features_of(params):  # the same features by hand, from a parameter tree
         model = nnx.merge(graphdef, params)
-        view = augment.center_view(images, augment.AugmentConfig.from_config(config.augment))
+        view = augment.center_view(images, schema.parse(config).augment)
         return np.asarray(model.encode(view, config.eval.features))
 
     np.testing.assert_allclose(features, features_of(saved_params(tmp_path, 2)), atol=1e-5)

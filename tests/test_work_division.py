@@ -9,6 +9,7 @@ every device (a global OT problem's embeddings, FSDP's parameters, the k-NN's ca
 never images or activations.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -149,7 +150,11 @@ def test_feature_extraction_divides_its_work():
 
 def test_augmented_probe_step_divides_its_work():
     config = _eval_config()
-    settings = augmented_probe.AugmentedSettings(batch_size=EVAL_BATCH, batchnorm=True)
+    settings = dataclasses.replace(
+        augmented_probe.AugmentedSettings.from_eval(config.eval),
+        batch_size=EVAL_BATCH,
+        batchnorm=True,
+    )
     dim = 4 * config.model.width  # last4_cls
 
     def compile_fn(mesh):
