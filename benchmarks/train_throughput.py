@@ -28,6 +28,7 @@ from ml_collections import config_flags
 
 from matching_gap import augment, models, plan, train
 from matching_gap import sharding as sharding_lib
+from matching_gap import state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _LOSSES = flags.DEFINE_list("losses", ["matching_gap", "info_nce"], "Losses to time.")
@@ -76,11 +77,11 @@ def build(config, loss_name, mesh, *, donate=True):
     config.loss.name = loss_name
     if loss_name == "byol":
         config.teacher.ema = True
-    optimizer, schedules = train.make_optimizer(config, 1000, 100)
-    graphdef, _, shardings = train.abstract_train_state(config, optimizer, mesh)
+    optimizer, schedules = state_lib.make_optimizer(config, 1000, 100)
+    graphdef, _, shardings = state_lib.abstract_train_state(config, optimizer, mesh)
     step = train.jit_train_step(config, graphdef, optimizer, schedules, mesh, shardings,
                                 donate=donate)  # fmt: skip
-    return step, train.init_train_state(config, optimizer, shardings)
+    return step, state_lib.init_train_state(config, optimizer, shardings)
 
 
 def _memory(compiled) -> str:

@@ -30,6 +30,7 @@ from matching_gap import (
     export,
     metrics,
     models,
+    state,
     storage,
 )
 from matching_gap import sharding as sharding_lib
@@ -166,34 +167,6 @@ def print_summary(results: dict) -> None:
     metrics.log("\n".join(lines))
 
 
-def encoder_params(config, state) -> Any:
-    """The evaluated encoder: the EMA teacher when there is one (as DINO), else the student."""
-    return state.teacher if config.teacher.ema else state.params
-
-
-def restore_encoder(config, workdir: str, mesh=None) -> tuple[Any, Any, int]:
-    """``(graphdef, params, step)``: the evaluated encoder of the newest checkpoint of
-    ``workdir`` (the EMA teacher's when the run had one), restored without training onto
-    ``mesh`` (default: all devices). With no checkpoint, ``model.init_from``'s encoder (a
-    timm or Hugging Face ViT), at step 0."""
-    from matching_gap import train
-
-    mesh = sharding_lib.make_mesh() if mesh is None else mesh
-    optimizer, _ = train.make_optimizer(config, 2, 1)
-    graphdef, abstract, shardings = train.abstract_train_state(config, optimizer, mesh)
-    if not checkpointing.has_checkpoints(workdir) and config.model.init_from:
-        encoder = train.imported_encoder(config)
-        state = train.init_train_state(config, optimizer, shardings, encoder=encoder)
-        return graphdef, encoder_params(config, state), 0
-    if not checkpointing.has_checkpoints(workdir):
-        raise errors.WorkdirError(f"No checkpoint in {workdir}/checkpoints: train there first, "
-                                  "or point --workdir at a training run.")  # fmt: skip
-    ckpt = checkpointing.Checkpointer(workdir, read_only=True)
-    state = ckpt.restore_latest(abstract)
-    ckpt.close()
-    return graphdef, encoder_params(config, state), int(state.step)
-
-
 def evaluate_workdir(config, workdir: str) -> dict:
     """``--mode=evaluate``: the protocols of ``eval.protocols`` on the whole evaluation
     splits, for the newest checkpoint of ``workdir`` (no training).
@@ -204,7 +177,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     """
     protocols = config_lib.parse_protocols(config.eval.protocols)
     mesh = sharding_lib.make_mesh()
-    graphdef, params, step = restore_encoder(config, workdir, mesh)
+    graphdef, params, step = state.restore_encoder(config, workdir, mesh)
     evaluator = Evaluator(config, graphdef, mesh, whole_splits=True)
     fit_split, report_split = evaluator.splits()
     metrics.log(
@@ -264,7 +237,7 @@ def export_workdir(config, workdir: str) -> list[str]:
         raise errors.ConfigError("--mode=export writes into export.dir: set "
                                  "--config.export.dir=OUT.")  # fmt: skip
     checkpointing.check_workdir(workdir, config)
-    _, params, step = restore_encoder(config, workdir)
+    _, params, step = state.restore_encoder(config, workdir)
     encoder = jax.device_get(params["encoder"])
     paths = []
     if jax.process_index() == 0:
@@ -311,7 +284,7 @@ def load_encoder(workdir: str) -> tuple[Callable[[Any], jax.Array], ml_collectio
     config = ml_collections.ConfigDict(json.loads(path.read_text()))
     if config.model.get("attention") == "cudnn" and jax.default_backend() != "gpu":
         config.model.attention = "xla"  # the same function of the same parameters
-    graphdef, params, _ = restore_encoder(config, workdir)
+    graphdef, params, _ = state.restore_encoder(config, workdir)
     size, channels = config.data.image_size, config.data.channels
     _encode = make_encode(config, graphdef)
 

@@ -12,8 +12,9 @@ import optax
 import pytest
 from flax import nnx
 
-from matching_gap import augment, augmented_probe, config_lib, evaluators, train
+from matching_gap import augment, augmented_probe, config_lib, evaluators
 from matching_gap import sharding as sharding_lib
+from matching_gap import state as state_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 NUM_STEPS, BATCH, CLASSES = 10, 16, 3
@@ -24,7 +25,7 @@ def setup():
     config = config_lib.load_config_file(os.path.join(ROOT, "configs", "default.py"), "smoke")
     config.eval.features = "pooled"
     mesh = sharding_lib.make_mesh(jax.devices()[:1])
-    graphdef, state = train.create_train_state(config, optax.identity())
+    graphdef, state = state_lib.create_train_state(config, optax.identity())
     return config, mesh, graphdef, state.params
 
 

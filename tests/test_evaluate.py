@@ -12,6 +12,7 @@ import pytest
 
 from matching_gap import config_lib, data, errors, evaluate, evaluators, metrics, train
 from matching_gap import sharding as sharding_lib
+from matching_gap import state as state_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -50,7 +51,7 @@ def copy_of(trained, tmp_path):
 
 def test_streamed_and_in_memory_splits_give_the_same_features_and_results(trained):
     config = smoke_config()
-    graphdef, params, _ = evaluate.restore_encoder(config, str(trained))
+    graphdef, params, _ = state_lib.restore_encoder(config, str(trained))
     mesh = sharding_lib.make_mesh()
     out = {}
     for in_memory in (True, False):
@@ -152,7 +153,7 @@ def test_features_probe_matches_scikit_learn_on_a_demo_model(tmp_path):
     one_device = jax.devices()[:1]  # as on a laptop (4 simulated devices on 2 cores can stall)
     train.train_and_evaluate(config, str(tmp_path), devices=one_device)
     mesh = sharding_lib.make_mesh(one_device)
-    graphdef, params, _ = evaluate.restore_encoder(config, str(tmp_path), mesh)
+    graphdef, params, _ = state_lib.restore_encoder(config, str(tmp_path), mesh)
     evaluator = evaluate.Evaluator(config, graphdef, mesh, whole_splits=True)
     fit, report = evaluator.features(params)
     ours = evaluators.linear_probe(fit, report, evaluate.probe_settings(config)).top1

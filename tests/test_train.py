@@ -11,6 +11,7 @@ import pytest
 
 from matching_gap import checkpointing, config_lib, data, errors, evaluate, metrics, train
 from matching_gap import sharding as sharding_lib
+from matching_gap import state as state_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -157,7 +158,7 @@ def test_metrics_of_steps_flushed_at_a_checkpoint_are_written(tmp_path):
 
 
 def _lr(config, steps):
-    _, schedules = train.make_optimizer(config, config.optim.num_steps, 1)
+    _, schedules = state_lib.make_optimizer(config, config.optim.num_steps, 1)
     return [float(schedules["lr"](s)) for s in steps]
 
 
@@ -185,10 +186,10 @@ def test_the_time_limit_is_process_0s_decision(tmp_path, monkeypatch):
 
 def test_the_jitted_step_donates_the_state():
     config = quiet_smoke()
-    optimizer, schedules = train.make_optimizer(config, 3, 1)
+    optimizer, schedules = state_lib.make_optimizer(config, 3, 1)
     mesh = sharding_lib.make_mesh()  # as the smoke runs: their compiled step is cached
-    graphdef, _, shardings = train.abstract_train_state(config, optimizer, mesh)
-    state = train.init_train_state(config, optimizer, shardings)
+    graphdef, _, shardings = state_lib.abstract_train_state(config, optimizer, mesh)
+    state = state_lib.init_train_state(config, optimizer, shardings)
     images = np.zeros((config.optim.batch_size, 28, 28, 1), np.uint8)
     new, _ = train.jit_train_step(config, graphdef, optimizer, schedules, mesh, shardings)(
         state, images)  # fmt: skip
@@ -250,8 +251,8 @@ def test_missing_data_fails_fast_with_the_fixes_and_writes_nothing(tmp_path):
 
 def test_weight_decay_skips_biases_norms_cls_token_and_position_embeddings():
     config = load("default.py", "smoke")
-    optimizer, _ = train.make_optimizer(config, 10, 1)
-    state = jax.jit(lambda: train.create_train_state(config, optimizer)[1])()
+    optimizer, _ = state_lib.make_optimizer(config, 10, 1)
+    state = jax.jit(lambda: state_lib.create_train_state(config, optimizer)[1])()
     zeros = jax.tree.map(np.zeros_like, state.params)
     updates, _ = jax.jit(optimizer.update)(zeros, state.opt_state, state.params)
     flat = jax.tree_util.tree_flatten_with_path(updates)[0]
@@ -275,7 +276,7 @@ def test_load_encoder_gives_the_features_of_the_saved_parameters(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
     features = np.asarray(encode(images))
 
-    graphdef, init_params = nnx.split(train.create_model(config))
+    graphdef, init_params = nnx.split(state_lib.create_model(config))
 
     def features_of(params):  # the same features by hand, from a parameter tree
         model = nnx.merge(graphdef, params)
