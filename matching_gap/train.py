@@ -185,9 +185,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     graphdef, abstract_state, state_sharding = state_lib.abstract_train_state(
         config, optimizer, mesh
     )
-    evaluator = evaluate.Evaluator(config, graphdef, mesh)
+    features = evaluate.SplitFeatures(config, graphdef, mesh)
     if config.train.final_eval or config.train.knn_every:
-        evaluator.splits()  # missing evaluation data fails now, not after training
+        features.splits()  # missing evaluation data fails now, not after training
+    knn_suite = [evaluate.KnnEvaluator(config, features)]  # every train.knn_every steps
     checkpointing.check_workdir(workdir, config)
     encoder = None  # a resumed run continues from its checkpoint, whatever model.init_from says
     if config.model.init_from and not checkpointing.has_checkpoints(workdir):
@@ -239,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
             if stop:
                 break
             if config.train.knn_every and step % config.train.knn_every == 0:
-                results = evaluator(state_lib.encoder_params(config, state), probe=False)
+                results = evaluate.run(knn_suite, state_lib.encoder_params(config, state))
                 writer.write_scalars(step, results)
                 metrics.log(f"step {step} | {metrics.format_results(results)}")
             if plan_batch is not None and step % config.train.plan_every == 0:
@@ -263,15 +264,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         init = state_lib.init_train_state(config, optimizer, state_sharding)
         random_params = state_lib.encoder_params(config, init)
     if config.train.final_eval:
-        results = evaluator(state_lib.encoder_params(config, state), probe=True)
+        suite = evaluate.monitor(config, features)
+        results = evaluate.run(suite, state_lib.encoder_params(config, state))
         if random_params is not None:
-            random_results = evaluator(random_params, probe=True)
-            results.update({k.replace("eval/", "eval/random_init_"): v
-                            for k, v in random_results.items()})  # fmt: skip
+            results.update(evaluate.run(suite, random_params, prefix="eval/random_init_"))
         if config.train.compare_raw_pixels:
-            pixels = evaluate.Evaluator(config, graphdef, mesh, raw_pixels=True)
-            results.update({k.replace("eval/", "eval/raw_pixels_"): v
-                            for k, v in pixels(None, probe=True).items()})  # fmt: skip
+            pixels = evaluate.SplitFeatures(config, graphdef, mesh, raw_pixels=True)
+            pixels_suite = evaluate.monitor(config, pixels)
+            results.update(evaluate.run(pixels_suite, None, prefix="eval/raw_pixels_"))
         writer.write_scalars(final_step, results)
         evaluate.print_summary(results)
     if config.train.pictures:

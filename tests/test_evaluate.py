@@ -57,7 +57,7 @@ def test_streamed_and_in_memory_splits_give_the_same_features_and_results(traine
     for in_memory in (True, False):
         config.data.in_memory = in_memory
         with mocked():
-            evaluator = evaluate.Evaluator(config, graphdef, mesh, whole_splits=True)
+            evaluator = evaluate.SplitFeatures(config, graphdef, mesh, whole_splits=True)
             fit, report = evaluator.features(params)
             knn = evaluators.knn_accuracy(fit, report, k=5)
             probe = evaluators.linear_probe(fit, report, evaluate.probe_settings(config))
@@ -97,6 +97,27 @@ def test_evaluate_mode_runs_every_protocol_and_writes_the_summary(trained, tmp_p
         evaluate.evaluate_workdir(config, workdir)
     with open(os.path.join(workdir, evaluate.SUMMARY_FILE)) as f:
         assert set(json.load(f)) == {"knn", "features", "augmented"}
+
+
+def test_the_monitor_and_evaluate_mode_give_the_same_figures(tmp_path):
+    config = smoke_config()
+    config.train.update(final_eval=True, compare_random_init=True, compare_raw_pixels=False,
+                        pictures=False)  # fmt: skip
+    config.data.eval_max_examples = 0  # the monitor on the whole splits, as --mode=evaluate
+    config.eval.protocols = "knn,features"
+    with mocked():
+        monitor = train.train_and_evaluate(config, str(tmp_path)).results
+        entries = evaluate.evaluate_workdir(config, str(tmp_path))
+    assert set(monitor) == {
+        "eval/knn_top1",
+        "eval/linear_probe_top1",
+        "eval/random_init_knn_top1",
+        "eval/random_init_linear_probe_top1",
+    }
+    assert monitor["eval/knn_top1"] == entries["knn"]["top1"]
+    assert monitor["eval/linear_probe_top1"] == entries["features"]["top1"]
+    written = metrics.read_metrics(str(tmp_path))
+    assert written[-1]["eval/knn_top1"] == pytest.approx(entries["knn"]["top1"])
 
 
 def heads_at(workdir, step):
@@ -154,7 +175,7 @@ def test_features_probe_matches_scikit_learn_on_a_demo_model(tmp_path):
     train.train_and_evaluate(config, str(tmp_path), devices=one_device)
     mesh = sharding_lib.make_mesh(one_device)
     graphdef, params, _ = state_lib.restore_encoder(config, str(tmp_path), mesh)
-    evaluator = evaluate.Evaluator(config, graphdef, mesh, whole_splits=True)
+    evaluator = evaluate.SplitFeatures(config, graphdef, mesh, whole_splits=True)
     fit, report = evaluator.features(params)
     ours = evaluators.linear_probe(fit, report, evaluate.probe_settings(config)).top1
 
