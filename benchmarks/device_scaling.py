@@ -23,8 +23,9 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from matching_gap import plan, train  # noqa: E402
+from matching_gap import plan, schema, train  # noqa: E402
 from matching_gap import sharding as sharding_lib  # noqa: E402
+from matching_gap import state as state_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _DEVICES = flags.DEFINE_integer("devices", 4, "Simulated devices of the second mesh.")
@@ -35,13 +36,13 @@ flags.mark_flags_as_required(["config"])
 
 def build(config, mesh):
     """The jitted train step and a fresh state on ``mesh``, with one batch."""
-    optimizer, schedules = train.make_optimizer(config, 1000, 100)
-    graphdef, _, shardings = train.abstract_train_state(config, optimizer, mesh)
+    optimizer, schedules = state_lib.make_optimizer(config, 1000, 100)
+    graphdef, _, shardings = state_lib.abstract_train_state(config, optimizer, mesh)
     step = train.jit_train_step(config, graphdef, optimizer, schedules, mesh, shardings)
     b, s, c = config.optim.batch_size, config.data.image_size, config.data.channels
     images = np.random.default_rng(0).integers(0, 256, (b, s, s, c), dtype=np.uint8)
     batch = sharding_lib.global_batch(images, mesh)
-    state = train.init_train_state(config, optimizer, shardings)
+    state = state_lib.init_train_state(config, optimizer, shardings)
     compiled = step.lower(state, batch).compile()
     return compiled, state, batch
 
@@ -49,7 +50,7 @@ def build(config, mesh):
 def main(argv):
     del argv
     jax.config.update("jax_num_cpu_devices", _DEVICES.value)
-    config = _CONFIG.value
+    config = schema.parse(_CONFIG.value)
     runs = {}
     for n in (1, _DEVICES.value):
         mesh = sharding_lib.make_mesh(jax.devices()[:n])

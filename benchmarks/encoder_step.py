@@ -25,7 +25,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from matching_gap import config_lib, models  # noqa: E402
+from matching_gap import config_lib, models, schema  # noqa: E402
 
 _VIEWS = flags.DEFINE_integer("views", 512, "Images per timed call (2 views x batch 256).")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating timing rounds.")
@@ -48,7 +48,7 @@ def _step(overrides: dict):
                                                       "configs", "default.py"))  # fmt: skip
     with config.unlocked():
         config.model.update(overrides)
-    graphdef, params = nnx.split(models.create_model(config.model, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(models.create_model(schema.parse(config).model, rngs=nnx.Rngs(0)))
     images = jnp.asarray(np.random.default_rng(0).random((_VIEWS.value, 28, 28, 1)), jnp.float32)
 
     def loss(p, x):

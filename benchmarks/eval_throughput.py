@@ -29,8 +29,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from matching_gap import augmented_probe, evaluate, evaluators, schema, train
+from matching_gap import augmented_probe, evaluate, evaluators, schema
 from matching_gap import sharding as sharding_lib
+from matching_gap import state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch (0: eval.batch_size).")
@@ -43,7 +44,7 @@ IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
 
 def main(argv):
     del argv
-    config = _CONFIG.value
+    config = schema.parse(_CONFIG.value)
     mesh = sharding_lib.make_mesh()
     batch = _BATCH.value or config.eval.batch_size
     batch -= batch % mesh.size
@@ -52,8 +53,10 @@ def main(argv):
     rng = np.random.default_rng(0)
     host = rng.integers(0, 256, (batch, size, size, channels), dtype=np.uint8)
     labels = rng.integers(0, 10, batch).astype(np.int32)
-    graphdef, state = train.create_train_state(config, train.make_optimizer(config, 2, 1)[0])
-    params = evaluate.encoder_params(config, state)
+    graphdef, state = state_lib.create_train_state(
+        config, state_lib.make_optimizer(config, 2, 1)[0]
+    )
+    params = state_lib.encoder_params(config, state)
     params = jax.device_put(params, sharding_lib.replicated(mesh))
     encode = evaluate.make_encode(config, graphdef, mesh)
     on_device = sharding_lib.global_batch(host, mesh)
@@ -72,8 +75,8 @@ def main(argv):
         feats.features.block_until_ready()
 
     dim = encode(params, on_device).shape[-1]
-    settings = dataclasses.replace(augmented_probe.AugmentedSettings.from_eval(schema.parse(config).eval),
-                                   batch_size=batch)  # fmt: skip
+    settings = augmented_probe.AugmentedSettings.from_eval(config.eval)
+    settings = dataclasses.replace(settings, batch_size=batch)
     step = augmented_probe._make_step(config, graphdef, settings, 10 * n, mesh)
     init = jax.jit(lambda: augmented_probe._init_state(len(settings.learning_rates), dim, 10),
                    out_shardings=sharding_lib.replicated(mesh))  # fmt: skip

@@ -18,6 +18,7 @@ the view-making (``augment.make_views``) alone in the same rounds, as a share of
 the first thing to check when MFU is low.
 """
 
+import dataclasses
 import statistics
 import time
 
@@ -28,6 +29,7 @@ from ml_collections import config_flags
 
 from matching_gap import augment, plan, schema, train
 from matching_gap import sharding as sharding_lib
+from matching_gap import state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _LOSSES = flags.DEFINE_list("losses", ["matching_gap", "info_nce"], "Losses to time.")
@@ -72,15 +74,14 @@ def _xla_cost(compiled) -> tuple[float, float] | None:
 
 def build(config, loss_name, mesh, *, donate=True):
     """The train step exactly as ``train.train_and_evaluate`` jits it, and a fresh state."""
-    config = config.copy_and_resolve_references()
-    config.loss.name = loss_name
-    if loss_name == "byol":
-        config.teacher.ema = True
-    optimizer, schedules = train.make_optimizer(config, 1000, 100)
-    graphdef, _, shardings = train.abstract_train_state(config, optimizer, mesh)
+    teacher = dataclasses.replace(config.teacher, ema=config.teacher.ema or loss_name == "byol")
+    loss = dataclasses.replace(config.loss, name=loss_name)
+    config = dataclasses.replace(config, loss=loss, teacher=teacher)
+    optimizer, schedules = state_lib.make_optimizer(config, 1000, 100)
+    graphdef, _, shardings = state_lib.abstract_train_state(config, optimizer, mesh)
     step = train.jit_train_step(config, graphdef, optimizer, schedules, mesh, shardings,
                                 donate=donate)  # fmt: skip
-    return step, train.init_train_state(config, optimizer, shardings)
+    return step, state_lib.init_train_state(config, optimizer, shardings)
 
 
 def _memory(compiled) -> str:
@@ -100,7 +101,7 @@ def _memory(compiled) -> str:
 
 def main(argv):
     del argv
-    config = _CONFIG.value
+    config = schema.parse(_CONFIG.value)
     mesh = sharding_lib.make_mesh()
     b, s, c = config.optim.batch_size, config.data.image_size, config.data.channels
     rng = np.random.default_rng(0)
@@ -122,7 +123,7 @@ def main(argv):
         jax.block_until_ready(state)
         runs[name] = {"fn": compiled, "state": state, "times": []}
 
-    aug_config = schema.parse(config).augment
+    aug_config = config.augment
     key = jax.random.key(0)
     jax.block_until_ready(augment.make_views(key, batch, aug_config))  # compile (it is jitted)
     views_times = []
@@ -145,7 +146,7 @@ def main(argv):
     device = jax.devices()[0]
     peak = peak_tflops(device)
     flops = plan.analytic_flops(config)["total"]
-    sizes = schema.parse(config).model.encoder_sizes()
+    sizes = config.model.encoder_sizes()
     base = statistics.median(runs[_LOSSES.value[-1]]["times"])
     print(
         f"model FLOPs per step: {flops / 1e12:.2f} TFLOP | peak per device: "

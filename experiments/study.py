@@ -141,7 +141,8 @@ def demo_epochs() -> float:
 
 def cell_config(cell: Cell, epochs: float, *, data_dir: str = "", cifar10_data_dir: str = ""):
     """The full training config of one cell: the demo's, trained ``epochs x cell.budget``."""
-    from matching_gap import config_lib, train
+    from matching_gap import config_lib
+    from matching_gap import state as state_lib
 
     # The demo's recipe; every cell but the strong ones with crop + flip only.
     arg = None if cell.strong else "cropflip"
@@ -151,7 +152,7 @@ def cell_config(cell: Cell, epochs: float, *, data_dir: str = "", cifar10_data_d
     c.optim.num_epochs = epochs
     c.optim.warmup_epochs = min(c.optim.warmup_epochs, epochs / 8)
     num_examples = 50_000 if cell.dataset == "cifar10" else 60_000
-    steps = train.total_steps(c, num_examples)
+    steps = state_lib.total_steps(c, num_examples)
     c.train.update(
         log_every=50, checkpoint_every=max(steps // 4, 1), knn_every=steps // 4 if cell.curve
         else 0, compare_random_init=cell.random_init, compare_raw_pixels=False, pictures=False,

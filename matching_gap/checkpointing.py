@@ -101,9 +101,13 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
-    def restore_latest(self, target: Any) -> Any | None:
+    def restore_latest(self, target: Any, *, partial: bool = False) -> Any | None:
         """The newest checkpoint that every process restores into ``target`` (abstract arrays
         with shardings, or arrays), or None when there is none.
+
+        ``partial``: ``target`` is a part of the saved state, as nested dicts keyed by the
+        saved fields (``{"step": ..., "teacher": ...}`` of a ``TrainState``); only its
+        arrays are read (Orbax's partial restore), the rest of the checkpoint is not.
 
         One decision for all processes: they try the same steps (process 0's list), newest
         first, and after each one share whether they could read it, so that all resume from
@@ -115,7 +119,7 @@ class Checkpointer:
         """
         unreadable, failures = [], []  # unreadable everywhere; every step failed here
         for step in _agreed_steps(self._manager.all_steps()):
-            state, error = self._restore_step(step, target)
+            state, error = self._restore_step(step, target, partial=partial)
             readers = _count_processes(error is None)
             if readers == jax.process_count():
                 for bad_step, bad_error in unreadable:
@@ -142,27 +146,39 @@ class Checkpointer:
             ) from error
         return None
 
-    def _restore_step(self, step: int, target: Any) -> tuple[Any, Exception | None]:
+    def _restore_step(
+        self, step: int, target: Any, *, partial: bool = False
+    ) -> tuple[Any, Exception | None]:
         """``(state, None)``, or ``(None, the last error)`` after ``RESTORE_TRIES`` reads."""
         error = None
         for attempt in range(RESTORE_TRIES):
             try:
-                return self._read(step, target), None
+                return self._read(step, target, partial=partial), None
             except Exception as e:  # noqa: BLE001 (any read failure: retry, then fall back)
                 error = e
                 if attempt + 1 < RESTORE_TRIES:
                     time.sleep(RESTORE_RETRY_SECONDS * (attempt + 1))
         return None, error
 
-    def _read(self, step: int, target: Any) -> Any:
+    def _read(self, step: int, target: Any, *, partial: bool = False) -> Any:
         """Reads one checkpoint in this process alone: Orbax's own restore ends with a barrier
         of all processes, which the others would wait at forever when this one's read fails
         (the processes agree afterwards, in :meth:`restore_latest`)."""
         this_process = jax.process_index()
         alone = ocp.options.MultiprocessingOptions(primary_host=this_process,
                                                    active_processes={this_process})  # fmt: skip
+        path = self.workdir / "checkpoints" / str(step) / ITEM
+        if partial:
+            handler = ocp.PyTreeCheckpointHandler(multiprocessing_options=alone)
+            args = ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            )
+            with ocp.Checkpointer(handler, multiprocessing_options=alone) as reader:
+                return reader.restore(path, args=args)
         with ocp.StandardCheckpointer(multiprocessing_options=alone) as reader:
-            return reader.restore(self.workdir / "checkpoints" / str(step) / ITEM, target)
+            return reader.restore(path, target)
 
     def _quarantine(self, step: int, error: Exception) -> None:
         """Process 0 moves an unreadable checkpoint aside (keeping its files); the other

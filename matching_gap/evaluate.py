@@ -3,9 +3,13 @@ protocols of ``--mode=evaluate``, :func:`load_encoder`, a trained run as a froze
 extractor, and :func:`export_workdir` (``--mode=export``), a trained run as timm or Hugging
 Face files.
 
-The algorithms live in ``matching_gap.evaluators`` (extraction, k-NN, the ``features``
-linear probe) and ``matching_gap.augmented_probe`` (the ``augmented`` linear probe); this
-module turns a parameter tree and the configured labelled splits into their results.
+Both the monitor and ``--mode=evaluate`` compose the same small objects (as big_vision's
+evaluators): a :class:`SplitFeatures` encodes the labelled splits once per parameters, and
+each evaluator (:class:`KnnEvaluator`, :class:`LinearProbeEvaluator`,
+:class:`AugmentedProbeEvaluator`) reads it in ``run(params)``, which yields ``(name,
+value)`` pairs; :func:`run` gathers them under a prefix (``eval/``, ``eval/random_init_``,
+``eval/raw_pixels_``). The algorithms live in ``matching_gap.evaluators`` (extraction,
+k-NN, the ``features`` linear probe) and ``matching_gap.augmented_probe``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from matching_gap import (
     export,
     metrics,
     schema,
+    state,
     storage,
 )
 from matching_gap import sharding as sharding_lib
@@ -67,13 +72,15 @@ def probe_settings(config) -> evaluators.ProbeSettings:
     )
 
 
-class Evaluator:
-    """Features of the labelled splits and the k-NN / ``features`` probe on them.
+class SplitFeatures:
+    """The two labelled splits and their features, shared by the evaluators.
 
-    ``data.eval_train_split`` is fitted on and ``data.eval_split`` reported on, each limited
-    to ``data.eval_max_examples`` (the quick monitor) unless ``whole_splits``. In-memory
-    sources are loaded once and kept; streamed ones are read again at each evaluation.
-    ``raw_pixels``: evaluate the flattened evaluation view instead of an encoder.
+    ``data.eval_train_split`` is fitted on (:meth:`fit`) and ``data.eval_split`` reported on
+    (:meth:`report`), each limited to ``data.eval_max_examples`` (the quick monitor) unless
+    ``whole_splits``. Each split is encoded once for given parameters, however many
+    evaluators read it, and kept until :meth:`clear`. In-memory sources are loaded once;
+    streamed ones are read again at each extraction. ``raw_pixels``: the flattened
+    evaluation view instead of an encoder (the parameters are ignored).
     """
 
     def __init__(self, config, graphdef, mesh, *, whole_splits: bool = False,
@@ -83,6 +90,7 @@ class Evaluator:
         self._encode = make_encode(config, graphdef, mesh, raw_pixels=raw_pixels)
         self._max_examples = 0 if whole_splits else config.data.eval_max_examples
         self._splits = None
+        self._params, self._cache = None, {}
 
     def splits(self) -> tuple[data.EvalSplit, data.EvalSplit]:
         """The two splits (missing or inconsistent data fails here)."""
@@ -111,20 +119,94 @@ class Evaluator:
         return evaluators.extract(encode, split.batches(), num_batches=split.num_batches,
                                   num_classes=split.num_classes, mesh=self._mesh)  # fmt: skip
 
+    def fit(self, params) -> evaluators.Features:
+        return self._get(0, params)
+
+    def report(self, params) -> evaluators.Features:
+        return self._get(1, params)
+
     def features(self, params) -> tuple[evaluators.Features, evaluators.Features]:
         """The features of both splits."""
-        fit, report = self.splits()
-        return self.extract(fit, params), self.extract(report, params)
+        return self.fit(params), self.report(params)
 
-    def __call__(self, params, *, probe: bool) -> dict:
-        """``{"eval/knn_top1": ...}`` and, with ``probe``, ``"eval/linear_probe_top1"``
-        (absent when the split is too small for the probe)."""
-        fit, report = self.features(params)
-        out = {"eval/knn_top1": knn(fit, report, self._config)[0]}
-        result = linear_probe(fit, report, self._config) if probe else None
+    def clear(self, *, fit_only: bool = False) -> None:
+        """Frees the kept features (those of the fitted split only: ``fit_only``)."""
+        self._cache.pop(0, None)
+        if not fit_only:
+            self._params, self._cache = None, {}
+
+    def _get(self, which: int, params) -> evaluators.Features:
+        if params is not self._params:
+            self.clear()
+            self._params = params
+        if which not in self._cache:
+            self._cache[which] = self.extract(self.splits()[which], params)
+        return self._cache[which]
+
+
+class KnnEvaluator:
+    """The weighted k-NN of ``eval.knn_k`` neighbours: yields ``knn_top1``."""
+
+    def __init__(self, config, features: SplitFeatures):
+        self.config, self.features = config, features
+        self.summary = None  # the last run's settings and figures (evaluation.json)
+
+    def run(self, params):
+        top1, k = knn(self.features.fit(params), self.features.report(params), self.config)
+        self.summary = {"k": k, "temperature": self.config.eval.knn_temperature, "top1": top1}
+        yield "knn_top1", top1
+
+
+class LinearProbeEvaluator:
+    """The ``features`` probe: yields ``linear_probe_top1`` (nothing for a split too small)."""
+
+    def __init__(self, config, features: SplitFeatures):
+        self.config, self.features = config, features
+        self.summary = None
+
+    def run(self, params):
+        result = linear_probe(self.features.fit(params), self.features.report(params),
+                              self.config)  # fmt: skip
+        self.summary = None
         if result is not None:
-            out["eval/linear_probe_top1"] = result.top1
-        return out
+            s = probe_settings(self.config)
+            self.summary = {"epochs": s.epochs, "batch_size": s.batch_size,
+                            "holdout": s.holdout, **result._asdict()}  # fmt: skip
+            yield "linear_probe_top1", result.top1
+
+
+class AugmentedProbeEvaluator:
+    """The ``augmented`` probe (``matching_gap.augmented_probe``, resumable in ``workdir``):
+    yields ``augmented_probe_top1`` once it has finished."""
+
+    def __init__(self, config, features: SplitFeatures, graphdef, workdir: str):
+        self.config, self.features = config, features
+        self._graphdef, self._workdir = graphdef, workdir
+        self.summary = None
+
+    def run(self, params):
+        report = self.features.report(params)
+        self.features.clear(fit_only=True)  # not needed here: freed before the long probe
+        self.summary = augmented_probe.run(self.config, self._graphdef, params, report,
+                                           self._workdir)  # fmt: skip
+        if self.summary["finished"]:
+            yield "augmented_probe_top1", self.summary["top1"]
+
+
+def monitor(config, features: SplitFeatures) -> list:
+    """The training monitor's evaluators at the end of a run: k-NN and ``features`` probe."""
+    return [KnnEvaluator(config, features), LinearProbeEvaluator(config, features)]
+
+
+def run(suite: list, params, *, prefix: str = "eval/") -> dict:
+    """``{prefix + name: value}`` of every evaluator on ``params`` (``eval/knn_top1``, ...);
+    the features they shared are freed afterwards."""
+    results = {}
+    for evaluator in suite:
+        results.update({prefix + name: value for name, value in evaluator.run(params)})
+    for evaluator in suite:
+        evaluator.features.clear()
+    return results
 
 
 def knn(fit, report, config) -> tuple[float, int]:
@@ -164,34 +246,6 @@ def print_summary(results: dict) -> None:
     metrics.log("\n".join(lines))
 
 
-def encoder_params(config, state) -> Any:
-    """The evaluated encoder: the EMA teacher when there is one (as DINO), else the student."""
-    return state.teacher if config.teacher.ema else state.params
-
-
-def restore_encoder(config, workdir: str, mesh=None) -> tuple[Any, Any, int]:
-    """``(graphdef, params, step)``: the evaluated encoder of the newest checkpoint of
-    ``workdir`` (the EMA teacher's when the run had one), restored without training onto
-    ``mesh`` (default: all devices). With no checkpoint, ``model.init_from``'s encoder (a
-    timm or Hugging Face ViT), at step 0."""
-    from matching_gap import train
-
-    mesh = sharding_lib.make_mesh() if mesh is None else mesh
-    optimizer, _ = train.make_optimizer(config, 2, 1)
-    graphdef, abstract, shardings = train.abstract_train_state(config, optimizer, mesh)
-    if not checkpointing.has_checkpoints(workdir) and config.model.init_from:
-        encoder = train.imported_encoder(config)
-        state = train.init_train_state(config, optimizer, shardings, encoder=encoder)
-        return graphdef, encoder_params(config, state), 0
-    if not checkpointing.has_checkpoints(workdir):
-        raise errors.WorkdirError(f"No checkpoint in {workdir}/checkpoints: train there first, "
-                                  "or point --workdir at a training run.")  # fmt: skip
-    ckpt = checkpointing.Checkpointer(workdir, read_only=True)
-    state = ckpt.restore_latest(abstract)
-    ckpt.close()
-    return graphdef, encoder_params(config, state), int(state.step)
-
-
 def evaluate_workdir(config, workdir: str) -> dict:
     """``--mode=evaluate``: the protocols of ``eval.protocols`` on the whole evaluation
     splits, for the newest checkpoint of ``workdir`` (no training).
@@ -204,45 +258,29 @@ def evaluate_workdir(config, workdir: str) -> dict:
     protocols = config.eval.protocol_names()
     mesh = sharding_lib.make_mesh()
     schema.check_devices(config, mesh.size)
-    graphdef, params, step = restore_encoder(config, workdir, mesh)
-    evaluator = Evaluator(config, graphdef, mesh, whole_splits=True)
-    fit_split, report_split = evaluator.splits()
+    graphdef, params, step = state.restore_encoder(config, workdir, mesh)
+    features = SplitFeatures(config, graphdef, mesh, whole_splits=True)
+    fit_split, report_split = features.splits()
     metrics.log(
         f"Evaluating the checkpoint at step {step} ({config.eval.features} features): "
         f"{', '.join(protocols)} on {fit_split.num_examples} training and "
         f"{report_split.num_examples} evaluation images."
     )
-    report = evaluator.extract(report_split, params)
-    fit = evaluator.extract(fit_split, params) if {"knn", "features"} & set(protocols) else None
-    e = config.eval
-    results, entries = {}, {}
+    chosen = {
+        "knn": lambda: KnnEvaluator(config, features),
+        "features": lambda: LinearProbeEvaluator(config, features),
+        "augmented": lambda: AugmentedProbeEvaluator(config, features, graphdef, workdir),
+    }
+    chosen = {name: make() for name, make in chosen.items() if name in protocols}
+    results = run(list(chosen.values()), params)
     common = {
         "step": step,
-        "features": e.features,
+        "features": config.eval.features,
         "train_examples": fit_split.num_examples,
         "eval_examples": report_split.num_examples,
     }
-    if "knn" in protocols:
-        top1, k = knn(fit, report, config)
-        results["eval/knn_top1"] = top1
-        entries["knn"] = {**common, "k": k, "temperature": e.knn_temperature, "top1": top1}
-    probe = linear_probe(fit, report, config) if "features" in protocols else None
-    if probe is not None:
-        settings = probe_settings(config)
-        results["eval/linear_probe_top1"] = probe.top1
-        entries["features"] = {
-            **common,
-            "epochs": settings.epochs,
-            "batch_size": settings.batch_size,
-            "holdout": settings.holdout,
-            **probe._asdict(),
-        }
-    del fit
-    if "augmented" in protocols:
-        summary = augmented_probe.run(config, graphdef, params, report, workdir)
-        if summary["finished"]:
-            results["eval/augmented_probe_top1"] = summary["top1"]
-        entries["augmented"] = {**common, **summary}
+    entries = {name: {**common, **evaluator.summary} for name, evaluator in chosen.items()
+               if evaluator.summary is not None}  # fmt: skip
     if results:
         writer = metrics.create_writer(workdir)
         writer.write_scalars(step, results)
@@ -264,7 +302,7 @@ def export_workdir(config, workdir: str) -> list[str]:
         raise errors.ConfigError("--mode=export writes into export.dir: set "
                                  "--config.export.dir=OUT.")  # fmt: skip
     checkpointing.check_workdir(workdir, config)
-    _, params, step = restore_encoder(config, workdir)
+    _, params, step = state.restore_encoder(config, workdir)
     encoder = jax.device_get(params["encoder"])
     paths = []
     if jax.process_index() == 0:
@@ -314,7 +352,7 @@ def load_encoder(workdir: str) -> tuple[Callable[[Any], jax.Array], schema.Confi
         config = dataclasses.replace(
             config, model=dataclasses.replace(config.model, attention="xla")
         )
-    graphdef, params, _ = restore_encoder(config, workdir)
+    graphdef, params, _ = state.restore_encoder(config, workdir)
     size, channels = config.data.image_size, config.data.channels
     _encode = make_encode(config, graphdef)
 

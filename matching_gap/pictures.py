@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-from matching_gap import augment, data, losses, metrics, schema, storage
+from matching_gap import augment, data, errors, evaluate, losses, metrics, schema, state, storage
 
 # Fashion-MNIST's classes in label order (the IDX files carry no names).
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
@@ -329,8 +329,6 @@ def write_pictures(
     evaluator's training split) and ``embedding.png`` (t-SNE of the first ``test_examples``
     evaluation images), trained encoder next to ``random_params`` when given. Returns the
     paths. Process 0 writes; other processes return ``[]``."""
-    from matching_gap import evaluate
-
     if jax.process_index() != 0:
         return []
     encode = evaluate.make_encode(config, graphdef)
@@ -368,15 +366,13 @@ def write_workdir_pictures(config, workdir: str) -> list[str]:
     (and the random init of ``config.seed`` when ``train.compare_random_init``)."""
     from flax import nnx
 
-    from matching_gap import errors, evaluate, train
-
     if jax.process_count() > 1:
         raise errors.UserError("--mode=pictures runs on one process (one host): run it "
                                "without --num_processes.")  # fmt: skip
     config = schema.parse(config)
-    graphdef, params, step = evaluate.restore_encoder(config, workdir)
+    graphdef, params, step = state.restore_encoder(config, workdir)
     random_params = None
     if config.train.compare_random_init:
-        random_params = nnx.to_pure_dict(nnx.split(train.create_model(config))[1])
+        random_params = nnx.to_pure_dict(nnx.split(state.create_model(config))[1])
     metrics.log(f"Drawing the pictures of the checkpoint at step {step}.")
     return write_pictures(config, graphdef, params, random_params, workdir)

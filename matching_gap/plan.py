@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from matching_gap import errors, models, schema, train
+from matching_gap import errors, models, schema, state, train
 from matching_gap import sharding as sharding_lib
 
 GiB = 2**30
@@ -319,8 +319,8 @@ def compile_train_step(config, mesh, *, num_steps: int = 1000, epoch_steps: int 
     """The jitted train step of :func:`matching_gap.train.train_and_evaluate`, lowered and
     compiled for ``mesh`` from abstract inputs (nothing is allocated). Returns the
     ``jax.stages.Compiled``; an executable that does not fit raises XLA's error."""
-    optimizer, schedules = train.make_optimizer(config, num_steps, epoch_steps)
-    graphdef, abstract, shardings = train.abstract_train_state(config, optimizer, mesh)
+    optimizer, schedules = state.make_optimizer(config, num_steps, epoch_steps)
+    graphdef, abstract, shardings = state.abstract_train_state(config, optimizer, mesh)
     step = train.jit_train_step(config, graphdef, optimizer, schedules, mesh, shardings)
     size, channels = config.data.image_size, config.data.channels
     images = jax.ShapeDtypeStruct(
@@ -352,7 +352,7 @@ def recipe_steps(config) -> int | None:
         return None
     if d.max_examples:
         n = min(n, d.max_examples)
-    return train.total_steps(config, n)
+    return state.total_steps(config, n)
 
 
 _OOM_RE = re.compile(r"(?:Used|used)\s+([\d.]+)([KMGT]?)(?:i?B)?\s+of\s+([\d.]+)([KMGT]?)(?:i?B)?")

@@ -1,4 +1,5 @@
-"""Pretraining: the train state, the optimiser, a pure jitted train step and the thin loop.
+"""Pretraining: a pure jitted train step and the thin loop (the train state, the model and
+the optimiser are built by ``matching_gap.state``).
 
 ``train_and_evaluate(config, workdir)`` builds the model, optimiser and data, resumes from the
 newest checkpoint in ``workdir`` if any, trains, checkpoints, logs metrics and finally runs
@@ -14,14 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, struct
+from flax import nnx
 
 from matching_gap import (
     augment,
@@ -29,26 +28,17 @@ from matching_gap import (
     data,
     errors,
     evaluate,
-    export,
     metrics,
-    models,
     objectives,
     pictures,
     schema,
 )
 from matching_gap import sharding as sharding_lib
+from matching_gap import state as state_lib
 
 
 class NonFiniteLossError(errors.UserError, RuntimeError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
-
-
-@struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any  # student parameters (pure dict)
-    teacher: Any  # EMA teacher parameters, or None with shared weights
-    opt_state: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,117 +52,6 @@ class TrainResult:
     @property
     def finished(self) -> bool:
         return self.step >= self.num_steps
-
-
-# ------------------------------------------------------------------------------ set-up
-
-
-def steps_per_epoch(config: schema.Config, num_examples: int) -> int:
-    return max(num_examples // config.optim.batch_size, 1)
-
-
-def total_steps(config: schema.Config, num_examples: int) -> int:
-    """``optim.num_steps``, or ``optim.num_epochs`` of whole batches (rounded)."""
-    if config.optim.num_steps > 0:
-        return int(config.optim.num_steps)
-    return max(int(round(config.optim.num_epochs * steps_per_epoch(config, num_examples))), 1)
-
-
-def _cosine(start: float, end: float, steps: int) -> Callable[[jax.Array], jax.Array]:
-    def schedule(step):
-        frac = jnp.clip(step / max(steps, 1), 0.0, 1.0)
-        return end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-
-    return schedule
-
-
-def make_optimizer(config, num_steps: int, epoch_steps: int) -> tuple[Any, dict]:
-    """AdamW with linear warm-up + cosine decay, a cosine weight-decay schedule and clipping.
-
-    Biases, norms, the CLS token and position embeddings get no weight decay (as DINO).
-    The learning rate scales linearly with the batch: ``base_lr * batch_size / 256``.
-    """
-    o = config.optim
-    peak = o.base_lr * o.batch_size / 256
-    warmup = min(int(round(o.warmup_epochs * epoch_steps)), num_steps - 1)
-    if warmup > 0:
-        lr = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, num_steps, o.min_lr)
-    else:
-        lr = optax.cosine_decay_schedule(peak, num_steps, alpha=o.min_lr / peak)
-    wd = _cosine(o.weight_decay, o.weight_decay_end, num_steps)
-
-    def decay_mask(params):
-        exempt = ("pos_embed", "cls_token")
-        return jax.tree_util.tree_map_with_path(
-            lambda path, x: x.ndim > 1 and not any(n in jax.tree_util.keystr(path) for n in exempt),
-            params,
-        )
-
-    # Clipping stays in the chain when off (an infinite norm) so that the optimiser state
-    # has one structure whatever the setting, and checkpoints restore across it.
-    clip = optax.clip_by_global_norm(o.grad_clip if o.grad_clip > 0 else float("inf"))
-    chain = optax.chain(clip, optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=wd, mask=decay_mask))
-    momentum = _cosine(config.teacher.momentum, config.teacher.momentum_end, num_steps)
-    return chain, {"lr": lr, "weight_decay": wd, "momentum": momentum}
-
-
-def create_model(config) -> models.SSLModel:
-    return models.create_model(config.model, rngs=nnx.Rngs(config.seed))
-
-
-def create_train_state(config, optimizer) -> tuple[Any, TrainState]:
-    """Random-init parameters (a function of ``config.seed``) and a fresh optimiser state."""
-    graphdef, params = nnx.split(create_model(config))
-    params = nnx.to_pure_dict(params)
-    teacher = jax.tree.map(jnp.copy, params) if config.teacher.ema else None
-    state = TrainState(jnp.zeros((), jnp.int32), params, teacher, optimizer.init(params))
-    return graphdef, state
-
-
-def abstract_train_state(config, optimizer, mesh) -> tuple[Any, TrainState, Any]:
-    """``(graphdef, abstract state, shardings)`` without allocating any parameter.
-
-    The abstract state holds ``jax.ShapeDtypeStruct``s carrying their shardings (FSDP or
-    replicated), the target that checkpoints restore into.
-    """
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(config)))
-    shapes = jax.eval_shape(lambda: create_train_state(config, optimizer)[1])
-    shardings = (
-        sharding_lib.fsdp_shardings(shapes, mesh)
-        if config.train.fsdp
-        else jax.tree.map(lambda _: sharding_lib.replicated(mesh), shapes)
-    )
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-    )
-    return graphdef, abstract, shardings
-
-
-def init_train_state(config, optimizer, shardings, *, encoder=None) -> TrainState:
-    """The random-init state, created directly in its (possibly sharded) layout.
-
-    ``encoder``: parameters that replace the random encoder's in the student and the teacher
-    (:func:`imported_encoder`); the heads stay random.
-    """
-    state = jax.jit(lambda: create_train_state(config, optimizer)[1], out_shardings=shardings)()
-    if encoder is None:
-        return state
-    if jax.tree.structure(encoder) != jax.tree.structure(state.params["encoder"]):
-        raise ValueError("encoder does not have the structure of the model's encoder.")
-
-    def start(params, sharding):
-        return {**params, "encoder": jax.device_put(encoder, sharding["encoder"])}
-
-    teacher = None if state.teacher is None else start(state.teacher, shardings.teacher)
-    return state.replace(params=start(state.params, shardings.params), teacher=teacher)
-
-
-def imported_encoder(config) -> Any:
-    """The encoder's parameters read from ``model.init_from`` (``matching_gap.export``)."""
-    encoder, skipped = export.read_encoder(config.model)
-    note = f", skipping {', '.join(skipped)} (not the encoder's)" if skipped else ""
-    metrics.log(f"The encoder starts from {config.model.init_from}{note}.")
-    return encoder
 
 
 # -------------------------------------------------------------------------- train step
@@ -204,7 +83,7 @@ def make_train_step(config, graphdef, optimizer, schedules: dict, mesh=None):
     base_key = jax.random.key(config.seed)
     objective = objectives.make_objective(config, mesh)
 
-    def train_step(state: TrainState, images: jax.Array):
+    def train_step(state: state_lib.TrainState, images: jax.Array):
         aug_key, drop_key = jax.random.split(jax.random.fold_in(base_key, state.step))
         global_views, local_views = augment.make_views(aug_key, images, aug_config)
 
@@ -244,7 +123,7 @@ def make_train_step(config, graphdef, optimizer, schedules: dict, mesh=None):
             out_metrics[f"{group}/{name}"] = value
         if config.loss.name in ("matching_gap", "m3g"):
             out_metrics[f"train/{config.loss.name}"] = loss
-        return TrainState(state.step + 1, params, teacher, opt_state), out_metrics
+        return state_lib.TrainState(state.step + 1, params, teacher, opt_state), out_metrics
 
     return train_step
 
@@ -301,24 +180,28 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
     train_set, num_examples = data.training_split(data_config)
     name = data_config.name if train_set is None else train_set.name
     data.check_batch_fits(num_examples, config.optim.batch_size, name)
-    epoch_steps = steps_per_epoch(config, num_examples)
-    num_steps = total_steps(config, num_examples)
-    optimizer, schedules = make_optimizer(config, num_steps, epoch_steps)
-    graphdef, abstract_state, state_sharding = abstract_train_state(config, optimizer, mesh)
-    evaluator = evaluate.Evaluator(config, graphdef, mesh)
+    epoch_steps = state_lib.steps_per_epoch(config, num_examples)
+    num_steps = state_lib.total_steps(config, num_examples)
+    optimizer, schedules = state_lib.make_optimizer(config, num_steps, epoch_steps)
+    graphdef, abstract_state, state_sharding = state_lib.abstract_train_state(
+        config, optimizer, mesh
+    )
+    features = evaluate.SplitFeatures(config, graphdef, mesh)
     if config.train.final_eval or config.train.knn_every:
-        evaluator.splits()  # missing evaluation data fails now, not after training
+        features.splits()  # missing evaluation data fails now, not after training
+    knn_suite = [evaluate.KnnEvaluator(config, features)]  # every train.knn_every steps
     checkpointing.check_workdir(workdir, config)
     encoder = None  # a resumed run continues from its checkpoint, whatever model.init_from says
     if config.model.init_from and not checkpointing.has_checkpoints(workdir):
-        encoder = imported_encoder(config)  # a file that does not fit fails before any write
+        # a file that does not fit fails before any write
+        encoder = state_lib.imported_encoder(config)
     checkpointing.write_config(workdir, config)
     ckpt = checkpointing.Checkpointer(workdir, every=config.train.checkpoint_every,
                                       keep=config.train.keep_checkpoints)  # fmt: skip
     state = ckpt.restore_latest(abstract_state)
     start_step = 0 if state is None else int(state.step)
     if state is None:
-        state = init_train_state(config, optimizer, state_sharding, encoder=encoder)
+        state = state_lib.init_train_state(config, optimizer, state_sharding, encoder=encoder)
     writer = metrics.create_writer(workdir, resume_step=start_step)
 
     train_step = jit_train_step(config, graphdef, optimizer, schedules, mesh, state_sharding)
@@ -358,7 +241,7 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
             if stop:
                 break
             if config.train.knn_every and step % config.train.knn_every == 0:
-                results = evaluator(evaluate.encoder_params(config, state), probe=False)
+                results = evaluate.run(knn_suite, state_lib.encoder_params(config, state))
                 writer.write_scalars(step, results)
                 metrics.log(f"step {step} | {metrics.format_results(results)}")
             if plan_batch is not None and step % config.train.plan_every == 0:
@@ -379,23 +262,22 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
         return TrainResult(final_step, num_steps, results)
     random_params = None
     if config.train.compare_random_init and (config.train.final_eval or config.train.pictures):
-        init = init_train_state(config, optimizer, state_sharding)
-        random_params = evaluate.encoder_params(config, init)
+        init = state_lib.init_train_state(config, optimizer, state_sharding)
+        random_params = state_lib.encoder_params(config, init)
     if config.train.final_eval:
-        results = evaluator(evaluate.encoder_params(config, state), probe=True)
+        suite = evaluate.monitor(config, features)
+        results = evaluate.run(suite, state_lib.encoder_params(config, state))
         if random_params is not None:
-            random_results = evaluator(random_params, probe=True)
-            results.update({k.replace("eval/", "eval/random_init_"): v
-                            for k, v in random_results.items()})  # fmt: skip
+            results.update(evaluate.run(suite, random_params, prefix="eval/random_init_"))
         if config.train.compare_raw_pixels:
-            pixels = evaluate.Evaluator(config, graphdef, mesh, raw_pixels=True)
-            results.update({k.replace("eval/", "eval/raw_pixels_"): v
-                            for k, v in pixels(None, probe=True).items()})  # fmt: skip
+            pixels = evaluate.SplitFeatures(config, graphdef, mesh, raw_pixels=True)
+            pixels_suite = evaluate.monitor(config, pixels)
+            results.update(evaluate.run(pixels_suite, None, prefix="eval/raw_pixels_"))
         writer.write_scalars(final_step, results)
         evaluate.print_summary(results)
     if config.train.pictures:
         if jax.process_count() == 1:
-            pictures.write_pictures(config, graphdef, evaluate.encoder_params(config, state),
+            pictures.write_pictures(config, graphdef, state_lib.encoder_params(config, state),
                                     random_params, workdir)  # fmt: skip
         else:
             metrics.log(

@@ -29,10 +29,10 @@ def main() -> None:
     unreadable = {int(s) for s in args.unreadable.split(",") if s}
     read = checkpointing.Checkpointer._restore_step
 
-    def restore_step(self, step, target):
+    def restore_step(self, step, target, **kwargs):
         if step in unreadable:
             return None, OSError(f"injected read failure of step {step}")
-        return read(self, step, target)
+        return read(self, step, target, **kwargs)
 
     checkpointing.Checkpointer._restore_step = restore_step
     mesh = jax.sharding.Mesh(jax.devices(), ("data",))

@@ -12,8 +12,9 @@ import optax
 import pytest
 from flax import nnx
 
-from matching_gap import augment, augmented_probe, config_lib, evaluators, schema, train
+from matching_gap import augment, augmented_probe, config_lib, evaluators, schema
 from matching_gap import sharding as sharding_lib
+from matching_gap import state as state_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 NUM_STEPS, BATCH, CLASSES = 10, 16, 3
@@ -23,8 +24,9 @@ NUM_STEPS, BATCH, CLASSES = 10, 16, 3
 def setup():
     config = config_lib.load_config_file(os.path.join(ROOT, "configs", "default.py"), "smoke")
     config.eval.features = "pooled"
+    config = schema.parse(config)
     mesh = sharding_lib.make_mesh(jax.devices()[:1])
-    graphdef, state = train.create_train_state(config, optax.identity())
+    graphdef, state = state_lib.create_train_state(config, optax.identity())
     return config, mesh, graphdef, state.params
 
 

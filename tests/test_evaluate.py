@@ -10,8 +10,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from matching_gap import config_lib, data, errors, evaluate, evaluators, metrics, train
+from matching_gap import config_lib, data, errors, evaluate, evaluators, metrics, schema, train
 from matching_gap import sharding as sharding_lib
+from matching_gap import state as state_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -50,13 +51,14 @@ def copy_of(trained, tmp_path):
 
 def test_streamed_and_in_memory_splits_give_the_same_features_and_results(trained):
     config = smoke_config()
-    graphdef, params, _ = evaluate.restore_encoder(config, str(trained))
+    graphdef, params, _ = state_lib.restore_encoder(schema.parse(config), str(trained))
     mesh = sharding_lib.make_mesh()
     out = {}
     for in_memory in (True, False):
         config.data.in_memory = in_memory
         with mocked():
-            evaluator = evaluate.Evaluator(config, graphdef, mesh, whole_splits=True)
+            parsed = schema.parse(config)
+            evaluator = evaluate.SplitFeatures(parsed, graphdef, mesh, whole_splits=True)
             fit, report = evaluator.features(params)
             knn = evaluators.knn_accuracy(fit, report, k=5)
             probe = evaluators.linear_probe(fit, report, evaluate.probe_settings(config))
@@ -96,6 +98,27 @@ def test_evaluate_mode_runs_every_protocol_and_writes_the_summary(trained, tmp_p
         evaluate.evaluate_workdir(config, workdir)
     with open(os.path.join(workdir, evaluate.SUMMARY_FILE)) as f:
         assert set(json.load(f)) == {"knn", "features", "augmented"}
+
+
+def test_the_monitor_and_evaluate_mode_give_the_same_figures(tmp_path):
+    config = smoke_config()
+    config.train.update(final_eval=True, compare_random_init=True, compare_raw_pixels=False,
+                        pictures=False)  # fmt: skip
+    config.data.eval_max_examples = 0  # the monitor on the whole splits, as --mode=evaluate
+    config.eval.protocols = "knn,features"
+    with mocked():
+        monitor = train.train_and_evaluate(config, str(tmp_path)).results
+        entries = evaluate.evaluate_workdir(config, str(tmp_path))
+    assert set(monitor) == {
+        "eval/knn_top1",
+        "eval/linear_probe_top1",
+        "eval/random_init_knn_top1",
+        "eval/random_init_linear_probe_top1",
+    }
+    assert monitor["eval/knn_top1"] == entries["knn"]["top1"]
+    assert monitor["eval/linear_probe_top1"] == entries["features"]["top1"]
+    written = metrics.read_metrics(str(tmp_path))
+    assert written[-1]["eval/knn_top1"] == pytest.approx(entries["knn"]["top1"])
 
 
 def heads_at(workdir, step):
@@ -152,8 +175,9 @@ def test_features_probe_matches_scikit_learn_on_a_demo_model(tmp_path):
     one_device = jax.devices()[:1]  # as on a laptop (4 simulated devices on 2 cores can stall)
     train.train_and_evaluate(config, str(tmp_path), devices=one_device)
     mesh = sharding_lib.make_mesh(one_device)
-    graphdef, params, _ = evaluate.restore_encoder(config, str(tmp_path), mesh)
-    evaluator = evaluate.Evaluator(config, graphdef, mesh, whole_splits=True)
+    config = schema.parse(config)
+    graphdef, params, _ = state_lib.restore_encoder(config, str(tmp_path), mesh)
+    evaluator = evaluate.SplitFeatures(config, graphdef, mesh, whole_splits=True)
     fit, report = evaluator.features(params)
     ours = evaluators.linear_probe(fit, report, evaluate.probe_settings(config)).top1
 

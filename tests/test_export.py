@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 from matching_gap import config_lib, errors, evaluate, export, models, schema, train
+from matching_gap import state as state_lib
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.py")
@@ -408,8 +409,8 @@ def workdir(tmp_path_factory):
     config = config_lib.load_config_file(DEFAULT_CONFIG, "smoke")
     config.teacher.ema = True
     workdir = str(tmp_path_factory.mktemp("run"))
-    optimizer, _ = train.make_optimizer(config, 2, 1)
-    _, state = train.create_train_state(config, optimizer)
+    optimizer, _ = state_lib.make_optimizer(config, 2, 1)
+    _, state = state_lib.create_train_state(schema.parse(config), optimizer)
     teacher = jax.tree.map(lambda x: x + 1.0, state.params)
     state = state.replace(teacher=teacher)
     checkpointing.write_config(workdir, config)
@@ -440,7 +441,8 @@ def test_evaluate_starts_from_init_from_without_a_checkpoint(workdir, tmp_path):
     config.export.update(format="timm", dir=str(tmp_path / "out"))
     evaluate.export_workdir(config, directory)
     config.model.init_from = str(tmp_path / "out")
-    _, params, step = evaluate.restore_encoder(config, str(tmp_path / "empty"))
+    config = schema.parse(config)
+    _, params, step = state_lib.restore_encoder(config, str(tmp_path / "empty"))
     assert step == 0
     assert_bitwise_equal(jax.device_get(params["encoder"]), jax.device_get(teacher))
 
@@ -480,10 +482,11 @@ def test_a_run_starts_from_init_from_in_student_and_teacher(workdir, tmp_path):
     config.export.update(format="hf", dir=str(tmp_path / "out"))
     evaluate.export_workdir(config, directory)
     config.model.init_from = str(tmp_path / "out")
-    optimizer, _ = train.make_optimizer(config, 2, 1)
-    _, _, shardings = train.abstract_train_state(config, optimizer, sharding_lib.make_mesh())
-    state = train.init_train_state(config, optimizer, shardings,
-                                   encoder=train.imported_encoder(config))  # fmt: skip
+    config = schema.parse(config)
+    optimizer, _ = state_lib.make_optimizer(config, 2, 1)
+    _, _, shardings = state_lib.abstract_train_state(config, optimizer, sharding_lib.make_mesh())
+    state = state_lib.init_train_state(config, optimizer, shardings,
+                                       encoder=state_lib.imported_encoder(config))  # fmt: skip
     for params in (state.params, state.teacher):
         assert_bitwise_equal(jax.device_get(params["encoder"]), jax.device_get(teacher))
 
@@ -553,6 +556,6 @@ def test_training_starts_from_init_from(workdir, tmp_path, capsys):
     with tfds.testing.mock_data(num_examples=64):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert f"The encoder starts from {tmp_path / 'hf'}." in capsys.readouterr().out
-    _, params, step = evaluate.restore_encoder(config, str(tmp_path / "run"))
+    _, params, step = state_lib.restore_encoder(schema.parse(config), str(tmp_path / "run"))
     assert step == 1
     assert_bitwise_equal(jax.device_get(params["encoder"]), jax.device_get(teacher))

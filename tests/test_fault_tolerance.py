@@ -20,7 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from matching_gap import checkpointing, config_lib, data, metrics, train
+from matching_gap import checkpointing, config_lib, data, metrics, schema, train
+from matching_gap import state as state_lib
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SMOKE = os.path.join(ROOT, "configs", "default.py") + ":smoke"
@@ -40,8 +41,8 @@ def _load_smoke_config():
 
 def _params(workdir, step):
     """Parameters of a checkpoint, whatever the topology it was written on."""
-    config = _load_smoke_config()
-    _, state = train.create_train_state(config, train.make_optimizer(config, 3, 1)[0])
+    config = schema.parse(_load_smoke_config())
+    _, state = state_lib.create_train_state(config, state_lib.make_optimizer(config, 3, 1)[0])
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           state)  # fmt: skip

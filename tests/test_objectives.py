@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matching_gap import config_lib, losses, objectives, train
+from matching_gap import config_lib, losses, objectives, schema, train
+from matching_gap import state as state_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -110,8 +111,9 @@ def test_targets_get_no_gradient_from_a_teacher(name):
 def test_one_step_moves_the_teacher_to_the_momentum_average():
     config = load("smoke,byol")
     config.teacher.momentum = 0.9  # far from 1, so that a missing update is visible
-    optimizer, schedules = train.make_optimizer(config, 10, 5)
-    graphdef, state = train.create_train_state(config, optimizer)
+    config = schema.parse(config)
+    optimizer, schedules = state_lib.make_optimizer(config, 10, 5)
+    graphdef, state = state_lib.create_train_state(config, optimizer)
     # A teacher that differs from the student, so that both terms of the average show.
     state = state.replace(teacher=jax.tree.map(lambda t: t + 0.5, state.teacher))
     step = jax.jit(train.make_train_step(config, graphdef, optimizer, schedules))

@@ -10,7 +10,7 @@ import sys
 import jax
 import pytest
 
-from matching_gap import config_lib, errors, main, plan
+from matching_gap import config_lib, errors, main, plan, schema
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -93,14 +93,14 @@ def test_analytic_flops_equal_a_hand_count_of_a_tiny_vit():
     forward = patch_embed + block + projector  # 7328
     # Forward + backward; the patch embedding needs no gradient of the pixels.
     per_view = 3 * forward - patch_embed
-    assert plan.analytic_flops(config) == {
+    assert plan.analytic_flops(schema.parse(config)) == {
         "student": 2 * 2 * per_view,
         "teacher": 0.0,
         "total": 2 * 2 * per_view,
     }
     # With an EMA teacher: its forward (encoder + projector) on the two views on top.
     config.teacher.ema = True
-    assert plan.analytic_flops(config)["teacher"] == 2 * 2 * forward
+    assert plan.analytic_flops(schema.parse(config))["teacher"] == 2 * 2 * forward
 
 
 def test_collectives_are_parsed_with_their_bytes():

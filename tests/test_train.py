@@ -11,6 +11,7 @@ import pytest
 
 from matching_gap import checkpointing, config_lib, data, errors, evaluate, metrics, schema, train
 from matching_gap import sharding as sharding_lib
+from matching_gap import state as state_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -114,7 +115,7 @@ def test_final_knn_equals_a_brute_force_vote_on_the_saved_encoder_and_on_pixels(
                                 report.labels, fit.num_classes, config)  # fmt: skip
     assert outcome.results["eval/raw_pixels_knn_top1"] == pytest.approx(expected, abs=1e-9)
     # (Random mock labels make that accuracy coarse: the features themselves, exactly.)
-    encode_pixels = evaluate.make_encode(config, None, raw_pixels=True)
+    encode_pixels = evaluate.make_encode(schema.parse(config), None, raw_pixels=True)
     np.testing.assert_allclose(encode_pixels(None, fit.images[:8]), pixels(fit.images[:8]),
                                rtol=1e-6, atol=1e-6)  # fmt: skip
     assert 0 <= outcome.results["eval/raw_pixels_linear_probe_top1"] <= 1
@@ -157,7 +158,7 @@ def test_metrics_of_steps_flushed_at_a_checkpoint_are_written(tmp_path):
 
 
 def _lr(config, steps):
-    _, schedules = train.make_optimizer(config, config.optim.num_steps, 1)
+    _, schedules = state_lib.make_optimizer(config, config.optim.num_steps, 1)
     return [float(schedules["lr"](s)) for s in steps]
 
 
@@ -184,11 +185,11 @@ def test_the_time_limit_is_process_0s_decision(tmp_path, monkeypatch):
 
 
 def test_the_jitted_step_donates_the_state():
-    config = quiet_smoke()
-    optimizer, schedules = train.make_optimizer(config, 3, 1)
+    config = schema.parse(quiet_smoke())
+    optimizer, schedules = state_lib.make_optimizer(config, 3, 1)
     mesh = sharding_lib.make_mesh()  # as the smoke runs: their compiled step is cached
-    graphdef, _, shardings = train.abstract_train_state(config, optimizer, mesh)
-    state = train.init_train_state(config, optimizer, shardings)
+    graphdef, _, shardings = state_lib.abstract_train_state(config, optimizer, mesh)
+    state = state_lib.init_train_state(config, optimizer, shardings)
     images = np.zeros((config.optim.batch_size, 28, 28, 1), np.uint8)
     new, _ = train.jit_train_step(config, graphdef, optimizer, schedules, mesh, shardings)(
         state, images)  # fmt: skip
@@ -249,9 +250,9 @@ def test_missing_data_fails_fast_with_the_fixes_and_writes_nothing(tmp_path):
 
 
 def test_weight_decay_skips_biases_norms_cls_token_and_position_embeddings():
-    config = load("default.py", "smoke")
-    optimizer, _ = train.make_optimizer(config, 10, 1)
-    state = jax.jit(lambda: train.create_train_state(config, optimizer)[1])()
+    config = schema.parse(load("default.py", "smoke"))
+    optimizer, _ = state_lib.make_optimizer(config, 10, 1)
+    state = jax.jit(lambda: state_lib.create_train_state(config, optimizer)[1])()
     zeros = jax.tree.map(np.zeros_like, state.params)
     updates, _ = jax.jit(optimizer.update)(zeros, state.opt_state, state.params)
     flat = jax.tree_util.tree_flatten_with_path(updates)[0]
@@ -271,15 +272,16 @@ def test_load_encoder_gives_the_features_of_the_saved_parameters(tmp_path):
     config.optim.num_steps = 2
     run(config, tmp_path)
     encode, saved_config = evaluate.load_encoder(str(tmp_path))
-    assert saved_config.to_dict() == json.loads(config.to_json_best_effort())
+    config = schema.parse(config)
+    assert saved_config == config
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
     features = np.asarray(encode(images))
 
-    graphdef, init_params = nnx.split(train.create_model(config))
+    graphdef, init_params = nnx.split(state_lib.create_model(config))
 
     def features_of(params):  # the same features by hand, from a parameter tree
         model = nnx.merge(graphdef, params)
-        view = augment.center_view(images, schema.parse(config).augment)
+        view = augment.center_view(images, config.augment)
         return np.asarray(model.encode(view, config.eval.features))
 
     np.testing.assert_allclose(features, features_of(saved_params(tmp_path, 2)), atol=1e-5)
@@ -290,8 +292,9 @@ def test_load_encoder_gives_the_features_of_the_saved_parameters(tmp_path):
     with pytest.raises(errors.WorkdirError, match="--workdir of a training run"):
         evaluate.load_encoder(str(tmp_path / "nothing"))
     if jax.default_backend() != "gpu":  # a run trained with cuDNN attention, read on a CPU
-        saved_config.model.attention = "cudnn"
-        (tmp_path / "config.json").write_text(saved_config.to_json())
+        saved = json.loads((tmp_path / "config.json").read_text())
+        saved["model"]["attention"] = "cudnn"
+        (tmp_path / "config.json").write_text(json.dumps(saved))
         encode, _ = evaluate.load_encoder(str(tmp_path))
         np.testing.assert_array_equal(encode(images), features)
 

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matching_gap import augmented_probe, config_lib, evaluate, evaluators, plan, train
+from matching_gap import augmented_probe, config_lib, evaluate, evaluators, plan, schema
 from matching_gap import sharding as sharding_lib
+from matching_gap import state as state_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TOLERANCE = 0.10
@@ -61,7 +62,7 @@ def _train_config(name, arg, **overrides):
     for key, value in overrides.items():
         section, field = key.split("__")
         config[section][field] = value
-    return config
+    return schema.parse(config)
 
 
 TRAIN_STEPS = {
@@ -100,8 +101,8 @@ def test_train_step_divides_its_work(variant, monkeypatch):
         monkeypatch.setattr(sharding_lib, "FSDP_MIN_SIZE", 256)
     flops_1, flops_4, gathers = per_device_work(lambda m: plan.compile_train_step(config, m))
     assert_quarter(flops_1, flops_4)
-    optimizer, _ = train.make_optimizer(config, 10, 1)
-    state = train.abstract_train_state(config, optimizer, mesh_of(1))[1]
+    optimizer, _ = state_lib.make_optimizer(config, 10, 1)
+    state = state_lib.abstract_train_state(config, optimizer, mesh_of(1))[1]
     params_shapes = {x.shape for x in jax.tree.leaves(state.params)}
     wrong = [c.arrays for c in gathers if not _allowed_gather(config, params_shapes, c)]
     assert not wrong, f"all-gathers of images or activations: {wrong}"
@@ -119,12 +120,12 @@ def _eval_config():
     config = load("default.py", "smoke")
     config.model.update(depth=4)
     config.eval.features = "last4_cls"
-    return config
+    return schema.parse(config)
 
 
 def _encoder(config, mesh):
-    optimizer, _ = train.make_optimizer(config, 10, 1)
-    graphdef, state, _ = train.abstract_train_state(config, optimizer, mesh)
+    optimizer, _ = state_lib.make_optimizer(config, 10, 1)
+    graphdef, state, _ = state_lib.abstract_train_state(config, optimizer, mesh)
     return graphdef, state.params
 
 
