@@ -44,8 +44,9 @@ VARIANTS = {
 
 
 def _step(overrides: dict):
-    config = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "..",
-                                                      "configs", "default.py"))  # fmt: skip
+    config = config_lib.load_config_file(
+        os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")
+    )
     with config.unlocked():
         config.model.update(overrides)
     graphdef, params = nnx.split(models.create_model(schema.parse(config).model, rngs=nnx.Rngs(0)))
@@ -80,8 +81,10 @@ def _table(title: str, medians: dict[str, float]) -> None:
 
 def main(argv):
     del argv
-    print(f"device: {jax.devices()[0].platform} x{jax.device_count()} | {_VIEWS.value} views "
-          f"| median of {_ROUNDS.value} rounds x {_CALLS.value} calls")  # fmt: skip
+    print(
+        f"device: {jax.devices()[0].platform} x{jax.device_count()} | {_VIEWS.value} views "
+        f"| median of {_ROUNDS.value} rounds x {_CALLS.value} calls"
+    )
     _table("Model variants", _time({name: _step(o) for name, o in VARIANTS.items()}))
 
     parts = {"demo's model": _step({})}
@@ -101,8 +104,7 @@ def main(argv):
         parts["no MLP"] = _step({})
     finally:
         jax.nn.gelu, models.Attention.__call__, models.MLP.__call__ = gelu, attention, mlp
-    _table("Where the demo's step goes (parts swapped out; not trainable models)",
-           _time(parts))  # fmt: skip
+    _table("Where the demo's step goes (parts swapped out; not trainable models)", _time(parts))
 
 
 if __name__ == "__main__":

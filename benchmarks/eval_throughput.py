@@ -68,18 +68,28 @@ def main(argv):
         out.block_until_ready()
 
     def extraction():
-        batches = ({"image": host, "label": labels, "mask": np.ones(batch, bool),
-                    "id": np.arange(batch, dtype=np.int32)} for _ in range(n))  # fmt: skip
-        feats = evaluators.extract(lambda x: encode(params, x), batches, num_batches=n,
-                                   num_classes=10, mesh=mesh)  # fmt: skip
+        batches = (
+            {
+                "image": host,
+                "label": labels,
+                "mask": np.ones(batch, bool),
+                "id": np.arange(batch, dtype=np.int32),
+            }
+            for _ in range(n)
+        )
+        feats = evaluators.extract(
+            lambda x: encode(params, x), batches, num_batches=n, num_classes=10, mesh=mesh
+        )
         feats.features.block_until_ready()
 
     dim = encode(params, on_device).shape[-1]
     settings = augmented_probe.AugmentedSettings.from_eval(config.eval)
     settings = dataclasses.replace(settings, batch_size=batch)
     step = augmented_probe._make_step(config, graphdef, settings, 10 * n, mesh)
-    init = jax.jit(lambda: augmented_probe._init_state(len(settings.learning_rates), dim, 10),
-                   out_shardings=sharding_lib.replicated(mesh))  # fmt: skip
+    init = jax.jit(
+        lambda: augmented_probe._init_state(len(settings.learning_rates), dim, 10),
+        out_shardings=sharding_lib.replicated(mesh),
+    )
     device_labels = sharding_lib.global_batch(labels, mesh)
 
     def augmented():
@@ -102,10 +112,12 @@ def main(argv):
 
     device = mesh.devices.flat[0]
     model = config.model.variant or f"width {config.model.width}, depth {config.model.depth}"
-    print(f"device: {mesh.size} x {device.device_kind} ({device.platform}); model: ViT "
-          f"{model}, {size} px stored, {config.augment.crop_size} px crops, "
-          f"features {config.eval.features} (dim {dim}); batch {batch}; "
-          f"{len(settings.learning_rates)} augmented heads")  # fmt: skip
+    print(
+        f"device: {mesh.size} x {device.device_kind} ({device.platform}); model: ViT "
+        f"{model}, {size} px stored, {config.augment.crop_size} px crops, "
+        f"features {config.eval.features} (dim {dim}); batch {batch}; "
+        f"{len(settings.learning_rates)} augmented heads"
+    )
     print()
     print("| path | images/s | vs forward |")
     print("|---|---:|---:|")
@@ -116,9 +128,11 @@ def main(argv):
     augmented_h = config.eval.augmented_epochs * IMAGENET_TRAIN / rates["augmented step"] / 3600
     print()
     epochs = config.eval.augmented_epochs
-    print(f"ImageNet-1k at these rates: extraction of train + val {extract_h:,.2f} hours "
-          f"(k-NN and features probe); augmented probe, {epochs} epochs, {augmented_h:,.1f} "
-          f"hours (on {mesh.size} device(s); data loading not included).")  # fmt: skip
+    print(
+        f"ImageNet-1k at these rates: extraction of train + val {extract_h:,.2f} hours "
+        f"(k-NN and features probe); augmented probe, {epochs} epochs, {augmented_h:,.1f} "
+        f"hours (on {mesh.size} device(s); data loading not included)."
+    )
 
 
 if __name__ == "__main__":

@@ -57,8 +57,10 @@ def row(section: str, name: str, p: dict) -> str:
     gib = p["memory"]["peak"] / plan.GiB
     hbm = p["hbm_per_device_bytes"] / plan.GiB
     xla, model = p["flops_per_device_compiler"], p["flops_per_device_analytic"]
-    coll = ", ".join(f"{k} {v['count']} ({v['bytes'] / 2**20:.0f} MiB)"
-                     for k, v in sorted(p["collectives"].items()))  # fmt: skip
+    coll = ", ".join(
+        f"{k} {v['count']} ({v['bytes'] / 2**20:.0f} MiB)"
+        for k, v in sorted(p["collectives"].items())
+    )
     hours = " | ".join(
         f"{chip_hours(model, p['devices'], p['recipe_steps'], kind):,.0f}" for kind in CHIP_KINDS
     )

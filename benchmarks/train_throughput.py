@@ -79,8 +79,9 @@ def build(config, loss_name, mesh, *, donate=True):
     config = dataclasses.replace(config, loss=loss, teacher=teacher)
     optimizer, schedules = state_lib.make_optimizer(config, 1000, 100)
     graphdef, _, shardings = state_lib.abstract_train_state(config, optimizer, mesh)
-    step = train.jit_train_step(config, graphdef, optimizer, schedules, mesh, shardings,
-                                donate=donate)  # fmt: skip
+    step = train.jit_train_step(
+        config, graphdef, optimizer, schedules, mesh, shardings, donate=donate
+    )
     return step, state_lib.init_train_state(config, optimizer, shardings)
 
 
@@ -94,9 +95,11 @@ def _memory(compiled) -> str:
         return "not reported by this backend"
     gb = lambda n: f"{n / 1e9:.3f} GB"
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-    return (f"arguments {gb(m.argument_size_in_bytes)}, outputs {gb(m.output_size_in_bytes)}, "
-            f"temporaries {gb(m.temp_size_in_bytes)}, aliased {gb(m.alias_size_in_bytes)}; "
-            f"peak without aliasing {gb(total - m.alias_size_in_bytes)}")  # fmt: skip
+    return (
+        f"arguments {gb(m.argument_size_in_bytes)}, outputs {gb(m.output_size_in_bytes)}, "
+        f"temporaries {gb(m.temp_size_in_bytes)}, aliased {gb(m.alias_size_in_bytes)}; "
+        f"peak without aliasing {gb(total - m.alias_size_in_bytes)}"
+    )
 
 
 def main(argv):
@@ -111,8 +114,10 @@ def main(argv):
     # Buffer donation (the train loop's default) against none, as XLA reports it.
     for donate in (False, True):
         step, state = build(config, _LOSSES.value[-1], mesh, donate=donate)
-        print(f"memory, {_LOSSES.value[-1]} step, donation {'on ' if donate else 'off'}: "
-              f"{_memory(step.lower(state, batch).compile())}")  # fmt: skip
+        print(
+            f"memory, {_LOSSES.value[-1]} step, donation {'on ' if donate else 'off'}: "
+            f"{_memory(step.lower(state, batch).compile())}"
+        )
         del step, state
 
     runs = {}

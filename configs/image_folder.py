@@ -21,11 +21,21 @@ def get_config(arg: str | None = None):
     words = config_lib.parse_arg(arg, ("smoke",))
     c = config_lib.base_config()
     c.data.update(
-        source="image_folder", data_dir="", train_split="train", eval_train_split="train",
-        eval_split="val", image_size=72, channels=3,
-    )  # fmt: skip
-    c.augment.update(crop_size=64, crop_scale=(0.25, 1.0), mean=schema.IMAGENET_MEAN,
-                     std=schema.IMAGENET_STD, eval_crop_fraction=64 / 72)  # fmt: skip
+        source="image_folder",
+        data_dir="",
+        train_split="train",
+        eval_train_split="train",
+        eval_split="val",
+        image_size=72,
+        channels=3,
+    )
+    c.augment.update(
+        crop_size=64,
+        crop_scale=(0.25, 1.0),
+        mean=schema.IMAGENET_MEAN,
+        std=schema.IMAGENET_STD,
+        eval_crop_fraction=64 / 72,
+    )
     c.model.update(image_size=64, channels=3, patch_size=8)
     c.optim.num_epochs = 100.0  # small folders: many passes
     if "smoke" in words:

@@ -23,6 +23,8 @@ def pixels(split):
 fit, report = pixels(tr), pixels(te)
 probe = evaluators.linear_probe(fit, report, evaluators.ProbeSettings())
 knn = evaluators.knn_accuracy(fit, report, k=20, temperature=0.07)
-print(f"raw-pixel linear probe top-1: {100 * probe.top1:.2f}% (lr {probe.learning_rate}, "
-      f"weight decay {probe.weight_decay}, chosen on the held-out 5%)")  # fmt: skip
+print(
+    f"raw-pixel linear probe top-1: {100 * probe.top1:.2f}% (lr {probe.learning_rate}, "
+    f"weight decay {probe.weight_decay}, chosen on the held-out 5%)"
+)
 print(f"raw-pixel weighted 20-NN top-1: {100 * knn:.2f}%")

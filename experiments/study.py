@@ -94,8 +94,13 @@ class Cell:
 
 def _loss_overrides(loss: str) -> tuple[tuple[str, object], ...]:
     if loss == "byol":  # BYOL short-run: BatchNorm heads, momentum 0.95 (experiments/README.md)
-        return (("loss.name", "byol"), ("teacher.ema", True), ("model.use_predictor", True),
-                ("model.head_batchnorm", True), ("teacher.momentum", 0.95))  # fmt: skip
+        return (
+            ("loss.name", "byol"),
+            ("teacher.ema", True),
+            ("model.use_predictor", True),
+            ("model.head_batchnorm", True),
+            ("teacher.momentum", 0.95),
+        )
     return (("loss.name", loss),)
 
 
@@ -109,19 +114,27 @@ def make_cells(seeds, groups, cifar10: bool, claim_seeds=None) -> list[Cell]:
                 if group == "cifar10" and not cifar10:
                     continue
                 for loss, label in LOSS_LABELS.items():
-                    cells.append(Cell(
-                        group, label, seed, _loss_overrides(loss), strong=group == "strong",
-                        dataset="cifar10" if group == "cifar10" else "fashion_mnist",
-                        curve=group != "cifar10",
-                        random_init=loss == "matching_gap" and group != "strong",
-                    ))  # fmt: skip
+                    cells.append(
+                        Cell(
+                            group,
+                            label,
+                            seed,
+                            _loss_overrides(loss),
+                            strong=group == "strong",
+                            dataset="cifar10" if group == "cifar10" else "fashion_mnist",
+                            curve=group != "cifar10",
+                            random_init=loss == "matching_gap" and group != "strong",
+                        )
+                    )
             elif group == "m3g":
                 for k in M3G_VIEWS:
-                    overrides = (("loss.name", "m3g"), ("augment.num_views", k),
-                                 ("loss.epsilon", 0.05),
-                                 ("loss.group_size", M3G_GROUP))  # fmt: skip
-                    cells.append(Cell(group, f"k={k}", seed, overrides, budget=2 / k,
-                                      curve=True))  # fmt: skip
+                    overrides = (
+                        ("loss.name", "m3g"),
+                        ("augment.num_views", k),
+                        ("loss.epsilon", 0.05),
+                        ("loss.group_size", M3G_GROUP),
+                    )
+                    cells.append(Cell(group, f"k={k}", seed, overrides, budget=2 / k, curve=True))
             elif group == "epsilon":
                 for eps in EPSILONS:
                     if eps != 0.2:  # the cropflip matching-gap cell
@@ -135,8 +148,9 @@ def demo_epochs() -> float:
     """The demo's own budget (``optim.num_epochs`` of configs/default.py)."""
     from matching_gap import config_lib
 
-    return float(config_lib.load_config_file(os.path.join(REPO, "configs", "default.py"))
-                 .optim.num_epochs)  # fmt: skip
+    return float(
+        config_lib.load_config_file(os.path.join(REPO, "configs", "default.py")).optim.num_epochs
+    )
 
 
 def cell_config(cell: Cell, epochs: float, *, data_dir: str = "", cifar10_data_dir: str = ""):
@@ -154,17 +168,21 @@ def cell_config(cell: Cell, epochs: float, *, data_dir: str = "", cifar10_data_d
     num_examples = 50_000 if cell.dataset == "cifar10" else 60_000
     steps = state_lib.total_steps(c, num_examples)
     c.train.update(
-        log_every=50, checkpoint_every=max(steps // 4, 1), knn_every=steps // 4 if cell.curve
-        else 0, compare_random_init=cell.random_init, compare_raw_pixels=False, pictures=False,
+        log_every=50,
+        checkpoint_every=max(steps // 4, 1),
+        knn_every=steps // 4 if cell.curve else 0,
+        compare_random_init=cell.random_init,
+        compare_raw_pixels=False,
+        pictures=False,
         plan_every=0,
-    )  # fmt: skip
+    )
     if data_dir:
         c.data.data_dir = data_dir
     if cell.dataset == "cifar10":
-        c.data.update(source="tfds", name="cifar10", data_dir=cifar10_data_dir, image_size=32,
-                      channels=3)  # fmt: skip
-        c.augment.update(crop_size=32, mean=(0.4914, 0.4822, 0.4465),
-                         std=(0.2470, 0.2435, 0.2616))  # fmt: skip
+        c.data.update(
+            source="tfds", name="cifar10", data_dir=cifar10_data_dir, image_size=32, channels=3
+        )
+        c.augment.update(crop_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
         c.model.update(image_size=32, channels=3, patch_size=4)
     if cell.strong:  # after the data changes: the preset depends on nothing they set
         config_lib.strong_augmentations(c)
@@ -183,20 +201,30 @@ def train_seconds(rows: list[dict], batch_size: int) -> dict[int, float]:
     return out
 
 
-def _finished_record(cell: Cell, workdir: str, results: dict, minutes: float, epochs: float,
-                     batch_size: int):  # fmt: skip
+def _finished_record(
+    cell: Cell, workdir: str, results: dict, minutes: float, epochs: float, batch_size: int
+):
     from matching_gap import metrics
 
     rows = metrics.read_metrics(workdir)
-    curve = [(r["step"], r["eval/knn_top1"]) for r in rows
-             if "eval/knn_top1" in r and "eval/linear_probe_top1" not in r]  # fmt: skip
+    curve = [
+        (r["step"], r["eval/knn_top1"])
+        for r in rows
+        if "eval/knn_top1" in r and "eval/linear_probe_top1" not in r
+    ]
     final_step = max(r["step"] for r in rows)
     curve.append((final_step, results["eval/knn_top1"]))
     seconds = train_seconds(rows, batch_size)
     return {
-        "name": cell.name, "group": cell.group, "label": cell.label, "seed": cell.seed,
-        "overrides": cell.settings, "strong": cell.strong,
-        "dataset": cell.dataset, "epochs": epochs, "steps": final_step,
+        "name": cell.name,
+        "group": cell.group,
+        "label": cell.label,
+        "seed": cell.seed,
+        "overrides": cell.settings,
+        "strong": cell.strong,
+        "dataset": cell.dataset,
+        "epochs": epochs,
+        "steps": final_step,
         "minutes": round(minutes, 2),
         "train_minutes": round(seconds.get(final_step, float("nan")) / 60, 2),
         "linear_probe_top1": results["eval/linear_probe_top1"],
@@ -204,9 +232,8 @@ def _finished_record(cell: Cell, workdir: str, results: dict, minutes: float, ep
         "random_init_linear_probe_top1": results.get("eval/random_init_linear_probe_top1"),
         "random_init_knn_top1": results.get("eval/random_init_knn_top1"),
         "knn_curve": curve,
-        "knn_curve_minutes": [round(seconds.get(step, float("nan")) / 60, 3)
-                              for step, _ in curve],
-    }  # fmt: skip
+        "knn_curve_minutes": [round(seconds.get(step, float("nan")) / 60, 3) for step, _ in curve],
+    }
 
 
 def run(args) -> None:
@@ -215,10 +242,13 @@ def run(args) -> None:
     groups, seeds, claim_seeds = args.groups, args.seeds, args.claim_seeds
     args.epochs = demo_epochs() if args.epochs is None else args.epochs
     cifar10 = bool(args.cifar10_data_dir) and os.path.isdir(
-        os.path.join(args.cifar10_data_dir, "cifar10"))  # fmt: skip
+        os.path.join(args.cifar10_data_dir, "cifar10")
+    )
     if "cifar10" in groups and not cifar10:
-        print("CIFAR-10 cells skipped: no prepared TFDS cifar10 under --cifar10_data_dir "
-              f"({args.cifar10_data_dir or 'not given'}).")  # fmt: skip
+        print(
+            "CIFAR-10 cells skipped: no prepared TFDS cifar10 under --cifar10_data_dir "
+            f"({args.cifar10_data_dir or 'not given'})."
+        )
     results_path = os.path.join(args.out, "results.json")
     records = _load_records(results_path)
     budgets = {r["epochs"] for r in records.values()} - {args.epochs}
@@ -235,11 +265,14 @@ def run(args) -> None:
         c = stale[0]
         before, now = dict(records[c.name]["overrides"]), dict(c.settings)
         keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        changes = ", ".join(f"{k} {before.get(k, '(unset)')} -> {now.get(k, '(unset)')}"
-                            for k in keys)  # fmt: skip
-        print(f"{len(stale)} finished cells were trained with other settings than the study "
-              f"gives them now (e.g. {c.name}: {changes}); rerunning them, their old "
-              "results kept until each is replaced.")  # fmt: skip
+        changes = ", ".join(
+            f"{k} {before.get(k, '(unset)')} -> {now.get(k, '(unset)')}" for k in keys
+        )
+        print(
+            f"{len(stale)} finished cells were trained with other settings than the study "
+            f"gives them now (e.g. {c.name}: {changes}); rerunning them, their old "
+            "results kept until each is replaced."
+        )
     print(f"{len(cells) - len(todo)} of {len(cells)} cells done; running {len(todo)}.")
     if todo:
         storage.check_workdir(args.workdir)  # a gs:// bucket that is missing or out of reach
@@ -249,8 +282,9 @@ def run(args) -> None:
         if args.max_minutes and spent >= args.max_minutes:
             print(f"--max_minutes={args.max_minutes} reached; rerun to continue.")
             break
-        config = cell_config(cell, args.epochs, data_dir=args.data_dir,
-                             cifar10_data_dir=args.cifar10_data_dir)  # fmt: skip
+        config = cell_config(
+            cell, args.epochs, data_dir=args.data_dir, cifar10_data_dir=args.cifar10_data_dir
+        )
         if args.max_minutes:  # stop mid-cell with a checkpoint; the next run resumes it
             config.train.time_limit_minutes = args.max_minutes - spent
         workdir = str(storage.path(args.workdir, cell.workdir_name))  # local, or gs://
@@ -263,8 +297,9 @@ def run(args) -> None:
             storage.write_text(storage.path(workdir, MINUTES_FILE), f"{minutes}\n")
             print(f"{cell.name} stopped before its last step; rerun to resume it.")
             break
-        records[cell.name] = _finished_record(cell, workdir, outcome.results, minutes,
-                                              args.epochs, config.optim.batch_size)  # fmt: skip
+        records[cell.name] = _finished_record(
+            cell, workdir, outcome.results, minutes, args.epochs, config.optim.batch_size
+        )
         _save_records(results_path, records)
     write_report(records, args.out)
 
@@ -346,9 +381,13 @@ def summarize(records: dict) -> str:
             continue
         if group == "epsilon":
             rows = _epsilon_rows(records)
-        lines += [f"### {titles[group]}", "",
-                  "| cell | seeds | linear probe (%) | k-NN (%) | steps | training minutes "
-                  "| minutes / cell |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            f"### {titles[group]}",
+            "",
+            "| cell | seeds | linear probe (%) | k-NN (%) | steps | training minutes "
+            "| minutes / cell |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for label, rs in rows.items():
             train_minutes = [r["train_minutes"] for r in rs if "train_minutes" in r]
             lines.append(
@@ -405,8 +444,12 @@ def _claim(records: dict) -> list[str]:
     out = []
     for group in ("cropflip", "strong", "cifar10"):
         out += _against(group, _rows(records, group), "InfoNCE", _claim_verdict)
-    out += _against("epsilon", _epsilon_rows(records), "eps=0.2",
-                    lambda label, mean, low, high: verdict(low, high, label))  # fmt: skip
+    out += _against(
+        "epsilon",
+        _epsilon_rows(records),
+        "eps=0.2",
+        lambda label, mean, low, high: verdict(low, high, label),
+    )
     # More views against two, at equal encoder passes.
     views = lambda label, mean, low, high: verdict(low, high, f"{label[2:]} views")  # noqa: E731
     out += _against("m3g", _rows(records, "m3g"), "k=2", views)
@@ -445,8 +488,10 @@ def _paired_line(what: str, diffs: list[float]) -> tuple[str, float, float, floa
     """``- what: mean points, 95% interval [...] over n seeds (per seed ...)`` and its
     ``mean, low, high``."""
     mean, low, high = paired_interval(diffs)
-    line = (f"- {what}: {mean:+.2f} points, 95% interval [{low:+.2f}, {high:+.2f}] over "
-            f"{_seeds(len(diffs))} (per seed {', '.join(f'{x:+.2f}' for x in diffs)})")  # fmt: skip
+    line = (
+        f"- {what}: {mean:+.2f} points, 95% interval [{low:+.2f}, {high:+.2f}] over "
+        f"{_seeds(len(diffs))} (per seed {', '.join(f'{x:+.2f}' for x in diffs)})"
+    )
     return line, mean, low, high
 
 
@@ -456,12 +501,18 @@ def flatness(records: dict) -> list[str]:
     from scipy import stats
 
     low, high = M3G_FLAT_RANGE
-    rows = {label: rs for label, rs in _epsilon_rows(records).items()
-            if low <= float(label.split("=")[1]) <= high}  # fmt: skip
+    rows = {
+        label: rs
+        for label, rs in _epsilon_rows(records).items()
+        if low <= float(label.split("=")[1]) <= high
+    }
     if len(rows) < 2:  # without sweep cells only the shared eps=0.2 row is there
         return []
-    out = [f"Epsilon flatness over {', '.join(rows)} (M3G: flat over [0.05, 1] on the "
-           f"circular variance, [{low:g}, {high:g}] on this cost), one-way ANOVA:", ""]  # fmt: skip
+    out = [
+        f"Epsilon flatness over {', '.join(rows)} (M3G: flat over [0.05, 1] on the "
+        f"circular variance, [{low:g}, {high:g}] on this cost), one-way ANOVA:",
+        "",
+    ]
     for metric, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "k-NN")):
         acc = [100 * np.array([r[metric] for r in rs]) for rs in rows.values()]
         means = [a.mean() for a in acc]
@@ -471,9 +522,14 @@ def flatness(records: dict) -> list[str]:
             out.append(f"- {name}: {spread}; an epsilon with one seed: no test yet")
             continue
         p = stats.f_oneway(*acc).pvalue
-        out.append(f"- {name}: {spread}, p = {p:.3f}: " + (
-            "flat (no difference across epsilon detected)" if p >= 0.05
-            else "not flat (accuracy changes with epsilon)"))  # fmt: skip
+        out.append(
+            f"- {name}: {spread}, p = {p:.3f}: "
+            + (
+                "flat (no difference across epsilon detected)"
+                if p >= 0.05
+                else "not flat (accuracy changes with epsilon)"
+            )
+        )
     return out + [""]
 
 
@@ -484,13 +540,20 @@ def plot(records: dict, out: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    titles = {"cropflip": "crop + flip", "strong": "+ strong augmentations",
-              "m3g": "M3G, k views (equal encoder passes)"}  # fmt: skip
+    titles = {
+        "cropflip": "crop + flip",
+        "strong": "+ strong augmentations",
+        "m3g": "M3G, k views (equal encoder passes)",
+    }
     groups = [g for g in titles if _rows(records, g)]
     if groups:
         fig, axes = plt.subplots(2, len(groups), figsize=(6 * len(groups), 8), squeeze=False)
-        random = [r["random_init_knn_top1"] for rs in _rows(records, "cropflip").values()
-                  for r in rs if r.get("random_init_knn_top1") is not None]  # fmt: skip
+        random = [
+            r["random_init_knn_top1"]
+            for rs in _rows(records, "cropflip").values()
+            for r in rs
+            if r.get("random_init_knn_top1") is not None
+        ]
         for col, group in enumerate(groups):
             for label, rs in _rows(records, group).items():
                 steps = np.array([s for s, _ in rs[0]["knn_curve"]])
@@ -507,8 +570,9 @@ def plot(records: dict, out: str) -> list[str]:
             for row, xlabel in ((0, "training step"), (1, "training minutes (mean over seeds)")):
                 ax = axes[row, col]
                 if random:  # the same encoders before training (cells of the same seeds)
-                    ax.axhline(100 * np.mean(random), color="gray", linestyle="--",
-                               label="random init")  # fmt: skip
+                    ax.axhline(
+                        100 * np.mean(random), color="gray", linestyle="--", label="random init"
+                    )
                 ax.set(title=titles[group], xlabel=xlabel, ylabel="k-NN top-1 (%)")
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=8)
@@ -525,12 +589,23 @@ def plot(records: dict, out: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for metric, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "k-NN")):
             acc = [100 * np.array([r[metric] for r in rows[e]]) for e in eps]
-            ax.errorbar(x, [a.mean() for a in acc], yerr=[a.std() for a in acc], marker="o",
-                        capsize=3, label=f"matching gap, {name}")  # fmt: skip
+            ax.errorbar(
+                x,
+                [a.mean() for a in acc],
+                yerr=[a.std() for a in acc],
+                marker="o",
+                capsize=3,
+                label=f"matching gap, {name}",
+            )
             if "InfoNCE" in shared:
                 ref = 100 * np.mean([r[metric] for r in shared["InfoNCE"]])
-                ax.axhline(ref, linestyle="--", color=ax.lines[-1].get_color(), alpha=0.6,
-                           label=f"InfoNCE (t = 0.1), {name}")  # fmt: skip
+                ax.axhline(
+                    ref,
+                    linestyle="--",
+                    color=ax.lines[-1].get_color(),
+                    alpha=0.6,
+                    label=f"InfoNCE (t = 0.1), {name}",
+                )
         ax.set(
             xscale="log",
             xlabel="epsilon (squared Euclidean cost of unit vectors)",
@@ -588,10 +663,18 @@ def main(argv=None) -> None:
     )
     p.add_argument("--out", default=OUT, help="results.json, results.md and the plots")
     p.add_argument("--groups", type=_groups, default=list(GROUPS), help=",".join(GROUPS))
-    p.add_argument("--seeds", type=_seed_list, default=[0, 1, 2],
-                   help="seeds of every group but cropflip, e.g. 0,1,2")  # fmt: skip
-    p.add_argument("--claim_seeds", type=_seed_list, default=[0, 1, 2, 3, 4],
-                   help="seeds of the cropflip group")  # fmt: skip
+    p.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=[0, 1, 2],
+        help="seeds of every group but cropflip, e.g. 0,1,2",
+    )
+    p.add_argument(
+        "--claim_seeds",
+        type=_seed_list,
+        default=[0, 1, 2, 3, 4],
+        help="seeds of the cropflip group",
+    )
     p.add_argument(
         "--epochs",
         type=float,

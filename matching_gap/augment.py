@@ -233,13 +233,15 @@ def _view_probs(cfg: AugmentConfig, count: int, local: bool) -> tuple[jax.Array,
     """Blur and solarize probabilities ``[count]`` of the global (or local) views."""
     blur = (cfg.blur_prob,) * count if local or not cfg.view_blur_probs else cfg.view_blur_probs
     solarize = cfg.solarize_prob
-    solarize = (solarize,) * count if local or not cfg.view_solarize_probs else (
-        cfg.view_solarize_probs)  # fmt: skip
+    solarize = (
+        (solarize,) * count if local or not cfg.view_solarize_probs else (cfg.view_solarize_probs)
+    )
     return jnp.asarray(blur, jnp.float32), jnp.asarray(solarize, jnp.float32)
 
 
-def _views(u: jax.Array, x: jax.Array, cfg: AugmentConfig, size: int, scale, *,
-           local: bool = False) -> jax.Array:  # fmt: skip
+def _views(
+    u: jax.Array, x: jax.Array, cfg: AugmentConfig, size: int, scale, *, local: bool = False
+) -> jax.Array:
     """Uniforms [count, b, _U_COUNT], images [b, H, W, c] -> [count, b, size, size, c]."""
     blur, solarize = _view_probs(cfg, u.shape[0], local)
     one = lambda row, image, pb, ps: _one_view(row, image, cfg, size, scale, pb, ps)

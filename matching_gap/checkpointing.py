@@ -133,9 +133,11 @@ class Checkpointer:
             if readers == 0:
                 unreadable.append((step, error))
             else:
-                metrics.log(f"WARNING: the checkpoint at step {step} was read by {readers} of "
-                            f"{jax.process_count()} processes; all fall back to an older "
-                            "one (it is kept).")  # fmt: skip
+                metrics.log(
+                    f"WARNING: the checkpoint at step {step} was read by {readers} of "
+                    f"{jax.process_count()} processes; all fall back to an older "
+                    "one (it is kept)."
+                )
         if unreadable or failures:
             step, error = (failures or unreadable)[0]
             raise errors.WorkdirError(
@@ -165,8 +167,9 @@ class Checkpointer:
         of all processes, which the others would wait at forever when this one's read fails
         (the processes agree afterwards, in :meth:`restore_latest`)."""
         this_process = jax.process_index()
-        alone = ocp.options.MultiprocessingOptions(primary_host=this_process,
-                                                   active_processes={this_process})  # fmt: skip
+        alone = ocp.options.MultiprocessingOptions(
+            primary_host=this_process, active_processes={this_process}
+        )
         path = self.workdir / "checkpoints" / str(step) / ITEM
         if partial:
             handler = ocp.PyTreeCheckpointHandler(multiprocessing_options=alone)
@@ -187,9 +190,11 @@ class Checkpointer:
         if jax.process_index() == 0:
             storage.move_tree(self.workdir / "checkpoints" / str(step), target)
         _sync(f"quarantine_{step}")
-        metrics.log(f"WARNING: the checkpoint at step {step} could not be read "
-                    f"({type(error).__name__}: {str(error)[:200]}); moved to {target}, falling "
-                    "back to an older one.")  # fmt: skip
+        metrics.log(
+            f"WARNING: the checkpoint at step {step} could not be read "
+            f"({type(error).__name__}: {str(error)[:200]}); moved to {target}, falling "
+            "back to an older one."
+        )
 
 
 def has_checkpoints(workdir: str) -> bool:
@@ -212,8 +217,9 @@ def check_workdir(workdir: str, config) -> None:
     current = _as_json(config)
     # A field added after the saved run was written (model.layer_norm_eps) ran at its default.
     defaults = _as_json(schema.Config())
-    was = {section: {**defaults[section], **saved.get(section, {})}
-           for section in ("model", "teacher")}  # fmt: skip
+    was = {
+        section: {**defaults[section], **saved.get(section, {})} for section in ("model", "teacher")
+    }
     changed = [
         f"{section}.{k}: {was[section].get(k)!r} -> {v!r}"
         for section in ("model", "teacher")

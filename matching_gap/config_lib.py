@@ -82,10 +82,20 @@ def make_smoke(config: ml_collections.ConfigDict, *, image_size: int = 32) -> No
     if config.augment.num_local_crops:
         config.augment.local_crop_size = image_size // 2
     config.model.update(
-        variant="", width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
-        image_size=image_size, projector_hidden_dim=64, projector_dim=32,
-        predictor_hidden_dim=64, dtype="float32", remat=False, attention="xla",
-    )  # fmt: skip
+        variant="",
+        width=32,
+        depth=2,
+        num_heads=2,
+        mlp_dim=64,
+        patch_size=8,
+        image_size=image_size,
+        projector_hidden_dim=64,
+        projector_dim=32,
+        predictor_hidden_dim=64,
+        dtype="float32",
+        remat=False,
+        attention="xla",
+    )
     config.optim.batch_size = 16
     config.optim.num_steps = 3
     config.optim.warmup_epochs = 0.0
@@ -94,46 +104,81 @@ def make_smoke(config: ml_collections.ConfigDict, *, image_size: int = 32) -> No
     config.train.update(log_every=1, checkpoint_every=2, knn_every=2, pictures=False, plan_every=0)
     if config.eval.features == "last4_cls":  # the smoke model has 2 blocks
         config.eval.features = "cls_avgpool"
-    config.eval.update(batch_size=32, knn_k=5, probe_epochs=2, probe_batch_size=32,
-                       augmented_epochs=1, augmented_batch_size=16)  # fmt: skip
-
-
-
-
+    config.eval.update(
+        batch_size=32,
+        knn_k=5,
+        probe_epochs=2,
+        probe_batch_size=32,
+        augmented_epochs=1,
+        augmented_batch_size=16,
+    )
 
 
 def imagenet_recipe(variant: str = "B/16") -> ml_collections.ConfigDict:
     """The paper's ImageNet-1k recipe (see configs/vitb16.py) for a ViT variant."""
     c = base_config()
     c.data.update(
-        source="tfds", name="imagenet2012", train_split="train", eval_train_split="train",
-        eval_split="validation", image_size=256, channels=3,
-        in_memory=False, eval_max_examples=10_000,
-    )  # fmt: skip
+        source="tfds",
+        name="imagenet2012",
+        train_split="train",
+        eval_train_split="train",
+        eval_split="validation",
+        image_size=256,
+        channels=3,
+        in_memory=False,
+        eval_max_examples=10_000,
+    )
     c.augment.update(
-        crop_size=224, crop_scale=(0.4, 1.0), num_views=2, flip=True, num_local_crops=10,
-        local_crop_size=96, local_crop_scale=(0.05, 0.4), mean=schema.IMAGENET_MEAN,
-        std=schema.IMAGENET_STD, eval_crop_fraction=0.875,
-    )  # fmt: skip
+        crop_size=224,
+        crop_scale=(0.4, 1.0),
+        num_views=2,
+        flip=True,
+        num_local_crops=10,
+        local_crop_size=96,
+        local_crop_scale=(0.05, 0.4),
+        mean=schema.IMAGENET_MEAN,
+        std=schema.IMAGENET_STD,
+        eval_crop_fraction=0.875,
+    )
     c.model.update(
-        variant=variant, image_size=224, channels=3, pooling="cls", drop_path_rate=0.1,
-        dtype="bfloat16", projector_hidden_dim=4096, projector_dim=256, projector_layers=2,
-        use_predictor=True, predictor_hidden_dim=4096,
+        variant=variant,
+        image_size=224,
+        channels=3,
+        pooling="cls",
+        drop_path_rate=0.1,
+        dtype="bfloat16",
+        projector_hidden_dim=4096,
+        projector_dim=256,
+        projector_layers=2,
+        use_predictor=True,
+        predictor_hidden_dim=4096,
         # The plan (--mode=plan --topology=v4-32, benchmarks/results/tpu_plan_v4-32.txt):
         # 64 images per v4 chip fit without recomputation or sharded parameters.
         remat=False,
-    )  # fmt: skip
+    )
     c.train.fsdp = False
     c.loss.update(name="matching_gap", epsilon=0.8, normalize=True, group_size=64)
     c.teacher.update(ema=True, momentum=0.996, momentum_end=1.0)
     c.optim.update(
-        batch_size=1024, num_epochs=300.0, base_lr=5e-4, min_lr=1e-6, warmup_epochs=10.0,
-        weight_decay=0.04, weight_decay_end=0.4, grad_clip=3.0,
-    )  # fmt: skip
-    c.train.update(log_every=100, checkpoint_every=2000, knn_every=10_000,
-                   compare_random_init=False)  # fmt: skip
-    c.eval.update(batch_size=512, knn_k=20, probe_epochs=20, protocols="knn,features,augmented",
-                  augmented_crop_scale=(0.08, 1.0))  # fmt: skip
+        batch_size=1024,
+        num_epochs=300.0,
+        base_lr=5e-4,
+        min_lr=1e-6,
+        warmup_epochs=10.0,
+        weight_decay=0.04,
+        weight_decay_end=0.4,
+        grad_clip=3.0,
+    )
+    c.train.update(
+        log_every=100, checkpoint_every=2000, knn_every=10_000, compare_random_init=False
+    )
+    c.eval.update(
+        batch_size=512,
+        knn_k=20,
+        probe_epochs=20,
+        protocols="knn,features,augmented",
+        augmented_crop_scale=(0.08, 1.0),
+    )
     return c
 
 
@@ -144,9 +189,12 @@ def strong_augmentations(c: ml_collections.ConfigDict) -> None:
     solarize 0.0 / 0.2; with another number of views every view gets the mean, 0.5 / 0.1.
     """
     c.augment.update(
-        color_jitter_prob=0.8, color_jitter_strength=1.0, grayscale_prob=0.2,
-        blur_prob=0.5, solarize_prob=0.1,
-    )  # fmt: skip
+        color_jitter_prob=0.8,
+        color_jitter_strength=1.0,
+        grayscale_prob=0.2,
+        blur_prob=0.5,
+        solarize_prob=0.1,
+    )
     if c.augment.num_views == 2:
         c.augment.update(view_blur_probs=(1.0, 0.1), view_solarize_probs=(0.0, 0.2))
 

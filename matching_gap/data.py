@@ -621,20 +621,26 @@ def training_split(data_config: DataConfig) -> tuple[Dataset | None, int]:
 
 
 def train_iterator(
-    data_config: DataConfig, dataset: Dataset | None, *, batch_size: int, seed: int,
+    data_config: DataConfig,
+    dataset: Dataset | None,
+    *,
+    batch_size: int,
+    seed: int,
     start_step: int,
-) -> Iterator[dict]:  # fmt: skip
+) -> Iterator[dict]:
     """This process's share of the global training batches from ``start_step`` on: over the
     in-memory ``dataset`` (:func:`train_batches`) or streamed (:func:`iterate_tfds`)."""
     import jax
 
-    where = dict(start_step=start_step, process_index=jax.process_index(),
-                 process_count=jax.process_count())  # fmt: skip
+    where = dict(
+        start_step=start_step, process_index=jax.process_index(), process_count=jax.process_count()
+    )
     if dataset is not None:
         return train_batches(dataset, batch_size=batch_size, seed=seed, **where)
     local_batch = batch_size // jax.process_count()
-    return iterate_tfds(data_config, data_config.train_split, batch_size=local_batch, seed=seed,
-                        **where)  # fmt: skip
+    return iterate_tfds(
+        data_config, data_config.train_split, batch_size=local_batch, seed=seed, **where
+    )
 
 
 def check_batch_fits(num_examples: int, batch_size: int, name: str) -> None:

@@ -41,8 +41,9 @@ from matching_gap import sharding as sharding_lib
 SUMMARY_FILE = "evaluation.json"
 
 
-def make_encode(config, graphdef, mesh=None, *,
-                raw_pixels: bool = False) -> Callable[[Any, jax.Array], jax.Array]:  # fmt: skip
+def make_encode(
+    config, graphdef, mesh=None, *, raw_pixels: bool = False
+) -> Callable[[Any, jax.Array], jax.Array]:
     """Jitted ``encode(params, images) -> features``: the evaluation view (centre crop,
     normalisation), then ``config.eval.features`` of the encoder; with ``raw_pixels``, the
     view's pixels flattened (``params`` unused: the bar a learned encoder should clear).
@@ -83,8 +84,9 @@ class SplitFeatures:
     evaluation view instead of an encoder (the parameters are ignored).
     """
 
-    def __init__(self, config, graphdef, mesh, *, whole_splits: bool = False,
-                 raw_pixels: bool = False):  # fmt: skip
+    def __init__(
+        self, config, graphdef, mesh, *, whole_splits: bool = False, raw_pixels: bool = False
+    ):
         self._config = config
         self._mesh = mesh
         self._encode = make_encode(config, graphdef, mesh, raw_pixels=raw_pixels)
@@ -116,8 +118,13 @@ class SplitFeatures:
 
     def extract(self, split: data.EvalSplit, params) -> evaluators.Features:
         encode = lambda images: self._encode(params, images)
-        return evaluators.extract(encode, split.batches(), num_batches=split.num_batches,
-                                  num_classes=split.num_classes, mesh=self._mesh)  # fmt: skip
+        return evaluators.extract(
+            encode,
+            split.batches(),
+            num_batches=split.num_batches,
+            num_classes=split.num_classes,
+            mesh=self._mesh,
+        )
 
     def fit(self, params) -> evaluators.Features:
         return self._get(0, params)
@@ -165,13 +172,16 @@ class LinearProbeEvaluator:
         self.summary = None
 
     def run(self, params):
-        result = linear_probe(self.features.fit(params), self.features.report(params),
-                              self.config)  # fmt: skip
+        result = linear_probe(self.features.fit(params), self.features.report(params), self.config)
         self.summary = None
         if result is not None:
             s = probe_settings(self.config)
-            self.summary = {"epochs": s.epochs, "batch_size": s.batch_size,
-                            "holdout": s.holdout, **result._asdict()}  # fmt: skip
+            self.summary = {
+                "epochs": s.epochs,
+                "batch_size": s.batch_size,
+                "holdout": s.holdout,
+                **result._asdict(),
+            }
             yield "linear_probe_top1", result.top1
 
 
@@ -187,8 +197,9 @@ class AugmentedProbeEvaluator:
     def run(self, params):
         report = self.features.report(params)
         self.features.clear(fit_only=True)  # not needed here: freed before the long probe
-        self.summary = augmented_probe.run(self.config, self._graphdef, params, report,
-                                           self._workdir)  # fmt: skip
+        self.summary = augmented_probe.run(
+            self.config, self._graphdef, params, report, self._workdir
+        )
         if self.summary["finished"]:
             yield "augmented_probe_top1", self.summary["top1"]
 
@@ -215,8 +226,10 @@ def knn(fit, report, config) -> tuple[float, int]:
     e = config.eval
     k = min(e.knn_k, fit.num_examples)
     if k < e.knn_k:
-        metrics.log(f"k-NN: {fit.num_examples} training examples, fewer than eval.knn_k = "
-                    f"{e.knn_k}; voting with all {k}.")  # fmt: skip
+        metrics.log(
+            f"k-NN: {fit.num_examples} training examples, fewer than eval.knn_k = "
+            f"{e.knn_k}; voting with all {k}."
+        )
     return evaluators.knn_accuracy(fit, report, k=k, temperature=e.knn_temperature), k
 
 
@@ -279,8 +292,11 @@ def evaluate_workdir(config, workdir: str) -> dict:
         "train_examples": fit_split.num_examples,
         "eval_examples": report_split.num_examples,
     }
-    entries = {name: {**common, **evaluator.summary} for name, evaluator in chosen.items()
-               if evaluator.summary is not None}  # fmt: skip
+    entries = {
+        name: {**common, **evaluator.summary}
+        for name, evaluator in chosen.items()
+        if evaluator.summary is not None
+    }
     if results:
         writer = metrics.create_writer(workdir)
         writer.write_scalars(step, results)
@@ -299,18 +315,25 @@ def export_workdir(config, workdir: str) -> list[str]:
     settings, model_config = config.export, config.model
     export.check_exportable(model_config, settings.format)  # before restoring anything
     if not settings.dir:
-        raise errors.ConfigError("--mode=export writes into export.dir: set "
-                                 "--config.export.dir=OUT.")  # fmt: skip
+        raise errors.ConfigError(
+            "--mode=export writes into export.dir: set --config.export.dir=OUT."
+        )
     checkpointing.check_workdir(workdir, config)
     _, params, step = state.restore_encoder(config, workdir)
     encoder = jax.device_get(params["encoder"])
     paths = []
     if jax.process_index() == 0:
-        paths = export.write_encoder(encoder, model_config, settings.format, settings.dir,
-                                     preprocessing=export.preprocessing(config))  # fmt: skip
+        paths = export.write_encoder(
+            encoder,
+            model_config,
+            settings.format,
+            settings.dir,
+            preprocessing=export.preprocessing(config),
+        )
         which = "EMA teacher" if config.teacher.ema else "encoder"
-        metrics.log(f"Wrote the {which} of step {step} as {settings.format} files: "
-                    f"{', '.join(paths)}.")  # fmt: skip
+        metrics.log(
+            f"Wrote the {which} of step {step} as {settings.format} files: {', '.join(paths)}."
+        )
     return paths
 
 
@@ -359,8 +382,10 @@ def load_encoder(workdir: str) -> tuple[Callable[[Any], jax.Array], schema.Confi
     def encode(images) -> jax.Array:
         images = jnp.asarray(images)
         if images.ndim != 4 or images.shape[1:] != (size, size, channels):
-            raise ValueError(f"encode expects images [N, {size}, {size}, {channels}] (the size "
-                             f"the model was trained on), got {images.shape}.")  # fmt: skip
+            raise ValueError(
+                f"encode expects images [N, {size}, {size}, {channels}] (the size "
+                f"the model was trained on), got {images.shape}."
+            )
         return _encode(params, images)
 
     return encode, config

@@ -94,20 +94,32 @@ def timm_shapes(model: models.ModelConfig) -> dict[str, tuple[int, ...]]:
     s = _sizes(model)
     d, m, p, c = s["width"], s["mlp_dim"], s["patch_size"], s["channels"]
     cls = model.pooling == "cls"
-    shapes = {"pos_embed": (1, int(cls) + s["grid"] ** 2, d),
-              "patch_embed.proj.weight": (d, c, p, p), "patch_embed.proj.bias": (d,),
-              "norm.weight": (d,), "norm.bias": (d,)}  # fmt: skip
+    shapes = {
+        "pos_embed": (1, int(cls) + s["grid"] ** 2, d),
+        "patch_embed.proj.weight": (d, c, p, p),
+        "patch_embed.proj.bias": (d,),
+        "norm.weight": (d,),
+        "norm.bias": (d,),
+    }
     if cls:
         shapes["cls_token"] = (1, 1, d)
     for i in range(s["depth"]):
-        shapes.update({
-            f"blocks.{i}.norm1.weight": (d,), f"blocks.{i}.norm1.bias": (d,),
-            f"blocks.{i}.attn.qkv.weight": (3 * d, d), f"blocks.{i}.attn.qkv.bias": (3 * d,),
-            f"blocks.{i}.attn.proj.weight": (d, d), f"blocks.{i}.attn.proj.bias": (d,),
-            f"blocks.{i}.norm2.weight": (d,), f"blocks.{i}.norm2.bias": (d,),
-            f"blocks.{i}.mlp.fc1.weight": (m, d), f"blocks.{i}.mlp.fc1.bias": (m,),
-            f"blocks.{i}.mlp.fc2.weight": (d, m), f"blocks.{i}.mlp.fc2.bias": (d,),
-        })  # fmt: skip
+        shapes.update(
+            {
+                f"blocks.{i}.norm1.weight": (d,),
+                f"blocks.{i}.norm1.bias": (d,),
+                f"blocks.{i}.attn.qkv.weight": (3 * d, d),
+                f"blocks.{i}.attn.qkv.bias": (3 * d,),
+                f"blocks.{i}.attn.proj.weight": (d, d),
+                f"blocks.{i}.attn.proj.bias": (d,),
+                f"blocks.{i}.norm2.weight": (d,),
+                f"blocks.{i}.norm2.bias": (d,),
+                f"blocks.{i}.mlp.fc1.weight": (m, d),
+                f"blocks.{i}.mlp.fc1.bias": (m,),
+                f"blocks.{i}.mlp.fc2.weight": (d, m),
+                f"blocks.{i}.mlp.fc2.bias": (d,),
+            }
+        )
     return shapes
 
 
@@ -131,18 +143,27 @@ def hf_shapes(model: models.ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_tensors(tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
-                   what: str) -> None:  # fmt: skip
+def _check_tensors(
+    tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], what: str
+) -> None:
     """Refuses tensors whose names or shapes are not exactly ``expected``'s."""
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
-    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {expected[k]})"
-             for k in sorted(set(expected) & set(tensors))
-             if tuple(tensors[k].shape) != expected[k]]  # fmt: skip
+    wrong = [
+        f"{k} {tuple(tensors[k].shape)} (expected {expected[k]})"
+        for k in sorted(set(expected) & set(tensors))
+        if tuple(tensors[k].shape) != expected[k]
+    ]
     if missing or extra or wrong:
-        parts = [f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", extra),
-                                      ("wrong shape", wrong)) if items]  # fmt: skip
+        parts = [
+            f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+            for label, items in (
+                ("missing", missing),
+                ("unexpected", extra),
+                ("wrong shape", wrong),
+            )
+            if items
+        ]
         raise errors.ConfigError(f"{what} does not fit the model ({'; '.join(parts)}).")
 
 
@@ -277,8 +298,9 @@ def hf_to_timm(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     depth = {int(k.split(".")[2]) for k in tensors if k.startswith("encoder.layer.")}
     for i in sorted(depth):
         for kind in ("weight", "bias"):
-            parts = [take(f"encoder.layer.{i}.attention.attention.{part}.{kind}")
-                     for part in _HF_QKV]  # fmt: skip
+            parts = [
+                take(f"encoder.layer.{i}.attention.attention.{part}.{kind}") for part in _HF_QKV
+            ]
             out[f"blocks.{i}.attn.qkv.{kind}"] = np.concatenate(parts, axis=0)
     assert not src, sorted(src)
     return out.tensors
@@ -334,7 +356,7 @@ def _timm_config(model: models.ModelConfig, preprocessing: dict) -> dict:
             # Mean pooling averages the final-normed tokens (no norm after the pool).
             "fc_norm": False,
             "num_classes": 0,
-        },  # fmt: skip
+        },
         "pretrained_cfg": {
             "input_size": [s["channels"], s["image_size"], s["image_size"]],
             "fixed_input_size": True,
@@ -393,8 +415,11 @@ def preprocessing(config) -> dict:
     ``augment.eval_crop_fraction`` when the stored images are larger than the crop)."""
     aug = config.augment
     larger = config.data.image_size > aug.crop_size
-    return {"mean": tuple(float(x) for x in aug.mean), "std": tuple(float(x) for x in aug.std),
-            "crop_pct": float(aug.eval_crop_fraction) if larger else 1.0}  # fmt: skip
+    return {
+        "mean": tuple(float(x) for x in aug.mean),
+        "std": tuple(float(x) for x in aug.std),
+        "crop_pct": float(aug.eval_crop_fraction) if larger else 1.0,
+    }
 
 
 def _write_json(path: str, content: dict) -> None:
@@ -404,8 +429,9 @@ def _write_json(path: str, content: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_encoder(encoder: dict, model: models.ModelConfig, fmt: str, out_dir: str, *,
-                  preprocessing: dict) -> list[str]:  # fmt: skip
+def write_encoder(
+    encoder: dict, model: models.ModelConfig, fmt: str, out_dir: str, *, preprocessing: dict
+) -> list[str]:
     """Writes the encoder's parameters as ``fmt`` files in ``out_dir``; returns their paths.
 
     ``model.safetensors`` (float32, safetensors metadata ``format: pt``, which transformers
@@ -425,8 +451,10 @@ def write_encoder(encoder: dict, model: models.ModelConfig, fmt: str, out_dir: s
     if fmt == "hf":
         tensors = timm_to_hf(tensors)
         _check_tensors(tensors, hf_shapes(model), "The Hugging Face tensors")
-        configs = {CONFIG_FILE: _hf_config(model),
-                   PREPROCESSOR_FILE: _hf_preprocessor(model, preprocessing)}  # fmt: skip
+        configs = {
+            CONFIG_FILE: _hf_config(model),
+            PREPROCESSOR_FILE: _hf_preprocessor(model, preprocessing),
+        }
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, WEIGHTS_FILE)
     save_file(tensors, path + ".tmp", metadata={"format": "pt"})
@@ -464,13 +492,17 @@ def _refuse_timm_variants(tensors: dict[str, np.ndarray], source: str) -> None:
     for pattern, what in variants:
         keys = sorted(k for k in tensors if re.fullmatch(pattern, k))
         if keys:
-            raise errors.ConfigError(f"{source}: key {keys[0]!r} is {what}, which the project's "
-                                     "ViT does not have; nothing was loaded.")  # fmt: skip
+            raise errors.ConfigError(
+                f"{source}: key {keys[0]!r} is {what}, which the project's "
+                "ViT does not have; nothing was loaded."
+            )
     for key in sorted(tensors):
         if key.endswith(".attn.qkv.weight") and key[: -len("weight")] + "bias" not in tensors:
-            raise errors.ConfigError(f"{source}: key {key!r} has no bias (a qkv without bias), "
-                                     "which the project's ViT does not have; nothing was "
-                                     "loaded.")  # fmt: skip
+            raise errors.ConfigError(
+                f"{source}: key {key!r} has no bias (a qkv without bias), "
+                "which the project's ViT does not have; nothing was "
+                "loaded."
+            )
 
 
 def _check_hf_config(config: dict, model: models.ModelConfig, source: str) -> None:
@@ -480,14 +512,21 @@ def _check_hf_config(config: dict, model: models.ModelConfig, source: str) -> No
     if config.get("model_type") != "vit":
         refuse("model_type", config.get("model_type"), "is not a ViT (model_type 'vit')")
     if config.get("hidden_act", "gelu") != "gelu":
-        refuse("hidden_act", config["hidden_act"], "is not the exact GELU ('gelu') of the "
-               "project's ViT")  # fmt: skip
+        refuse(
+            "hidden_act",
+            config["hidden_act"],
+            "is not the exact GELU ('gelu') of the project's ViT",
+        )
     if not config.get("qkv_bias", True):
         refuse("qkv_bias", config["qkv_bias"], "(a qkv without bias) is not the project's ViT")
     eps = config.get("layer_norm_eps", 1e-12)  # ViTConfig's default
     if eps != model.layer_norm_eps:
-        refuse("layer_norm_eps", eps, f"differs from model.layer_norm_eps="
-               f"{model.layer_norm_eps}: set --config.model.layer_norm_eps={eps}")  # fmt: skip
+        refuse(
+            "layer_norm_eps",
+            eps,
+            f"differs from model.layer_norm_eps="
+            f"{model.layer_norm_eps}: set --config.model.layer_norm_eps={eps}",
+        )
 
 
 def _load_tensors(path: str) -> dict[str, np.ndarray]:
@@ -526,9 +565,11 @@ def read_encoder(model: models.ModelConfig) -> tuple[dict, list[str]]:
     if "model_type" in file_config:
         fmt = "hf"
         if model.pooling != "cls":
-            raise errors.ConfigError(f"model.pooling={model.pooling!r} cannot start from "
-                                     f"{source!r}, a Hugging Face ViT (always a CLS token); "
-                                     "set model.pooling='cls'.")  # fmt: skip
+            raise errors.ConfigError(
+                f"model.pooling={model.pooling!r} cannot start from "
+                f"{source!r}, a Hugging Face ViT (always a CLS token); "
+                "set model.pooling='cls'."
+            )
         _check_hf_config(file_config, model, source)
         if all(k.startswith(_HF_PREFIX) or k.startswith(_HF_HEAD_PREFIXES) for k in tensors):
             tensors = {k.removeprefix(_HF_PREFIX): v for k, v in tensors.items()}
@@ -546,9 +587,11 @@ def read_encoder(model: models.ModelConfig) -> tuple[dict, list[str]]:
         skipped = sorted(k for k in tensors if k in _TIMM_HEAD_KEYS)
         heads = _timm_heads(file_config)
     else:
-        raise errors.ConfigError(f"model.init_from={source!r}: {config_path} is neither a "
-                                 "timm config (architecture) nor a Hugging Face one "
-                                 "(model_type).")  # fmt: skip
+        raise errors.ConfigError(
+            f"model.init_from={source!r}: {config_path} is neither a "
+            "timm config (architecture) nor a Hugging Face one "
+            "(model_type)."
+        )
     tensors = {k: v for k, v in tensors.items() if k not in skipped}
     _check_sizes(tensors, fmt, heads, model, source)
     if fmt == "hf":
@@ -557,16 +600,29 @@ def read_encoder(model: models.ModelConfig) -> tuple[dict, list[str]]:
     return from_timm(tensors, model), skipped
 
 
-def _check_sizes(tensors: dict[str, np.ndarray], fmt: str, heads: int | None,
-                 model: models.ModelConfig, source: str) -> None:  # fmt: skip
+def _check_sizes(
+    tensors: dict[str, np.ndarray],
+    fmt: str,
+    heads: int | None,
+    model: models.ModelConfig,
+    source: str,
+) -> None:
     """One line naming every ``model.`` size that differs from the file's."""
-    names = ("norm.weight", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight",
-             r"blocks\.(\d+)\.norm1\.weight")  # fmt: skip
+    names = (
+        "norm.weight",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "blocks.0.mlp.fc1.weight",
+        r"blocks\.(\d+)\.norm1\.weight",
+    )
     if fmt == "hf":
-        names = ("layernorm.weight", "embeddings.position_embeddings",
-                 "embeddings.patch_embeddings.projection.weight",
-                 "encoder.layer.0.intermediate.dense.weight",
-                 r"encoder\.layer\.(\d+)\.layernorm_before\.weight")  # fmt: skip
+        names = (
+            "layernorm.weight",
+            "embeddings.position_embeddings",
+            "embeddings.patch_embeddings.projection.weight",
+            "encoder.layer.0.intermediate.dense.weight",
+            r"encoder\.layer\.(\d+)\.layernorm_before\.weight",
+        )
     norm, pos, patch, fc1, block = names
     ranks = {norm: 1, pos: 3, patch: 4, fc1: 2}
     if any(k not in tensors or tensors[k].ndim != r for k, r in ranks.items()):
@@ -585,11 +641,16 @@ def _check_sizes(tensors: dict[str, np.ndarray], fmt: str, heads: int | None,
         "num_heads": heads,
     }
     ours = _sizes(model)
-    wrong = [f"model.{k}={ours[k]} (the file: {v})" for k, v in file_sizes.items()
-             if v is not None and ours[k] != v]  # fmt: skip
+    wrong = [
+        f"model.{k}={ours[k]} (the file: {v})"
+        for k, v in file_sizes.items()
+        if v is not None and ours[k] != v
+    ]
     if wrong:
-        raise errors.ConfigError(f"{source} holds a different ViT: {', '.join(wrong)}; set "
-                                 "those (or model.variant); nothing was loaded.")  # fmt: skip
+        raise errors.ConfigError(
+            f"{source} holds a different ViT: {', '.join(wrong)}; set "
+            "those (or model.variant); nothing was loaded."
+        )
     if heads is None:
         raise errors.ConfigError(
             f"{source}: its config.json does not say the number of "

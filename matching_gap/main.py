@@ -51,13 +51,19 @@ _TOPOLOGY = flags.DEFINE_string(
     "(N simulated CPU devices).",
 )
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0, for multi-host runs outside "
-    "TPU pods and SLURM (which are detected automatically).")  # fmt: skip
+    "coordinator_address",
+    None,
+    "HOST:PORT of process 0, for multi-host runs outside "
+    "TPU pods and SLURM (which are detected automatically).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
-    "auto: initialise jax.distributed when flags or a cluster environment ask for it.")  # fmt: skip
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "auto: initialise jax.distributed when flags or a cluster environment ask for it.",
+)
 flags.mark_flags_as_required(["config"])
 
 _USAGE = "usage: python -m matching_gap.main --config=configs/default.py --workdir=DIR"
@@ -101,8 +107,11 @@ def _describe_flag_error(error: Exception, argv: list[str]) -> str:
         try:
             config = config_lib.load_config_file(path, arg)
         except Exception as e:  # noqa: BLE001 (whatever the file raised, say where)
-            frames = [f for f in traceback.extract_tb(e.__traceback__)
-                      if os.path.abspath(f.filename) == os.path.abspath(path)]  # fmt: skip
+            frames = [
+                f
+                for f in traceback.extract_tb(e.__traceback__)
+                if os.path.abspath(f.filename) == os.path.abspath(path)
+            ]
             where = f" (line {frames[-1].lineno})" if frames else ""
             return f"--config={spec}: the config file raised {type(e).__name__}{where}: {e}"
         for key in _overridden_keys(argv):
@@ -145,9 +154,10 @@ def initialize_distributed() -> None:
     if explicit and (_NUM_PROCESSES.value is None or _PROCESS_ID.value is None):
         _exit_with("--coordinator_address needs --num_processes and --process_id.")
     jax.distributed.initialize(
-        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value,
-    )  # fmt: skip
+    )
 
 
 _default_show_warning = warnings.showwarning

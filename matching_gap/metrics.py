@@ -139,10 +139,14 @@ class TensorBoardWriter(_ScalarsAndImages):
             for i, image in enumerate(np.asarray(batch)):
                 png = io.BytesIO()
                 Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(
-                    png, format="PNG")  # fmt: skip
+                    png, format="PNG"
+                )
                 encoded = self._summary_pb2.Summary.Image(
-                    height=image.shape[0], width=image.shape[1], colorspace=image.shape[2],
-                    encoded_image_string=png.getvalue())  # fmt: skip
+                    height=image.shape[0],
+                    width=image.shape[1],
+                    colorspace=image.shape[2],
+                    encoded_image_string=png.getvalue(),
+                )
                 tag = name if len(batch) == 1 else f"{name}/{i}"
                 values.append(self._summary_pb2.Summary.Value(tag=tag, image=encoded))
         self._write(step, values)
@@ -178,8 +182,7 @@ class Progress:
     there) and XManager notes; a local run wants one line on stdout instead.
     """
 
-    def __init__(self, writer, batch_size: int, num_devices: int, start_step: int,
-                 num_steps: int):  # fmt: skip
+    def __init__(self, writer, batch_size: int, num_devices: int, start_step: int, num_steps: int):
         self._writer, self._batch_size, self._num_devices = writer, batch_size, num_devices
         self._start_step, self._num_steps = start_step, num_steps
         self._t0 = self._last_time = time.perf_counter()

@@ -203,10 +203,23 @@ class ViT(nnx.Module):
         layer_norm_eps: float = LAYER_NORM_EPS,
         rngs: nnx.Rngs,
     ):
-        sizes = dict(width=width, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
-                     patch_size=patch_size, image_size=image_size, channels=channels)  # fmt: skip
-        _check_encoder(sizes, pooling=pooling, drop_path_rate=drop_path_rate,
-                       attention=attention, layer_norm_eps=layer_norm_eps, prefix="")  # fmt: skip
+        sizes = dict(
+            width=width,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_dim=mlp_dim,
+            patch_size=patch_size,
+            image_size=image_size,
+            channels=channels,
+        )
+        _check_encoder(
+            sizes,
+            pooling=pooling,
+            drop_path_rate=drop_path_rate,
+            attention=attention,
+            layer_norm_eps=layer_norm_eps,
+            prefix="",
+        )
         self.width = width
         self.num_features = width
         self.depth = depth
@@ -433,8 +446,9 @@ class SSLModel(nnx.Module):
             return jnp.mean(tokens[:, start:], axis=1)
         if features == "last4_cls":
             if self.encoder.pooling != "cls" or self.encoder.depth < 4:
-                raise ValueError('features="last4_cls" needs a model with pooling="cls" and '
-                                 "depth >= 4.")  # fmt: skip
+                raise ValueError(
+                    'features="last4_cls" needs a model with pooling="cls" and depth >= 4.'
+                )
             blocks = self.encoder.tokens(images, last_blocks=4)
             return jnp.concatenate([t[:, 0].astype(jnp.float32) for t in blocks], axis=-1)
         if features == "cls_avgpool":
@@ -452,20 +466,36 @@ def create_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> SSLModel:
     if cfg.attention == "cudnn":
         _check_cudnn_attention(dtype)
     encoder = ViT(
-        **cfg.encoder_sizes(), image_size=cfg.image_size, channels=cfg.channels,
-        pooling=cfg.pooling, drop_path_rate=cfg.drop_path_rate, dtype=dtype, remat=cfg.remat,
-        attention=cfg.attention, stem_channels=cfg.stem_channels,
-        layer_norm_eps=cfg.layer_norm_eps, rngs=rngs,
-    )  # fmt: skip
+        **cfg.encoder_sizes(),
+        image_size=cfg.image_size,
+        channels=cfg.channels,
+        pooling=cfg.pooling,
+        drop_path_rate=cfg.drop_path_rate,
+        dtype=dtype,
+        remat=cfg.remat,
+        attention=cfg.attention,
+        stem_channels=cfg.stem_channels,
+        layer_norm_eps=cfg.layer_norm_eps,
+        rngs=rngs,
+    )
     projector = MLPHead(
-        encoder.num_features, cfg.projector_hidden_dim, cfg.projector_dim,
-        cfg.projector_layers, batchnorm=cfg.head_batchnorm, dtype=dtype, rngs=rngs,
-    )  # fmt: skip
+        encoder.num_features,
+        cfg.projector_hidden_dim,
+        cfg.projector_dim,
+        cfg.projector_layers,
+        batchnorm=cfg.head_batchnorm,
+        dtype=dtype,
+        rngs=rngs,
+    )
     predictor = None
     if cfg.use_predictor:
         predictor = MLPHead(
-            cfg.projector_dim, cfg.predictor_hidden_dim,
-            cfg.projector_dim, cfg.predictor_layers,
-            batchnorm=cfg.head_batchnorm, dtype=dtype, rngs=rngs,
-        )  # fmt: skip
+            cfg.projector_dim,
+            cfg.predictor_hidden_dim,
+            cfg.projector_dim,
+            cfg.predictor_layers,
+            batchnorm=cfg.head_batchnorm,
+            dtype=dtype,
+            rngs=rngs,
+        )
     return SSLModel(encoder, projector, predictor)

@@ -70,11 +70,15 @@ def ssl_loss(loss_config, student: jax.Array, targets: jax.Array, *, ema: bool):
     a_idx = np.array([a for a, _ in pairs])
     b_idx = np.array([b for _, b in pairs])
     ot_kwargs = dict(
-        epsilon=lc.epsilon, normalize=lc.normalize, relative_epsilon=lc.relative_epsilon or None,
+        epsilon=lc.epsilon,
+        normalize=lc.normalize,
+        relative_epsilon=lc.relative_epsilon or None,
         group_size=lc.group_size or None,
-        sinkhorn_options={"threshold": lc.sinkhorn_threshold,
-                          "max_iterations": lc.sinkhorn_max_iterations},
-    )  # fmt: skip
+        sinkhorn_options={
+            "threshold": lc.sinkhorn_threshold,
+            "max_iterations": lc.sinkhorn_max_iterations,
+        },
+    )
     if lc.name == "matching_gap":
         fn = lambda x, y: losses.matching_gap(x, y, cost=lc.cost, **ot_kwargs)
         return _vmapped_mean(fn, student[a_idx], targets[b_idx])
@@ -88,8 +92,9 @@ def ssl_loss(loss_config, student: jax.Array, targets: jax.Array, *, ema: bool):
         return _vmapped_mean(fn, tuples)
     if lc.name == "info_nce":
         if not ema and num_views == num_global and lc.multiview_mode == "one_vs_rest":
-            return losses.multiview_info_nce(student, temperature=lc.temperature,
-                                             mode="one_vs_rest")  # fmt: skip
+            return losses.multiview_info_nce(
+                student, temperature=lc.temperature, mode="one_vs_rest"
+            )
         fn = lambda x, y: losses.info_nce(x, y, temperature=lc.temperature)
         return _vmapped_mean(fn, student[a_idx], targets[b_idx])
     if lc.name == "byol":

@@ -28,12 +28,34 @@ from PIL import Image, ImageDraw
 from matching_gap import augment, data, errors, evaluate, losses, metrics, schema, state, storage
 
 # Fashion-MNIST's classes in label order (the IDX files carry no names).
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                         "Shirt", "Sneaker", "Bag", "Ankle boot")  # fmt: skip
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 # matplotlib's tab10 colours, for up to 10 classes (more classes cycle through them).
-PALETTE = np.array([(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
-                    (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127),
-                    (188, 189, 34), (23, 190, 207)], np.uint8)  # fmt: skip
+PALETTE = np.array(
+    [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+    ],
+    np.uint8,
+)
 _WHITE, _BLACK = (255, 255, 255), (0, 0, 0)
 _GOOD, _BAD = (40, 170, 60), (220, 40, 40)
 _TEXT_HEIGHT = 14
@@ -93,8 +115,10 @@ def neighbour_grid(
         row = [_tile(queries[i], scale, None)]
         for idx in neighbours.values():
             row.append(spacer)
-            row += [_tile(train[j], scale, _GOOD if train_labels[j] == query_labels[i] else _BAD)
-                    for j in idx[i]]  # fmt: skip
+            row += [
+                _tile(train[j], scale, _GOOD if train_labels[j] == query_labels[i] else _BAD)
+                for j in idx[i]
+            ]
         rows.append(np.concatenate(row, axis=1))
     grid = np.concatenate(rows, axis=0)
     canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + _TEXT_HEIGHT), _WHITE)
@@ -143,8 +167,7 @@ def embedding_map(
         pix = (xy - lo) / np.maximum(hi - lo, 1e-12) * (size - 12) + 6
         for (px, py), label in zip(pix, labels, strict=True):
             colour = tuple(int(v) for v in PALETTE[label % len(PALETTE)])
-            draw.ellipse([x0 + px - 1.5, y0 + py - 1.5, x0 + px + 1.5, y0 + py + 1.5],
-                         fill=colour)  # fmt: skip
+            draw.ellipse([x0 + px - 1.5, y0 + py - 1.5, x0 + px + 1.5, y0 + py + 1.5], fill=colour)
     lx = len(points) * (size + 10) + 5
     for c, name in enumerate(class_names):
         colour = tuple(int(v) for v in PALETTE[c % len(PALETTE)])
@@ -184,8 +207,10 @@ def pairs_picture(view1: np.ndarray, view2: np.ndarray, pairs, *, scale: int = 2
     """Each pair ``(i, j, mass)`` as a column: view 1 of image i above view 2 of image j,
     with the mass. ``view1``/``view2``: uint8 ``[n, h, w, c]``. Returns uint8 RGB."""
     a, b = _rgb(view1), _rgb(view2)
-    columns = [np.concatenate([_tile(a[i], scale, None), _tile(b[j], scale, None)], axis=0)
-               for i, j, _ in pairs]  # fmt: skip
+    columns = [
+        np.concatenate([_tile(a[i], scale, None), _tile(b[j], scale, None)], axis=0)
+        for i, j, _ in pairs
+    ]
     strip = np.concatenate(columns, axis=1)
     canvas = Image.new("RGB", (strip.shape[1], strip.shape[0] + _TEXT_HEIGHT), _WHITE)
     canvas.paste(Image.fromarray(strip), (0, _TEXT_HEIGHT))
@@ -214,8 +239,9 @@ def make_plan_batch(config, graphdef, *, max_images: int = 128):
 
     @jax.jit
     def plan_batch(params, teacher, images, step):
-        views, _ = augment.make_views(jax.random.fold_in(base_key, step), images[:max_images],
-                                      aug_config)  # fmt: skip
+        views, _ = augment.make_views(
+            jax.random.fold_in(base_key, step), images[:max_images], aug_config
+        )
         student = nnx.merge(graphdef, params)(views[0])["predictions"]
         source = params if teacher is None else teacher
         targets = nnx.merge(graphdef, source)(views[1])["projections"]
@@ -224,8 +250,9 @@ def make_plan_batch(config, graphdef, *, max_images: int = 128):
     return plan_batch
 
 
-def plan_images(config, views: np.ndarray, student: np.ndarray, targets: np.ndarray, *,
-                num_pairs: int = 8) -> dict[str, np.ndarray]:  # fmt: skip
+def plan_images(
+    config, views: np.ndarray, student: np.ndarray, targets: np.ndarray, *, num_pairs: int = 8
+) -> dict[str, np.ndarray]:
     """TensorBoard images of one batch: ``transport_plan`` (P* between ``student`` and
     ``targets``, ``[n, d]`` each, with the config's loss settings, next to the true pairs)
     and ``confused_pairs`` (the ``num_pairs`` image pairs holding the most off-diagonal
@@ -233,11 +260,17 @@ def plan_images(config, views: np.ndarray, student: np.ndarray, targets: np.ndar
     """
     lc = config.loss
     plan = losses.transport_plan(
-        student, targets, epsilon=lc.epsilon, cost=lc.cost, normalize=lc.normalize,
+        student,
+        targets,
+        epsilon=lc.epsilon,
+        cost=lc.cost,
+        normalize=lc.normalize,
         relative_epsilon=lc.relative_epsilon or None,
-        sinkhorn_options={"threshold": lc.sinkhorn_threshold,
-                          "max_iterations": lc.sinkhorn_max_iterations},
-    )  # fmt: skip
+        sinkhorn_options={
+            "threshold": lc.sinkhorn_threshold,
+            "max_iterations": lc.sinkhorn_max_iterations,
+        },
+    )
     plan = np.asarray(jax.device_get(plan))
     aug_config = config.augment
     pixels = [views_to_uint8(views[v], aug_config) for v in range(2)]
@@ -292,8 +325,14 @@ def class_names(config, num_classes: int) -> list[str]:
 def _load(config, split: str, max_examples: int) -> tuple[np.ndarray, np.ndarray, int]:
     """The first ``max_examples`` images and labels of ``split``, read by this process."""
     data_config = config.data
-    s = data.eval_split(data_config, split, batch_size=config.eval.batch_size,
-                        max_examples=max_examples, process_index=0, process_count=1)  # fmt: skip
+    s = data.eval_split(
+        data_config,
+        split,
+        batch_size=config.eval.batch_size,
+        max_examples=max_examples,
+        process_index=0,
+        process_count=1,
+    )
     images, labels = [], []
     for batch in s.batches():
         images.append(batch["image"][batch["mask"]])
@@ -307,8 +346,9 @@ def _features(encode, params, images: np.ndarray, batch_size: int) -> np.ndarray
         chunk = images[start : start + batch_size]
         real = len(chunk)
         if real < batch_size:  # one compiled shape
-            chunk = np.concatenate([chunk, np.zeros((batch_size - real,) + chunk.shape[1:],
-                                                    chunk.dtype)])  # fmt: skip
+            chunk = np.concatenate(
+                [chunk, np.zeros((batch_size - real,) + chunk.shape[1:], chunk.dtype)]
+            )
         out.append(np.asarray(jax.device_get(encode(params, chunk)))[:real])
     return np.concatenate(out)
 
@@ -340,8 +380,13 @@ def write_pictures(
     if random_params is not None:
         encoders["random init"] = random_params
     batch = config.eval.batch_size
-    queries = np.array([np.flatnonzero(test_labels == c)[0] for c in range(num_classes)
-                        if np.any(test_labels == c)])  # fmt: skip
+    queries = np.array(
+        [
+            np.flatnonzero(test_labels == c)[0]
+            for c in range(num_classes)
+            if np.any(test_labels == c)
+        ]
+    )
     found, points = {}, {}
     for title, p in encoders.items():
         train_feats = _features(encode, p, train_images, batch)
@@ -351,10 +396,12 @@ def write_pictures(
             test_feats, seed=config.seed
         )
     names = class_names(config, num_classes)
-    grid = neighbour_grid(test_images[queries], test_labels[queries], train_images,
-                          train_labels, found)  # fmt: skip
-    paths = [storage.path(workdir, "pictures", name) for name in ("neighbours.png",
-                                                                  "embedding.png")]  # fmt: skip
+    grid = neighbour_grid(
+        test_images[queries], test_labels[queries], train_images, train_labels, found
+    )
+    paths = [
+        storage.path(workdir, "pictures", name) for name in ("neighbours.png", "embedding.png")
+    ]
     _save_png(paths[0], grid)
     _save_png(paths[1], embedding_map(points, test_labels, names))
     metrics.log(f"Wrote {paths[0]} and {paths[1]}.")
@@ -367,8 +414,9 @@ def write_workdir_pictures(config, workdir: str) -> list[str]:
     from flax import nnx
 
     if jax.process_count() > 1:
-        raise errors.UserError("--mode=pictures runs on one process (one host): run it "
-                               "without --num_processes.")  # fmt: skip
+        raise errors.UserError(
+            "--mode=pictures runs on one process (one host): run it without --num_processes."
+        )
     config = schema.parse(config)
     graphdef, params, step = state.restore_encoder(config, workdir)
     random_params = None

@@ -139,8 +139,15 @@ class _Section:
         """The rules that tie this section's fields together."""
 
 
-def check_encoder(sizes: Mapping[str, int], *, pooling: str, drop_path_rate: float,
-                  attention: str, layer_norm_eps: float, prefix: str) -> None:  # fmt: skip
+def check_encoder(
+    sizes: Mapping[str, int],
+    *,
+    pooling: str,
+    drop_path_rate: float,
+    attention: str,
+    layer_norm_eps: float,
+    prefix: str,
+) -> None:
     """The ViT's rules, for :class:`ModelConfig` (``prefix="model."``) and a ViT built on its
     own (``models.ViT``). ``sizes``: ``width``, ``depth``, ``num_heads``, ``mlp_dim``,
     ``patch_size``, ``image_size`` and ``channels``."""
@@ -324,9 +331,12 @@ class ModelConfig(_Section):
     def check(self) -> None:
         check_encoder(
             dict(self.encoder_sizes(), image_size=self.image_size, channels=self.channels),
-            pooling=self.pooling, drop_path_rate=self.drop_path_rate, attention=self.attention,
-            layer_norm_eps=self.layer_norm_eps, prefix="model.",
-        )  # fmt: skip
+            pooling=self.pooling,
+            drop_path_rate=self.drop_path_rate,
+            attention=self.attention,
+            layer_norm_eps=self.layer_norm_eps,
+            prefix="model.",
+        )
         if self.init_from and self.stem_channels:
             raise errors.ConfigError(
                 f"model.stem_channels={self.stem_channels}: a convolutional stem has no "
@@ -484,9 +494,18 @@ class ExportConfig(_Section):
 
 SECTIONS: dict[str, type[_Section]] = {
     cls.section: cls
-    for cls in (DataConfig, AugmentConfig, ModelConfig, LossConfig, TeacherConfig, OptimConfig,
-                TrainConfig, EvalConfig, ExportConfig)
-}  # fmt: skip
+    for cls in (
+        DataConfig,
+        AugmentConfig,
+        ModelConfig,
+        LossConfig,
+        TeacherConfig,
+        OptimConfig,
+        TrainConfig,
+        EvalConfig,
+        ExportConfig,
+    )
+}
 
 
 # ------------------------------------------------------------------------------ a run
@@ -565,10 +584,14 @@ class Config:
         aug = self.augment
         if self.loss.name == "m3g":
             if aug.num_local_crops:
-                role = ("the EMA teacher sees global views only, so the k-tuples cannot "
-                        "include local crops" if self.teacher.ema else "without a teacher the "
-                        "k-tuples would mix the local crops in as extra marginals of a "
-                        "different size and view")  # fmt: skip
+                role = (
+                    "the EMA teacher sees global views only, so the k-tuples cannot "
+                    "include local crops"
+                    if self.teacher.ema
+                    else "without a teacher the "
+                    "k-tuples would mix the local crops in as extra marginals of a "
+                    "different size and view"
+                )
                 raise errors.ConfigError(
                     f"loss.name='m3g' takes global views only, got augment.num_local_crops="
                     f"{aug.num_local_crops} ({role}). Set augment.num_local_crops=0 and choose "
@@ -576,8 +599,7 @@ class Config:
                 )
             if aug.num_views < 2:
                 raise errors.ConfigError(
-                    f"loss.name='m3g' needs augment.num_views >= 2 (k views), got "
-                    f"{aug.num_views}."
+                    f"loss.name='m3g' needs augment.num_views >= 2 (k views), got {aug.num_views}."
                 )
         elif aug.num_views + aug.num_local_crops < 2:
             raise errors.ConfigError(
@@ -625,8 +647,7 @@ def check_devices(config: Config, num_devices: int) -> None:
         value = getattr(config.eval, key)
         if value % num_devices:
             raise errors.ConfigError(
-                f"eval.{key} ({value}) must be a multiple of the number of devices "
-                f"({num_devices})."
+                f"eval.{key} ({value}) must be a multiple of the number of devices ({num_devices})."
             )
     per_device = batch // num_devices
     if loss.name in OT_LOSSES and loss.group_size and per_device % loss.group_size:

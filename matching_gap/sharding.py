@@ -27,8 +27,9 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     global OT problem needs.
     """
     devices = jax.devices() if devices is None else list(devices)
-    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
-                         devices=devices)  # fmt: skip
+    return jax.make_mesh(
+        (len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -100,9 +101,12 @@ def per_device_groups(
 
     def wrapped(student, targets):
         value, aux = jax.shard_map(
-            local, mesh=mesh, in_specs=(spec, spec), out_specs=PartitionSpec(),
+            local,
+            mesh=mesh,
+            in_specs=(spec, spec),
+            out_specs=PartitionSpec(),
             check_vma=False,
-        )(student, targets)  # fmt: skip
+        )(student, targets)
         return value, aux
 
     return wrapped

@@ -172,8 +172,10 @@ def restore_encoder(config, workdir: str, mesh=None) -> tuple[Any, Any, int]:
         params = jax.jit(random, out_shardings=shardings)()
         return graphdef, _with_encoder(params, encoder, shardings), 0
     if not checkpointing.has_checkpoints(workdir):
-        raise errors.WorkdirError(f"No checkpoint in {workdir}/checkpoints: train there first, "
-                                  "or point --workdir at a training run.")  # fmt: skip
+        raise errors.WorkdirError(
+            f"No checkpoint in {workdir}/checkpoints: train there first, "
+            "or point --workdir at a training run."
+        )
     which = "teacher" if config.teacher.ema else "params"  # the TrainState field
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding_lib.replicated(mesh))
     ckpt = checkpointing.Checkpointer(workdir, read_only=True)

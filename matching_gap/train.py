@@ -128,8 +128,9 @@ def make_train_step(config, graphdef, optimizer, schedules: dict, mesh=None):
     return train_step
 
 
-def jit_train_step(config, graphdef, optimizer, schedules, mesh, state_sharding, *,
-                   donate: bool = True):  # fmt: skip
+def jit_train_step(
+    config, graphdef, optimizer, schedules, mesh, state_sharding, *, donate: bool = True
+):
     """The jitted train step: state in its layout, the batch split over the mesh, metrics
     replicated. ``donate``: the step reuses the input state's buffers for the new state
     (the caller must not touch the old state afterwards), which halves the state's memory."""
@@ -196,8 +197,9 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
         # a file that does not fit fails before any write
         encoder = state_lib.imported_encoder(config)
     checkpointing.write_config(workdir, config)
-    ckpt = checkpointing.Checkpointer(workdir, every=config.train.checkpoint_every,
-                                      keep=config.train.keep_checkpoints)  # fmt: skip
+    ckpt = checkpointing.Checkpointer(
+        workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
+    )
     state = ckpt.restore_latest(abstract_state)
     start_step = 0 if state is None else int(state.step)
     if state is None:
@@ -205,19 +207,28 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
     writer = metrics.create_writer(workdir, resume_step=start_step)
 
     train_step = jit_train_step(config, graphdef, optimizer, schedules, mesh, state_sharding)
-    metrics.log(f"Training with {config.loss.name} for {num_steps} steps ({epoch_steps} per "
-                f"epoch, {num_examples} examples, batch {config.optim.batch_size}) on "
-                f"{mesh.size} {mesh.devices.flat[0].platform} device(s).")  # fmt: skip
-    batches = data.train_iterator(data_config, train_set, batch_size=config.optim.batch_size,
-                                  seed=config.seed, start_step=start_step)  # fmt: skip
+    metrics.log(
+        f"Training with {config.loss.name} for {num_steps} steps ({epoch_steps} per "
+        f"epoch, {num_examples} examples, batch {config.optim.batch_size}) on "
+        f"{mesh.size} {mesh.devices.flat[0].platform} device(s)."
+    )
+    batches = data.train_iterator(
+        data_config,
+        train_set,
+        batch_size=config.optim.batch_size,
+        seed=config.seed,
+        start_step=start_step,
+    )
     progress = metrics.Progress(writer, config.optim.batch_size, mesh.size, start_step, num_steps)
     plan_batch = None  # the transport-plan pictures: single-process matching-gap runs
     if config.train.plan_every and config.loss.name == "matching_gap":
         if jax.process_count() == 1:
             plan_batch = pictures.make_plan_batch(config, graphdef)
         else:
-            metrics.log("train.plan_every: transport-plan images are written by single-process "
-                        "runs only; skipped.")  # fmt: skip
+            metrics.log(
+                "train.plan_every: transport-plan images are written by single-process "
+                "runs only; skipped."
+            )
     pending, time_limit = [], config.train.time_limit_minutes * 60
     with checkpointing.preemption_notice() as preempted:
         for step in range(start_step + 1, num_steps + 1):
@@ -256,8 +267,10 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
 
     results = {}
     if final_step < num_steps:
-        metrics.log(f"Stopped at step {final_step} of {num_steps} with a checkpoint; rerun "
-                    "the same command to resume.")  # fmt: skip
+        metrics.log(
+            f"Stopped at step {final_step} of {num_steps} with a checkpoint; rerun "
+            "the same command to resume."
+        )
         writer.close()
         return TrainResult(final_step, num_steps, results)
     random_params = None
@@ -277,8 +290,9 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
         evaluate.print_summary(results)
     if config.train.pictures:
         if jax.process_count() == 1:
-            pictures.write_pictures(config, graphdef, state_lib.encoder_params(config, state),
-                                    random_params, workdir)  # fmt: skip
+            pictures.write_pictures(
+                config, graphdef, state_lib.encoder_params(config, state), random_params, workdir
+            )
         else:
             metrics.log(
                 "train.pictures: pictures are drawn by single-process runs only "

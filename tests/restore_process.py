@@ -23,8 +23,9 @@ def main() -> None:
     parser.add_argument("--unreadable", default="")
     args = parser.parse_args()
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(f"127.0.0.1:{args.port}", num_processes=2,
-                               process_id=args.process_id)  # fmt: skip
+    jax.distributed.initialize(
+        f"127.0.0.1:{args.port}", num_processes=2, process_id=args.process_id
+    )
     checkpointing.RESTORE_RETRY_SECONDS = 0.0
     unreadable = {int(s) for s in args.unreadable.split(",") if s}
     read = checkpointing.Checkpointer._restore_step

@@ -246,8 +246,10 @@ def test_base_config_is_derived_from_the_schema():
     assert models.ModelConfig is schema.ModelConfig
     assert data.DataConfig is schema.DataConfig
     assert evaluators.ProbeSettings() == evaluate.probe_settings(schema.Config())
-    required = [f.default is dataclasses.MISSING
-                for f in dataclasses.fields(augmented_probe.AugmentedSettings)]  # fmt: skip
+    required = [
+        f.default is dataclasses.MISSING
+        for f in dataclasses.fields(augmented_probe.AugmentedSettings)
+    ]
     assert all(required)  # its values come from eval.augmented_*, nowhere else
 
 
@@ -265,9 +267,15 @@ def test_config_lib_imports_only_the_schema():
 
 @pytest.mark.parametrize(
     "key,value",
-    [("loss.name", "simclr"), ("loss.cost", "l1"), ("loss.multiview_mode", "all"),
-     ("eval.features", "last4"), ("data.source", "csv"), ("export.format", "onnx")],
-)  # fmt: skip
+    [
+        ("loss.name", "simclr"),
+        ("loss.cost", "l1"),
+        ("loss.multiview_mode", "all"),
+        ("eval.features", "last4"),
+        ("data.source", "csv"),
+        ("export.format", "onnx"),
+    ],
+)
 def test_unknown_choice_is_rejected_with_the_valid_ones(key, value):
     assert_rejected({key: value}, rf"^{key} must be one of \[.*got '{value}'")
 
@@ -308,25 +316,33 @@ def test_typed_sections_are_checked(overrides, match):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        ({"model.image_size": 21, "model.patch_size": 7},
-         r"model\.image_size \(21\) must equal augment\.crop_size \(28\)"),
+        (
+            {"model.image_size": 21, "model.patch_size": 7},
+            r"model\.image_size \(21\) must equal augment\.crop_size \(28\)",
+        ),
         ({"data.channels": 3}, r"model\.channels \(1\), data\.channels \(3\)"),
-        ({"augment.mean": (0.5, 0.5, 0.5), "augment.std": (0.5, 0.5, 0.5)},
-         r"augment\.mean / augment\.std \(3\) must agree"),
-        ({"augment.num_local_crops": 2, "augment.local_crop_size": 12},
-         r"augment\.local_crop_size \(12\) must be a multiple of the patch size \(7\)"),
+        (
+            {"augment.mean": (0.5, 0.5, 0.5), "augment.std": (0.5, 0.5, 0.5)},
+            r"augment\.mean / augment\.std \(3\) must agree",
+        ),
+        (
+            {"augment.num_local_crops": 2, "augment.local_crop_size": 12},
+            r"augment\.local_crop_size \(12\) must be a multiple of the patch size \(7\)",
+        ),
         ({"model.pooling": "mean"}, r"eval\.features='last4_cls' needs model\.pooling='cls'"),
         ({"model.depth": 3, "eval.features": "last4_cls"}, r"'last4_cls' needs 4 blocks"),
         ({"eval.protocols": "knn,linear"}, r"eval\.protocols must name some of knn, features"),
         ({"eval.probe_holdout": 0.0}, r"probe_holdout=0 leaves no held-out images"),
         ({"augment.num_views": 1, **SYMMETRIC}, r"augment\.num_views=1 with no local crops"),
-        ({"loss.name": "m3g", "augment.num_views": 1, **SYMMETRIC},
-         r"'m3g' needs augment\.num_views >= 2"),
+        (
+            {"loss.name": "m3g", "augment.num_views": 1, **SYMMETRIC},
+            r"'m3g' needs augment\.num_views >= 2",
+        ),
         ({"loss.group_size": 48}, r"loss\.group_size \(48\) must divide optim\.batch_size"),
         ({"optim.num_epochs": 0.0}, r"optim\.num_epochs is 0\.0 and optim\.num_steps is 0"),
         ({"optim.min_lr": 0.01}, r"optim\.min_lr \(0\.01\) is above the peak learning rate"),
     ],
-)  # fmt: skip
+)
 def test_sections_must_fit_together(overrides, match):
     assert_rejected(overrides, match)
 
@@ -347,8 +363,12 @@ def test_m3g_takes_global_views_only(ema):
     # With a teacher the k-tuples are built from its global views; without one the local
     # crops would silently join the k-tuples as extra marginals.
     role = "EMA teacher sees global views only" if ema else "without a teacher"
-    overrides = {"loss.name": "m3g", "teacher.ema": ema, "augment.num_local_crops": 2,
-                 "augment.local_crop_size": 14}  # fmt: skip
+    overrides = {
+        "loss.name": "m3g",
+        "teacher.ema": ema,
+        "augment.num_local_crops": 2,
+        "augment.local_crop_size": 14,
+    }
     assert_rejected(overrides, rf"'m3g' takes global views only.*{role}.*num_local_crops=0")
     overrides["augment.num_local_crops"] = 0
     config_lib.validate(config_with(overrides))

@@ -102,8 +102,9 @@ def test_evaluate_mode_runs_every_protocol_and_writes_the_summary(trained, tmp_p
 
 def test_the_monitor_and_evaluate_mode_give_the_same_figures(tmp_path):
     config = smoke_config()
-    config.train.update(final_eval=True, compare_random_init=True, compare_raw_pixels=False,
-                        pictures=False)  # fmt: skip
+    config.train.update(
+        final_eval=True, compare_random_init=True, compare_raw_pixels=False, pictures=False
+    )
     config.data.eval_max_examples = 0  # the monitor on the whole splits, as --mode=evaluate
     config.eval.protocols = "knn,features"
     with mocked():
@@ -139,8 +140,9 @@ def test_augmented_probe_interrupted_resumes_to_the_same_heads(trained, tmp_path
         config.eval.augmented_run_steps = 0  # ... then resumed from step 3
         again = evaluate.evaluate_workdir(config, resumed)["augmented"]
     assert again["finished"] and again["heads"] == whole["heads"]
-    for a, b in zip(jax.tree.leaves(heads_at(straight, 8)), jax.tree.leaves(heads_at(resumed, 8)),
-                    strict=True):  # fmt: skip
+    for a, b in zip(
+        jax.tree.leaves(heads_at(straight, 8)), jax.tree.leaves(heads_at(resumed, 8)), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     # Other settings would not resume these heads: refused, nothing lost.
     config.eval.augmented_learning_rates = (0.5,)
@@ -155,8 +157,10 @@ def test_evaluate_mode_without_a_checkpoint_says_where_to_train(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(data.DEFAULT_FASHION_MNIST_DIR),
-                    reason="needs apt-get install dataset-fashion-mnist")  # fmt: skip
+@pytest.mark.skipif(
+    not os.path.isdir(data.DEFAULT_FASHION_MNIST_DIR),
+    reason="needs apt-get install dataset-fashion-mnist",
+)
 def test_features_probe_matches_scikit_learn_on_a_demo_model(tmp_path):
     """As a new user would check it: the demo trained for 300 steps, then the ``features``
     probe and scikit-learn's logistic regression on the same 60k / 10k features."""

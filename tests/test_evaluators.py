@@ -15,8 +15,10 @@ needs_fashion_mnist = pytest.mark.skipif(
 
 
 def meshes():
-    return {"1 device": sharding_lib.make_mesh(jax.devices()[:1]),
-            "4 devices": sharding_lib.make_mesh(jax.devices()[:4])}  # fmt: skip
+    return {
+        "1 device": sharding_lib.make_mesh(jax.devices()[:1]),
+        "4 devices": sharding_lib.make_mesh(jax.devices()[:4]),
+    }
 
 
 def features(x, y, num_classes, mesh, batch_size=64):
@@ -56,8 +58,9 @@ def test_knn_equals_a_brute_force_numpy_vote_on_any_number_of_devices(k):
         assert got == pytest.approx(expected, abs=1e-9), name
     # Query chunks smaller than the batch give the same answer.
     mesh = meshes()["4 devices"]
-    chunked = evaluators.knn_accuracy(features(x, y, 6, mesh), features(xt, yt, 6, mesh), k=k,
-                                      query_chunk=24)  # fmt: skip
+    chunked = evaluators.knn_accuracy(
+        features(x, y, 6, mesh), features(xt, yt, 6, mesh), k=k, query_chunk=24
+    )
     assert chunked == pytest.approx(expected, abs=1e-9)
 
 
@@ -79,8 +82,11 @@ def test_knn_weights_overturn_the_majority():
 def test_knn_needs_k_points():
     mesh = meshes()["1 device"]
     with pytest.raises(ValueError, match="at least k"):
-        evaluators.knn_accuracy(features(np.ones((3, 2)), np.zeros(3), 2, mesh),
-                                features(np.ones((1, 2)), np.zeros(1), 2, mesh), k=5)  # fmt: skip
+        evaluators.knn_accuracy(
+            features(np.ones((3, 2)), np.zeros(3), 2, mesh),
+            features(np.ones((1, 2)), np.zeros(1), 2, mesh),
+            k=5,
+        )
 
 
 def test_linear_probe_learns_a_linear_rule_and_fails_on_noise():
@@ -91,21 +97,29 @@ def test_linear_probe_learns_a_linear_rule_and_fails_on_noise():
     assert result.top1 > 0.95
     assert len(result.grid) == len(settings.learning_rates) * len(settings.weight_decays)
     best = max(result.grid, key=lambda row: row["holdout_top1"])
-    assert (result.learning_rate, result.weight_decay) == (best["learning_rate"],
-                                                           best["weight_decay"])  # fmt: skip
+    assert (result.learning_rate, result.weight_decay) == (
+        best["learning_rate"],
+        best["weight_decay"],
+    )
     shuffled = np.random.default_rng(0).permutation(yt)
-    noise = evaluators.linear_probe(features(x, y, 3, mesh), features(xt, shuffled, 3, mesh),
-                                    evaluators.ProbeSettings(epochs=5, batch_size=256))  # fmt: skip
+    noise = evaluators.linear_probe(
+        features(x, y, 3, mesh),
+        features(xt, shuffled, 3, mesh),
+        evaluators.ProbeSettings(epochs=5, batch_size=256),
+    )
     assert noise.top1 < 0.5
 
 
 def test_linear_probe_gives_the_same_result_on_1_and_4_devices():
     x, y, xt, yt = noisy_linear_task(1500, 400, 10, 5, seed=1)
     settings = evaluators.ProbeSettings(epochs=10, batch_size=128)
-    results = [evaluators.linear_probe(features(x, y, 5, m, 96), features(xt, yt, 5, m, 96),
-                                       settings) for m in meshes().values()]  # fmt: skip
-    (lr1, wd1, top1), (lr4, wd4, top4) = [(r.learning_rate, r.weight_decay, r.top1)
-                                          for r in results]  # fmt: skip
+    results = [
+        evaluators.linear_probe(features(x, y, 5, m, 96), features(xt, yt, 5, m, 96), settings)
+        for m in meshes().values()
+    ]
+    (lr1, wd1, top1), (lr4, wd4, top4) = [
+        (r.learning_rate, r.weight_decay, r.top1) for r in results
+    ]
     assert (lr1, wd1) == (lr4, wd4)
     assert top1 == pytest.approx(top4, abs=1 / 400)
     for a, b in zip(results[0].grid, results[1].grid, strict=True):
@@ -143,27 +157,38 @@ def test_linear_probe_is_within_half_a_point_of_scikit_learn():
     reference = LogisticRegression(max_iter=2000).fit(scaler.transform(x), y)
     expected = reference.score(scaler.transform(xt), yt)
     mesh = meshes()["4 devices"]
-    got = evaluators.linear_probe(features(x, y, 10, mesh, 512), features(xt, yt, 10, mesh, 512),
-                                  evaluators.ProbeSettings(epochs=100, batch_size=512))  # fmt: skip
+    got = evaluators.linear_probe(
+        features(x, y, 10, mesh, 512),
+        features(xt, yt, 10, mesh, 512),
+        evaluators.ProbeSettings(epochs=100, batch_size=512),
+    )
     assert abs(got.top1 - expected) <= 0.005, (got.top1, expected)
 
 
 def test_extraction_writes_each_batch_in_order_and_masks_padding():
     mesh = meshes()["4 devices"]
     rng = np.random.default_rng(0)
-    dataset = data.Dataset(rng.integers(0, 255, (70, 4, 4, 1), dtype=np.uint8),
-                           rng.integers(0, 3, 70).astype(np.int32), 3, "toy")  # fmt: skip
+    dataset = data.Dataset(
+        rng.integers(0, 255, (70, 4, 4, 1), dtype=np.uint8),
+        rng.integers(0, 3, 70).astype(np.int32),
+        3,
+        "toy",
+    )
     cfg = data.DataConfig(source="fashion_mnist_idx", image_size=4, channels=1)
     split = data.eval_split(cfg, "test", batch_size=32, dataset=dataset)
-    encode = jax.jit(lambda images: images.reshape(images.shape[0], -1).astype(np.float32),
-                     out_shardings=sharding_lib.batch_sharding(mesh))  # fmt: skip
-    got = evaluators.extract(encode, split.batches(), num_batches=split.num_batches,
-                             num_classes=3, mesh=mesh)  # fmt: skip
+    encode = jax.jit(
+        lambda images: images.reshape(images.shape[0], -1).astype(np.float32),
+        out_shardings=sharding_lib.batch_sharding(mesh),
+    )
+    got = evaluators.extract(
+        encode, split.batches(), num_batches=split.num_batches, num_classes=3, mesh=mesh
+    )
     assert got.features.shape == (3, 32, 16) and got.num_examples == 70
     assert got.features.sharding.spec == evaluators.stacked_sharding(mesh).spec
     mask = np.asarray(got.mask).reshape(-1)
-    np.testing.assert_array_equal(np.asarray(got.features).reshape(-1, 16)[mask],
-                                  dataset.images.reshape(70, -1))  # fmt: skip
+    np.testing.assert_array_equal(
+        np.asarray(got.features).reshape(-1, 16)[mask], dataset.images.reshape(70, -1)
+    )
     np.testing.assert_array_equal(np.asarray(got.labels).reshape(-1)[mask], dataset.labels)
     np.testing.assert_array_equal(np.asarray(got.ids).reshape(-1)[mask], np.arange(70))
     assert np.all(np.asarray(got.ids).reshape(-1)[~mask] == -1)
@@ -172,13 +197,23 @@ def test_extraction_writes_each_batch_in_order_and_masks_padding():
 @pytest.mark.parametrize("n,processes", [(70, 3), (5, 4), (64, 2)])
 def test_eval_split_shares_cover_the_split_once_with_equal_batch_counts(n, processes):
     rng = np.random.default_rng(n)
-    dataset = data.Dataset(rng.integers(0, 255, (n, 4, 4, 1), dtype=np.uint8),
-                           rng.integers(0, 3, n).astype(np.int32), 3, "toy")  # fmt: skip
+    dataset = data.Dataset(
+        rng.integers(0, 255, (n, 4, 4, 1), dtype=np.uint8),
+        rng.integers(0, 3, n).astype(np.int32),
+        3,
+        "toy",
+    )
     cfg = data.DataConfig(source="fashion_mnist_idx", image_size=4, channels=1)
     seen, counts = [], set()
     for p in range(processes):
-        split = data.eval_split(cfg, "test", batch_size=8 * processes, dataset=dataset,
-                                process_index=p, process_count=processes)  # fmt: skip
+        split = data.eval_split(
+            cfg,
+            "test",
+            batch_size=8 * processes,
+            dataset=dataset,
+            process_index=p,
+            process_count=processes,
+        )
         batches = list(split.batches())
         counts.add(len(batches))
         assert len(batches) == split.num_batches

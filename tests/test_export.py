@@ -28,9 +28,16 @@ DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.py")
 # A small CLS ViT with every size distinct (width 32, 4 heads, MLP 48, 4 blocks for
 # last4_cls, patch 4 on 3-channel 16 px images: a 4x4 grid).
 SMALL = models.ModelConfig(
-    image_size=16, channels=3, width=32, depth=4, num_heads=4, mlp_dim=48, patch_size=4,
-    projector_hidden_dim=16, projector_dim=8,
-)  # fmt: skip
+    image_size=16,
+    channels=3,
+    width=32,
+    depth=4,
+    num_heads=4,
+    mlp_dim=48,
+    patch_size=4,
+    projector_hidden_dim=16,
+    projector_dim=8,
+)
 PREPROCESSING = {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3), "crop_pct": 0.875}
 SMALL_TOLERANCE = 1e-5  # the bar for the small model
 B16_TOLERANCE = 1e-4
@@ -69,8 +76,9 @@ def images_for(model_config: models.ModelConfig, n: int = 2, seed: int = 3) -> n
 
 
 def write(encoder, model_config, fmt, directory) -> str:
-    export.write_encoder(pure(encoder), model_config, fmt, str(directory),
-                         preprocessing=PREPROCESSING)  # fmt: skip
+    export.write_encoder(
+        pure(encoder), model_config, fmt, str(directory), preprocessing=PREPROCESSING
+    )
     return str(directory)
 
 
@@ -123,8 +131,10 @@ def _b16_parity(tmp_path) -> float:
         flax_hf_tokens(write(encoder, model_config, "hf", tmp_path), images),
         encoder.tokens(images),
     )
-    print(f"ViT-B/16: FlaxViTModel vs the project's tokens, max |difference| {difference:.2e} "
-          f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
+    print(
+        f"ViT-B/16: FlaxViTModel vs the project's tokens, max |difference| {difference:.2e} "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
     return difference
 
 
@@ -138,9 +148,15 @@ def test_hf_files_read_with_the_right_config_and_preprocessing(small_hf):
 
     config = ViTConfig.from_pretrained(small_hf)
     assert config.layer_norm_eps == SMALL.layer_norm_eps == 1e-6
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-            config.intermediate_size, config.patch_size, config.image_size,
-            config.num_channels) == (32, 4, 4, 48, 4, 16, 3)  # fmt: skip
+    assert (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.intermediate_size,
+        config.patch_size,
+        config.image_size,
+        config.num_channels,
+    ) == (32, 4, 4, 48, 4, 16, 3)
     assert config.hidden_act == "gelu" and config.qkv_bias
     processor = ViTImageProcessor.from_pretrained(small_hf)
     assert processor.image_mean == list(PREPROCESSING["mean"])
@@ -205,8 +221,9 @@ def _rewrite(directory: str, change) -> None:
     path = os.path.join(directory, export.WEIGHTS_FILE)
     tensors = load_file(path)
     change(tensors)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path,
-              metadata={"format": "pt"})  # fmt: skip
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata={"format": "pt"}
+    )
 
 
 def _transpose_one(tensors):
@@ -250,13 +267,28 @@ def test_timm_names_and_shapes_are_timms(small_timm):
     from safetensors.numpy import load_file
 
     tensors = load_file(os.path.join(small_timm, export.WEIGHTS_FILE))
-    expected = {"cls_token": (1, 1, 32), "pos_embed": (1, 17, 32),
-                "patch_embed.proj.weight": (32, 3, 4, 4), "patch_embed.proj.bias": (32,),
-                "norm.weight": (32,), "norm.bias": (32,)}  # fmt: skip
-    block = {"norm1.weight": (32,), "norm1.bias": (32,), "attn.qkv.weight": (96, 32),
-             "attn.qkv.bias": (96,), "attn.proj.weight": (32, 32), "attn.proj.bias": (32,),
-             "norm2.weight": (32,), "norm2.bias": (32,), "mlp.fc1.weight": (48, 32),
-             "mlp.fc1.bias": (48,), "mlp.fc2.weight": (32, 48), "mlp.fc2.bias": (32,)}  # fmt: skip
+    expected = {
+        "cls_token": (1, 1, 32),
+        "pos_embed": (1, 17, 32),
+        "patch_embed.proj.weight": (32, 3, 4, 4),
+        "patch_embed.proj.bias": (32,),
+        "norm.weight": (32,),
+        "norm.bias": (32,),
+    }
+    block = {
+        "norm1.weight": (32,),
+        "norm1.bias": (32,),
+        "attn.qkv.weight": (96, 32),
+        "attn.qkv.bias": (96,),
+        "attn.proj.weight": (32, 32),
+        "attn.proj.bias": (32,),
+        "norm2.weight": (32,),
+        "norm2.bias": (32,),
+        "mlp.fc1.weight": (48, 32),
+        "mlp.fc1.bias": (48,),
+        "mlp.fc2.weight": (32, 48),
+        "mlp.fc2.bias": (32,),
+    }
     for i in range(4):
         expected.update({f"blocks.{i}.{k}": v for k, v in block.items()})
     assert {k: tuple(v.shape) for k, v in tensors.items()} == expected
@@ -356,12 +388,16 @@ def _drop_qkv_bias(tensors):
     del tensors["blocks.2.attn.qkv.bias"]
 
 
-@pytest.mark.parametrize("variant,key", [
-    (_add_layer_scale, "blocks.0.ls1.gamma"), (_add_registers, "reg_token"),
-    (_add_norm_pre, "norm_pre.weight"), (_drop_qkv_bias, "blocks.2.attn.qkv.weight"),
-])  # fmt: skip
-def test_timm_variants_are_refused_by_key_and_nothing_is_loaded(small_timm, tmp_path, variant,
-                                                                key):  # fmt: skip
+@pytest.mark.parametrize(
+    "variant,key",
+    [
+        (_add_layer_scale, "blocks.0.ls1.gamma"),
+        (_add_registers, "reg_token"),
+        (_add_norm_pre, "norm_pre.weight"),
+        (_drop_qkv_bias, "blocks.2.attn.qkv.weight"),
+    ],
+)
+def test_timm_variants_are_refused_by_key_and_nothing_is_loaded(small_timm, tmp_path, variant, key):
     import shutil
 
     directory = str(tmp_path / "variant")
@@ -457,15 +493,25 @@ def run_main(*args: str):
 
 def test_command_line_exports_and_refuses_in_one_line(workdir, tmp_path):
     _, directory, teacher = workdir
-    run = ("--config=configs/default.py:smoke", f"--workdir={directory}",
-           "--config.teacher.ema=True")  # fmt: skip
+    run = (
+        "--config=configs/default.py:smoke",
+        f"--workdir={directory}",
+        "--config.teacher.ema=True",
+    )
     out = tmp_path / "out"
     result = run_main(*run, "--config.export.format=hf", f"--config.export.dir={out}")
     assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors",
-                                       "preprocessor_config.json"]  # fmt: skip
-    refused = run_main(*run, "--config.export.format=hf", "--config.model.stem_channels=4",
-                       f"--config.export.dir={tmp_path / 'no'}")  # fmt: skip
+    assert sorted(os.listdir(out)) == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
+    refused = run_main(
+        *run,
+        "--config.export.format=hf",
+        "--config.model.stem_channels=4",
+        f"--config.export.dir={tmp_path / 'no'}",
+    )
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.strip().splitlines() == [
         "error: model.stem_channels=4: a convolutional stem has no counterpart in timm's or "
@@ -485,8 +531,9 @@ def test_a_run_starts_from_init_from_in_student_and_teacher(workdir, tmp_path):
     config = schema.parse(config)
     optimizer, _ = state_lib.make_optimizer(config, 2, 1)
     _, _, shardings = state_lib.abstract_train_state(config, optimizer, sharding_lib.make_mesh())
-    state = state_lib.init_train_state(config, optimizer, shardings,
-                                       encoder=state_lib.imported_encoder(config))  # fmt: skip
+    state = state_lib.init_train_state(
+        config, optimizer, shardings, encoder=state_lib.imported_encoder(config)
+    )
     for params in (state.params, state.teacher):
         assert_bitwise_equal(jax.device_get(params["encoder"]), jax.device_get(teacher))
 

@@ -26,8 +26,12 @@ from matching_gap import state as state_lib
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SMOKE = os.path.join(ROOT, "configs", "default.py") + ":smoke"
 # The subprocesses cannot use TFDS's mock: they read 64 real Fashion-MNIST images.
-QUIET = ["--config.train.final_eval=False", "--config.train.knn_every=0",
-         "--config.data.source=fashion_mnist_idx", "--config.data.max_examples=64"]  # fmt: skip
+QUIET = [
+    "--config.train.final_eval=False",
+    "--config.train.knn_every=0",
+    "--config.data.source=fashion_mnist_idx",
+    "--config.data.max_examples=64",
+]
 needs_fashion_mnist = pytest.mark.skipif(
     not os.path.isdir(data.DEFAULT_FASHION_MNIST_DIR),
     reason="needs the Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist)",
@@ -44,16 +48,22 @@ def _params(workdir, step):
     config = schema.parse(_load_smoke_config())
     _, state = state_lib.create_train_state(config, state_lib.make_optimizer(config, 3, 1)[0])
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          state)  # fmt: skip
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
     path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "default")
     restored = ocp.StandardCheckpointer().restore(path, target)
     return [np.asarray(x) for x in jax.tree.leaves(restored.params)]
 
 
 def _command(workdir, *extra):
-    return [sys.executable, "-m", "matching_gap.main", f"--config={SMOKE}",
-            f"--workdir={workdir}", *QUIET, *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "matching_gap.main",
+        f"--config={SMOKE}",
+        f"--workdir={workdir}",
+        *QUIET,
+        *extra,
+    ]
 
 
 def _env(**extra):
@@ -106,10 +116,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, monk
 @needs_fashion_mnist
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     proc = subprocess.Popen(
-        _command(tmp_path, "--config.optim.num_steps=100000",
-                 "--config.train.checkpoint_every=1000"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-    )  # fmt: skip
+        _command(
+            tmp_path, "--config.optim.num_steps=100000", "--config.train.checkpoint_every=1000"
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     _wait_for_step(tmp_path, 5, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
@@ -124,8 +138,13 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
 def test_sigkill_and_restart_matches_an_uninterrupted_run_bitwise(tmp_path):
     steps = ["--config.optim.num_steps=24", "--config.train.checkpoint_every=5"]
     _run(_command(tmp_path / "straight", *steps))
-    proc = subprocess.Popen(_command(tmp_path / "killed", *steps), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
+    proc = subprocess.Popen(
+        _command(tmp_path / "killed", *steps),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     _wait_for_step(tmp_path / "killed", 12, proc)
     proc.kill()  # SIGKILL: no handler runs
     proc.communicate()
@@ -162,17 +181,20 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
             stderr=subprocess.PIPE,
             text=True,
             env=env,
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert "on 2 cpu device(s)" in outputs[0][0]
-    one, two = metrics.read_metrics(str(tmp_path / "one")), metrics.read_metrics(
-        str(tmp_path / "two"))  # fmt: skip
-    np.testing.assert_allclose([r["train/loss"] for r in one], [r["train/loss"] for r in two],
-                               rtol=1e-5)  # fmt: skip
+    one, two = (
+        metrics.read_metrics(str(tmp_path / "one")),
+        metrics.read_metrics(str(tmp_path / "two")),
+    )
+    np.testing.assert_allclose(
+        [r["train/loss"] for r in one], [r["train/loss"] for r in two], rtol=1e-5
+    )
     for a, b in zip(_params(tmp_path / "one", 3), _params(tmp_path / "two", 3), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
@@ -185,26 +207,39 @@ def test_two_processes_evaluate_the_whole_split_as_one(tmp_path):
     process."""
     _run(_command(tmp_path / "one"))
     shutil.copytree(tmp_path / "one", tmp_path / "two")
-    evaluate_args = ["--mode=evaluate", "--config.eval.protocols=knn,features,augmented",
-                     "--config.eval.batch_size=1024", "--config.eval.probe_epochs=3",
-                     "--config.eval.augmented_epochs=1",
-                     "--config.eval.augmented_batch_size=1024"]  # fmt: skip
+    evaluate_args = [
+        "--mode=evaluate",
+        "--config.eval.protocols=knn,features,augmented",
+        "--config.eval.batch_size=1024",
+        "--config.eval.probe_epochs=3",
+        "--config.eval.augmented_epochs=1",
+        "--config.eval.augmented_batch_size=1024",
+    ]
     _run(_command(tmp_path / "one", *evaluate_args))
     port = _free_port()
     env = _env(JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     procs = [
         subprocess.Popen(
-            _command(tmp_path / "two", *evaluate_args, f"--coordinator_address=127.0.0.1:{port}",
-                     "--num_processes=2", f"--process_id={i}"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            _command(
+                tmp_path / "two",
+                *evaluate_args,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         for i in range(2)
-    ]  # fmt: skip
+    ]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    one, two = (json.loads((tmp_path / name / "evaluation.json").read_text())
-                for name in ("one", "two"))  # fmt: skip
+    one, two = (
+        json.loads((tmp_path / name / "evaluation.json").read_text()) for name in ("one", "two")
+    )
     assert one["knn"]["train_examples"] == two["knn"]["train_examples"] == 60_000
     assert one["knn"]["top1"] == two["knn"]["top1"]
     for protocol in ("features", "augmented"):
@@ -219,13 +254,22 @@ def test_augmented_probe_killed_mid_way_resumes_to_the_same_heads(tmp_path):
     rerun: it resumes from that checkpoint and ends with the uninterrupted run's heads."""
     _run(_command(tmp_path / "straight"))
     shutil.copytree(tmp_path / "straight", tmp_path / "killed")
-    probe = ["--mode=evaluate", "--config.eval.protocols=augmented",
-             "--config.eval.batch_size=1024", "--config.eval.augmented_batch_size=1024",
-             "--config.eval.augmented_epochs=4",
-             "--config.eval.augmented_checkpoint_every=20"]  # fmt: skip
+    probe = [
+        "--mode=evaluate",
+        "--config.eval.protocols=augmented",
+        "--config.eval.batch_size=1024",
+        "--config.eval.augmented_batch_size=1024",
+        "--config.eval.augmented_epochs=4",
+        "--config.eval.augmented_checkpoint_every=20",
+    ]
     _run(_command(tmp_path / "straight", *probe))
-    proc = subprocess.Popen(_command(tmp_path / "killed", *probe), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
+    proc = subprocess.Popen(
+        _command(tmp_path / "killed", *probe),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     saved = tmp_path / "killed" / "linear_eval" / "checkpoints"
     deadline = time.time() + 300
     while not (saved.is_dir() and any(name.isdigit() for name in os.listdir(saved))):
@@ -237,7 +281,9 @@ def test_augmented_probe_killed_mid_way_resumes_to_the_same_heads(tmp_path):
     assert not (tmp_path / "killed" / "evaluation.json").exists()
     restarted = _run(_command(tmp_path / "killed", *probe))
     assert re.search(r"Augmented linear probe: .* from step [1-9]", restarted.stdout)
-    straight, killed = (json.loads((tmp_path / name / "evaluation.json").read_text())
-                        for name in ("straight", "killed"))  # fmt: skip
+    straight, killed = (
+        json.loads((tmp_path / name / "evaluation.json").read_text())
+        for name in ("straight", "killed")
+    )
     assert killed["augmented"]["finished"] and killed["augmented"]["step"] == 232
     assert killed["augmented"]["heads"] == straight["augmented"]["heads"]

@@ -26,10 +26,15 @@ def run_cli(workdir, *args: str) -> subprocess.CompletedProcess:
         for k, v in os.environ.items()
         if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")
     }
-    command = [sys.executable, "-m", "matching_gap.main", "--config=configs/default.py",
-               f"--workdir={workdir}", *args]  # fmt: skip
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "matching_gap.main",
+        "--config=configs/default.py",
+        f"--workdir={workdir}",
+        *args,
+    ]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *expected: str, max_lines: int = 2):
@@ -78,8 +83,9 @@ def test_validate_does_not_import_tensorflow():
         config_lib.validate(config_lib.load_config_file("configs/vitb16.py"), num_devices=8)
         assert "tensorflow" not in sys.modules, "validate imported TensorFlow"
     """)
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
 
 

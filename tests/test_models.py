@@ -284,11 +284,26 @@ def test_create_model_errors(overrides, match):
 def _encode_config(depth):
     """A tiny CLS model (width 16, 8 x 8 images of 4 x 4 patches) for the encode tests."""
     return ModelConfig(
-        **dict(variant="", width=16, depth=depth, num_heads=2, mlp_dim=32, patch_size=4,
-             image_size=8, channels=1, pooling="cls", drop_path_rate=0.0, dtype="float32",
-             remat=False, projector_hidden_dim=8, projector_dim=4, projector_layers=2,
-             use_predictor=False, predictor_hidden_dim=8)
-    )  # fmt: skip
+        **dict(
+            variant="",
+            width=16,
+            depth=depth,
+            num_heads=2,
+            mlp_dim=32,
+            patch_size=4,
+            image_size=8,
+            channels=1,
+            pooling="cls",
+            drop_path_rate=0.0,
+            dtype="float32",
+            remat=False,
+            projector_hidden_dim=8,
+            projector_dim=4,
+            projector_layers=2,
+            use_predictor=False,
+            predictor_hidden_dim=8,
+        )
+    )
 
 
 def test_encode_cls_avgpool_concatenates_cls_and_mean_patch_token():
@@ -319,10 +334,10 @@ def test_encode_last4_cls_and_mean_patch_follow_dino_and_ijepa():
         outputs.append(vit.norm(x)[:, 0])
     feats = model.encode(images, "last4_cls")
     assert feats.shape == (3, 64)
-    np.testing.assert_allclose(feats, jnp.concatenate(outputs[-4:], axis=-1), rtol=1e-5,
-                               atol=1e-6)  # fmt: skip
-    np.testing.assert_allclose(model.encode(images, "mean_patch"),
-                               vit.norm(x)[:, 1:].mean(axis=1), rtol=1e-5, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(feats, jnp.concatenate(outputs[-4:], axis=-1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        model.encode(images, "mean_patch"), vit.norm(x)[:, 1:].mean(axis=1), rtol=1e-5, atol=1e-6
+    )
     shallow = create_model(_encode_config(depth=3), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="depth >= 4"):
         shallow.encode(images, "last4_cls")

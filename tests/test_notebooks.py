@@ -23,14 +23,17 @@ def run_notebook(name: str, overrides: str, cwd) -> str:
     tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, f"{name} needs exactly one cell tagged 'parameters'"
     nb.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(overrides))
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(cwd)}})  # fmt: skip
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+    )
     client.execute()  # raises CellExecutionError with the failing cell's traceback
     return "".join(
         out.get("text", "")
-        for cell in nb.cells if cell.cell_type == "code"
-        for out in cell.get("outputs", []) if out.get("output_type") == "stream"
-    )  # fmt: skip
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "stream"
+    )
 
 
 @pytest.mark.slow

@@ -39,8 +39,10 @@ def test_pairing_table(num_student, num_global, directed, expected):
 
 def _embeddings(v, k, n=8, d=5, seed=0):
     rng = np.random.default_rng(seed)
-    return (jnp.asarray(rng.normal(size=(v, n, d)), jnp.float32),
-            jnp.asarray(rng.normal(size=(k, n, d)), jnp.float32))  # fmt: skip
+    return (
+        jnp.asarray(rng.normal(size=(v, n, d)), jnp.float32),
+        jnp.asarray(rng.normal(size=(k, n, d)), jnp.float32),
+    )
 
 
 def _loss_config(name, **overrides):
@@ -50,8 +52,13 @@ def _loss_config(name, **overrides):
     return config.loss
 
 
-OT = {"epsilon": 0.2, "normalize": True, "relative_epsilon": None, "group_size": None,
-      "sinkhorn_options": {"threshold": 1e-3, "max_iterations": 2000}}  # fmt: skip
+OT = {
+    "epsilon": 0.2,
+    "normalize": True,
+    "relative_epsilon": None,
+    "group_size": None,
+    "sinkhorn_options": {"threshold": 1e-3, "max_iterations": 2000},
+}
 
 
 @pytest.mark.parametrize("ema", [False, True])
@@ -83,9 +90,10 @@ def test_m3g_with_teacher_puts_each_student_view_with_the_teachers_other_views()
     value, _ = objectives.ssl_loss(_loss_config("m3g"), student, targets, ema=True)
     terms = [
         losses.multi_marginal_matching_gap(
-            jnp.stack([student[a]] + [targets[m] for m in range(3) if m != a]), **OT)[0]
+            jnp.stack([student[a]] + [targets[m] for m in range(3) if m != a]), **OT
+        )[0]
         for a in range(3)
-    ]  # fmt: skip
+    ]
     np.testing.assert_allclose(value, np.mean(terms), rtol=1e-5)
 
 

@@ -26,8 +26,11 @@ def _sinkhorn_numpy(cost, eps, iterations=20_000):
 def test_transport_plan_equals_a_float64_sinkhorn_and_has_uniform_marginals():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(2, 12, 5))
-    plan = np.asarray(losses.transport_plan(x, y, epsilon=0.5, normalize=True,
-                                            sinkhorn_options={"threshold": 1e-7}))  # fmt: skip
+    plan = np.asarray(
+        losses.transport_plan(
+            x, y, epsilon=0.5, normalize=True, sinkhorn_options={"threshold": 1e-7}
+        )
+    )
     unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
     cost = ((unit(x)[:, None] - unit(y)[None]) ** 2).sum(-1)
     np.testing.assert_allclose(plan, _sinkhorn_numpy(cost, 0.5), atol=1e-5)
@@ -66,8 +69,14 @@ def test_confused_pairs_are_the_largest_off_diagonal_entries():
 def test_neighbour_grid_frames_same_class_green_and_other_class_red():
     queries = np.zeros((2, 4, 4, 1), np.uint8)
     train = np.full((3, 4, 4, 1), 200, np.uint8)
-    grid = pictures.neighbour_grid(queries, np.array([0, 1]), train, np.array([0, 1, 1]),
-                                   {"a": np.array([[0, 1], [1, 0]])}, scale=1)  # fmt: skip
+    grid = pictures.neighbour_grid(
+        queries,
+        np.array([0, 1]),
+        train,
+        np.array([0, 1, 1]),
+        {"a": np.array([[0, 1], [1, 0]])},
+        scale=1,
+    )
     cell, gap, top = 4 + 4, 8, pictures._TEXT_HEIGHT
     frame = lambda row, col: tuple(grid[top + row * cell, cell + gap + col * cell])
     assert frame(0, 0) == pictures._GOOD and frame(0, 1) == pictures._BAD

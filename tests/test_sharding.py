@@ -32,9 +32,12 @@ def _final_params(workdir, step):
 
 @pytest.mark.parametrize(
     "group_size,fsdp",
-    [pytest.param(0, False, marks=pytest.mark.slow), pytest.param(4, False, marks=pytest.mark.slow),
-     (4, True)],
-)  # fmt: skip
+    [
+        pytest.param(0, False, marks=pytest.mark.slow),
+        pytest.param(4, False, marks=pytest.mark.slow),
+        (4, True),
+    ],
+)
 def test_one_and_four_devices_train_the_same_model(tmp_path, monkeypatch, group_size, fsdp):
     # The smoke model's arrays are all small: lower the size under which FSDP replicates.
     monkeypatch.setattr(sharding_lib, "FSDP_MIN_SIZE", 256)
@@ -69,10 +72,16 @@ def _loop_collectives(hlo: str) -> list[str]:
     called = lambda body: re.findall(
         r"(?:body|condition|calls|to_apply|branch_computations)=\{?%?([\w.\-]+)", "\n".join(body)
     )
-    todo = [n for body in computations.values() for n in re.findall(
-        r"while\(.*?(?:body|condition)=%?([\w.\-]+)", "\n".join(body))]  # fmt: skip
-    todo += [n for body in computations.values() for n in re.findall(
-        r"condition=%?([\w.\-]+)", "\n".join(body))]  # fmt: skip
+    todo = [
+        n
+        for body in computations.values()
+        for n in re.findall(r"while\(.*?(?:body|condition)=%?([\w.\-]+)", "\n".join(body))
+    ]
+    todo += [
+        n
+        for body in computations.values()
+        for n in re.findall(r"condition=%?([\w.\-]+)", "\n".join(body))
+    ]
     seen, found = set(), []
     while todo:
         name = todo.pop()
@@ -80,9 +89,13 @@ def _loop_collectives(hlo: str) -> list[str]:
             continue
         seen.add(name)
         body = computations[name]
-        found += [op for line in body for op in re.findall(
-            r"\b(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)\b",
-            line)]  # fmt: skip
+        found += [
+            op
+            for line in body
+            for op in re.findall(
+                r"\b(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)\b", line
+            )
+        ]
         todo += called(body)
     return found
 
@@ -109,8 +122,9 @@ def test_grouped_ot_has_no_cross_device_traffic_inside_sinkhorn():
     assert "all-reduce" in _loop_collectives(plain_hlo)
     # Same value as the single-device grouped loss on the gathered embeddings.
     value, _ = grad_fn(x)
-    expected, _ = losses.matching_gap(x[1], x[0], epsilon=config.loss.epsilon, normalize=True,
-                                      group_size=4)  # fmt: skip
+    expected, _ = losses.matching_gap(
+        x[1], x[0], epsilon=config.loss.epsilon, normalize=True, group_size=4
+    )
     np.testing.assert_allclose(value, expected, rtol=1e-5)
 
 

@@ -54,8 +54,11 @@ def test_restore_encoder_reads_the_evaluated_parameters_only(tmp_path, monkeypat
 
     # Without the optimiser state and the other model, the encoder still restores; a
     # full restore no longer can.
-    _delete(str(tmp_path / "checkpoints" / "3" / "default"), "opt_state",
-            "params." if ema else "teacher.")  # fmt: skip
+    _delete(
+        str(tmp_path / "checkpoints" / "3" / "default"),
+        "opt_state",
+        "params." if ema else "teacher.",
+    )
     _, again, step = state_lib.restore_encoder(config, str(tmp_path), mesh)
     assert step == 3
     for got, want in zip(jax.tree.leaves(again), jax.tree.leaves(expected), strict=True):

@@ -32,8 +32,11 @@ from matching_gap import checkpointing, data, errors, metrics, storage
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BUCKET = "bkt"
 # Set by storage.configure() in this process: restored after each test.
-_SET_BY_CONFIGURE = ("TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
-                     "EPATH_USE_TF")  # fmt: skip
+_SET_BY_CONFIGURE = (
+    "TENSORSTORE_GCS_HTTP_URL",
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+    "EPATH_USE_TF",
+)
 needs_fashion_mnist = pytest.mark.skipif(
     not os.path.isdir(data.DEFAULT_FASHION_MNIST_DIR),
     reason="needs the Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist)",
@@ -50,14 +53,30 @@ def emulator_url():
     """
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([str(fake_gcs_server._get_binary_path()), "-scheme", "http",
-                               "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
-                               "-external-url", url], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            str(fake_gcs_server._get_binary_path()),
+            "-scheme",
+            "http",
+            "-backend",
+            "memory",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            str(port),
+            "-external-url",
+            url,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         request = urllib.request.Request(
-            f"{url}/storage/v1/b?project=x", data=json.dumps({"name": BUCKET}).encode(),
-            headers={"Content-Type": "application/json"}, method="POST")  # fmt: skip
+            f"{url}/storage/v1/b?project=x",
+            data=json.dumps({"name": BUCKET}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         deadline = time.time() + 30
         while True:  # until the server listens
             try:
@@ -86,8 +105,11 @@ def list_objects(url: str, prefix: str = "") -> list[str]:
     names, token = [], None
     while True:
         query = {"prefix": prefix, **({"pageToken": token} if token else {})}
-        page = json.loads(urllib.request.urlopen(
-            f"{url}/storage/v1/b/{BUCKET}/o?{urllib.parse.urlencode(query)}").read())  # fmt: skip
+        page = json.loads(
+            urllib.request.urlopen(
+                f"{url}/storage/v1/b/{BUCKET}/o?{urllib.parse.urlencode(query)}"
+            ).read()
+        )
         names += [item["name"] for item in page.get("items", [])]
         token = page.get("nextPageToken")
         if not token:
@@ -183,22 +205,35 @@ def test_checkpoints_restore_and_quarantine_in_the_bucket(emulator, monkeypatch)
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("XLA_FLAGS", storage.EMULATOR_VARIABLE, *_SET_BY_CONFIGURE)}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("XLA_FLAGS", storage.EMULATOR_VARIABLE, *_SET_BY_CONFIGURE)
+    }
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT, **extra)
     return env
 
 
 def _command(workdir, *extra) -> list[str]:
-    return [sys.executable, "-m", "matching_gap.main",
-            f"--config={os.path.join(ROOT, 'configs', 'default.py')}", f"--workdir={workdir}",
-            *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "matching_gap.main",
+        f"--config={os.path.join(ROOT, 'configs', 'default.py')}",
+        f"--workdir={workdir}",
+        *extra,
+    ]
 
 
 def test_the_command_stops_on_a_missing_bucket_with_status_2(emulator_url, tmp_path):
-    out = subprocess.run(_command("gs://no-such-bucket/run"), cwd=tmp_path, capture_output=True,
-                         text=True, env=_env(STORAGE_EMULATOR_HOST=emulator_url),
-                         timeout=300)  # fmt: skip
+    out = subprocess.run(
+        _command("gs://no-such-bucket/run"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(STORAGE_EMULATOR_HOST=emulator_url),
+        timeout=300,
+    )
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
@@ -207,8 +242,11 @@ def test_the_command_stops_on_a_missing_bucket_with_status_2(emulator_url, tmp_p
 
 
 # The demo (configs/default.py) for 20 steps, checkpoints every 10, on the real data.
-DEMO = ["--config.optim.num_steps=20", "--config.train.checkpoint_every=10",
-        "--config.train.final_eval=False"]  # fmt: skip
+DEMO = [
+    "--config.optim.num_steps=20",
+    "--config.train.checkpoint_every=10",
+    "--config.train.final_eval=False",
+]
 
 
 def _final_params(path) -> list[np.ndarray]:
@@ -224,14 +262,21 @@ def test_the_demo_in_a_bucket_killed_resumed_evaluated_and_drawn(emulator, tmp_p
     and ``--mode=pictures`` read it there; nothing is written to the local disk."""
     env = _env(STORAGE_EMULATOR_HOST=emulator)
     local = tmp_path / "local"
-    out = subprocess.run(_command(local, *DEMO), cwd=tmp_path, capture_output=True, text=True,
-                         env=env, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        _command(local, *DEMO), cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     cwd = tmp_path / "cwd"  # the commands on the bucket run here: it must stay empty
     cwd.mkdir()
     workdir = f"gs://{BUCKET}/run"
-    proc = subprocess.Popen(_command(workdir, *DEMO), cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        _command(workdir, *DEMO),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.time() + 300
     while "run/checkpoints/10/commit_success.txt" not in list_objects(emulator, "run/"):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
@@ -241,17 +286,28 @@ def test_the_demo_in_a_bucket_killed_resumed_evaluated_and_drawn(emulator, tmp_p
     assert proc.returncode == -signal.SIGKILL
     assert "run/checkpoints/20/commit_success.txt" not in list_objects(emulator, "run/")
     for args in ([], ["--mode=evaluate", "--config.eval.protocols=knn"], ["--mode=pictures"]):
-        out = subprocess.run(_command(workdir, *DEMO, *args), cwd=cwd, capture_output=True,
-                             text=True, env=env, timeout=600)  # fmt: skip
+        out = subprocess.run(
+            _command(workdir, *DEMO, *args),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         if not args:
             assert "Resumed from the checkpoint at step 10 in gs://bkt/run" in out.stdout
     names = list_objects(emulator, "run/")
     print("\nObjects in gs://bkt after the kill, the resume, --mode=evaluate and --mode=pictures:")
     print("\n".join(f"  gs://{BUCKET}/{n}" for n in names))
-    for expected in ("run/config.json", "run/metrics.jsonl", "run/evaluation.json",
-                     "run/pictures/neighbours.png", "run/pictures/embedding.png",
-                     "run/checkpoints/20/commit_success.txt"):  # fmt: skip
+    for expected in (
+        "run/config.json",
+        "run/metrics.jsonl",
+        "run/evaluation.json",
+        "run/pictures/neighbours.png",
+        "run/pictures/embedding.png",
+        "run/checkpoints/20/commit_success.txt",
+    ):
         assert expected in names, names
     assert any(n.startswith("run/tensorboard/events.out.tfevents.") for n in names), names
     assert not list(cwd.iterdir())  # nothing written locally
@@ -289,12 +345,21 @@ def _restore_in_two_processes(workdir, unreadable: dict[int, str]) -> list[str]:
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "tests", "restore_process.py"),
-             f"--workdir={workdir}", f"--port={port}", f"--process_id={i}",
-             f"--unreadable={unreadable.get(i, '')}"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+            [
+                sys.executable,
+                os.path.join(ROOT, "tests", "restore_process.py"),
+                f"--workdir={workdir}",
+                f"--port={port}",
+                f"--process_id={i}",
+                f"--unreadable={unreadable.get(i, '')}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
         for i in range(2)
-    ]  # fmt: skip
+    ]
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -337,8 +402,9 @@ def test_the_study_keeps_its_cells_in_the_bucket(emulator, tmp_path, monkeypatch
 
     from matching_gap import train
 
-    spec = importlib.util.spec_from_file_location("study_gs", os.path.join(ROOT, "experiments",
-                                                                           "study.py"))  # fmt: skip
+    spec = importlib.util.spec_from_file_location(
+        "study_gs", os.path.join(ROOT, "experiments", "study.py")
+    )
     study = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "study_gs", study)  # dataclasses look their module up
     spec.loader.exec_module(study)
@@ -353,14 +419,20 @@ def test_the_study_keeps_its_cells_in_the_bucket(emulator, tmp_path, monkeypatch
         writer.close()
         if first:
             return train.TrainResult(step=5, num_steps=10, results={})
-        return train.TrainResult(step=10, num_steps=10, results={
-            "eval/linear_probe_top1": 0.8, "eval/knn_top1": 0.7})  # fmt: skip
+        return train.TrainResult(
+            step=10, num_steps=10, results={"eval/linear_probe_top1": 0.8, "eval/knn_top1": 0.7}
+        )
 
     monkeypatch.setattr(train, "train_and_evaluate", fake_train)
     monkeypatch.setattr(study.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(study, "write_report", lambda records, out: None)
-    args = ["--groups=cropflip", "--claim_seeds=0", "--epochs=1", f"--out={tmp_path / 'out'}",
-            f"--workdir=gs://{BUCKET}/study"]  # fmt: skip
+    args = [
+        "--groups=cropflip",
+        "--claim_seeds=0",
+        "--epochs=1",
+        f"--out={tmp_path / 'out'}",
+        f"--workdir=gs://{BUCKET}/study",
+    ]
     study.main(args + ["--max_minutes=10"])
     cell = calls[0]
     assert cell.startswith(f"gs://{BUCKET}/study/")

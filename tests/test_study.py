@@ -35,24 +35,33 @@ def test_cells_cover_the_study_and_their_configs_are_valid():
         if cell.group == "m3g":
             assert c.loss.name == "m3g" and c.augment.num_views == int(cell.label[-1])
     assert {c.dataset for c in cells if c.group == "cifar10"} == {"cifar10"}
-    claim = study.make_cells([0, 1, 2], ["cropflip", "strong"], cifar10=False,
-                             claim_seeds=[0, 1, 2, 3, 4])  # fmt: skip
+    claim = study.make_cells(
+        [0, 1, 2], ["cropflip", "strong"], cifar10=False, claim_seeds=[0, 1, 2, 3, 4]
+    )
     assert sorted({c.seed for c in claim if c.group == "cropflip"}) == [0, 1, 2, 3, 4]
     assert sorted({c.seed for c in claim if c.group == "strong"}) == [0, 1, 2]
     # M3G at equal encoder passes: k views, 2/k of the steps.
     m3g = {c.label: study.cell_config(c, epochs=2.0) for c in cells if c.group == "m3g"}
     assert [m3g[f"k={k}"].optim.num_epochs * k for k in (2, 3, 4)] == pytest.approx([4.0] * 3)
-    assert not [c for c in study.make_cells([0], study.GROUPS, cifar10=False)
-                if c.group == "cifar10"]  # fmt: skip
+    assert not [
+        c for c in study.make_cells([0], study.GROUPS, cifar10=False) if c.group == "cifar10"
+    ]
 
 
 def _record(group, label, seed, probe, knn):
     return {
-        "name": f"{group}-{label}-{seed}", "group": group, "label": label, "seed": seed,
-        "steps": 468, "minutes": 2.0, "train_minutes": 1.5, "linear_probe_top1": probe,
-        "knn_top1": knn, "knn_curve": [[117, knn - 0.02], [468, knn]],
+        "name": f"{group}-{label}-{seed}",
+        "group": group,
+        "label": label,
+        "seed": seed,
+        "steps": 468,
+        "minutes": 2.0,
+        "train_minutes": 1.5,
+        "linear_probe_top1": probe,
+        "knn_top1": knn,
+        "knn_curve": [[117, knn - 0.02], [468, knn]],
         "knn_curve_minutes": [0.4, 1.5],
-    }  # fmt: skip
+    }
 
 
 def test_report_statistics_and_paired_differences(tmp_path):
@@ -77,13 +86,17 @@ def test_report_statistics_and_paired_differences(tmp_path):
     # The sweep's 0.2 point is the cropflip matching-gap cell, sorted by epsilon.
     assert table.index("| eps=0.2 | 3 |") < table.index("| eps=0.4 | 1 | 70.00 ± 0.00")
     # Differences 1, 2, 0: mean 1, std 1, t(0.975, 2 dof) = 4.3027 -> 1 -/+ 4.3027 / sqrt(3).
-    assert ("cropflip: matching gap − InfoNCE, linear probe: +1.00 points, 95% interval "
-            "[-1.48, +3.48] over 3 seeds (per seed +1.00, +2.00, +0.00): no difference "
-            "detected") in table  # fmt: skip
+    assert (
+        "cropflip: matching gap − InfoNCE, linear probe: +1.00 points, 95% interval "
+        "[-1.48, +3.48] over 3 seeds (per seed +1.00, +2.00, +0.00): no difference "
+        "detected"
+    ) in table
     pytest.importorskip("matplotlib")
     written = study.plot(records, str(tmp_path))
     assert sorted(os.path.basename(p) for p in written) == [
-        "accuracy_over_training.png", "accuracy_vs_epsilon.png"]  # fmt: skip
+        "accuracy_over_training.png",
+        "accuracy_vs_epsilon.png",
+    ]
     assert all(os.path.getsize(p) > 1000 for p in written)
 
 
@@ -91,9 +104,11 @@ def test_epsilon_flatness_inside_m3g_range_and_more_views_against_two(tmp_path):
     records = {}
     for seed, noise in enumerate([0.0, 0.004, -0.004]):
         for group, label, probe in (
-            ("cropflip", "matching gap", 0.82), ("epsilon", "eps=0.8", 0.821),
-            ("epsilon", "eps=3.2", 0.819), ("epsilon", "eps=0.05", 0.70),  # outside M3G's range
-        ):  # fmt: skip
+            ("cropflip", "matching gap", 0.82),
+            ("epsilon", "eps=0.8", 0.821),
+            ("epsilon", "eps=3.2", 0.819),
+            ("epsilon", "eps=0.05", 0.70),  # outside M3G's range
+        ):
             r = _record(group, label, seed, probe + noise, probe - 0.05 - noise)
             records[r["name"]] = r
     lines = study.flatness(records)
@@ -110,9 +125,11 @@ def test_epsilon_flatness_inside_m3g_range_and_more_views_against_two(tmp_path):
     assert study.flatness({k: v for k, v in records.items() if "epsilon" not in k}) == []
     # Each epsilon against the claim's 0.2, paired by seed (the seed's noise cancels).
     table = study.summarize(records)
-    assert ("epsilon: eps=3.2 − eps=0.2, linear probe: -5.10 points, 95% interval "
-            "[-5.10, -5.10] over 3 seeds (per seed -5.10, -5.10, -5.10): eps=3.2 is worse "
-            "(the interval is below 0)") in table  # fmt: skip
+    assert (
+        "epsilon: eps=3.2 − eps=0.2, linear probe: -5.10 points, 95% interval "
+        "[-5.10, -5.10] over 3 seeds (per seed -5.10, -5.10, -5.10): eps=3.2 is worse "
+        "(the interval is below 0)"
+    ) in table
     assert "epsilon: eps=0.05 − eps=0.2, k-NN: -12.00 points" in table
     assert table.count("epsilon: eps=") == 6  # 0.05, 0.8, 3.2; never 0.2 against itself
 
@@ -165,14 +182,20 @@ def test_a_cell_run_in_two_pieces_records_the_minutes_of_both(tmp_path, monkeypa
             f.write(json.dumps({"step": 5 if first else 10, "train/images_per_second": 1.0}) + "\n")
         if first:
             return train.TrainResult(step=5, num_steps=10, results={})
-        return train.TrainResult(step=10, num_steps=10, results={
-            "eval/linear_probe_top1": 0.8, "eval/knn_top1": 0.7})  # fmt: skip
+        return train.TrainResult(
+            step=10, num_steps=10, results={"eval/linear_probe_top1": 0.8, "eval/knn_top1": 0.7}
+        )
 
     monkeypatch.setattr(train, "train_and_evaluate", fake_train)
     monkeypatch.setattr(study.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(study, "write_report", lambda records, out: None)
-    args = ["--groups=cropflip", "--claim_seeds=0", "--epochs=1", f"--out={tmp_path / 'out'}",
-            f"--workdir={tmp_path / 'cells'}"]  # fmt: skip
+    args = [
+        "--groups=cropflip",
+        "--claim_seeds=0",
+        "--epochs=1",
+        f"--out={tmp_path / 'out'}",
+        f"--workdir={tmp_path / 'cells'}",
+    ]
     study.main(args + ["--max_minutes=10"])
     assert len(calls) == 1 and not os.path.exists(tmp_path / "out" / "results.json")
     study.main(args)
@@ -183,8 +206,7 @@ def test_a_cell_run_in_two_pieces_records_the_minutes_of_both(tmp_path, monkeypa
     assert records["cropflip-InfoNCE-seed0"]["minutes"] == 2.0
 
 
-def test_a_cell_whose_settings_changed_is_rerun_afresh_and_replaced(tmp_path, monkeypatch,
-                                                                    capsys):  # fmt: skip
+def test_a_cell_whose_settings_changed_is_rerun_afresh_and_replaced(tmp_path, monkeypatch, capsys):
     """Changing a cell's overrides (here BYOL's momentum) reruns that cell alone, in a new
     workdir (never resuming the old settings' checkpoints), and replaces its result."""
     import json
@@ -198,18 +220,29 @@ def test_a_cell_whose_settings_changed_is_rerun_afresh_and_replaced(tmp_path, mo
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"step": 10, "train/images_per_second": 1.0}) + "\n")
-        return train.TrainResult(step=10, num_steps=10, results={
-            "eval/linear_probe_top1": 0.8, "eval/knn_top1": len(calls) / 10})  # fmt: skip
+        return train.TrainResult(
+            step=10,
+            num_steps=10,
+            results={"eval/linear_probe_top1": 0.8, "eval/knn_top1": len(calls) / 10},
+        )
 
     monkeypatch.setattr(train, "train_and_evaluate", fake_train)
     monkeypatch.setattr(study, "write_report", lambda records, out: None)
-    args = ["--groups=cropflip", "--claim_seeds=0", "--epochs=1", f"--out={tmp_path / 'out'}",
-            f"--workdir={tmp_path / 'cells'}"]  # fmt: skip
+    args = [
+        "--groups=cropflip",
+        "--claim_seeds=0",
+        "--epochs=1",
+        f"--out={tmp_path / 'out'}",
+        f"--workdir={tmp_path / 'cells'}",
+    ]
     study.main(args)
     assert len(calls) == 3
     original = study._loss_overrides
-    monkeypatch.setattr(study, "_loss_overrides", lambda loss: tuple(
-        (k, 0.5 if k == "teacher.momentum" else v) for k, v in original(loss)))  # fmt: skip
+    monkeypatch.setattr(
+        study,
+        "_loss_overrides",
+        lambda loss: tuple((k, 0.5 if k == "teacher.momentum" else v) for k, v in original(loss)),
+    )
     capsys.readouterr()
     study.main(args)
     before = dict(original("byol"))["teacher.momentum"]
@@ -225,12 +258,16 @@ def test_a_cell_whose_settings_changed_is_rerun_afresh_and_replaced(tmp_path, mo
     assert records["cropflip-InfoNCE-seed0"]["knn_top1"] == 0.2
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("--groups=cropflip,bogus", "unknown group(s) ['bogus']"),
-    ("--seeds=0,a", "'0,a' is not a comma-separated list of integers"),
-])  # fmt: skip
-def test_bad_arguments_stop_with_a_message_before_anything_is_written(tmp_path, capsys, arg,
-                                                                       message):  # fmt: skip
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--groups=cropflip,bogus", "unknown group(s) ['bogus']"),
+        ("--seeds=0,a", "'0,a' is not a comma-separated list of integers"),
+    ],
+)
+def test_bad_arguments_stop_with_a_message_before_anything_is_written(
+    tmp_path, capsys, arg, message
+):
     with pytest.raises(SystemExit) as exit_info:
         study.main([arg, f"--out={tmp_path / 'out'}", f"--workdir={tmp_path / 'cells'}"])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err

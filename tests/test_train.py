@@ -73,8 +73,11 @@ def test_smoke_variant_trains_three_steps(tmp_path, name, arg):
     assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
     if config.loss.name in ("matching_gap", "m3g"):
         assert all(r["sinkhorn/sinkhorn_iterations"] > 0 for r in records if "train/loss" in r)
-        assert all(r["train/matching_gap" if config.loss.name == "matching_gap" else "train/m3g"]
-                   >= -1e-4 for r in records if "train/loss" in r)  # fmt: skip
+        assert all(
+            r["train/matching_gap" if config.loss.name == "matching_gap" else "train/m3g"] >= -1e-4
+            for r in records
+            if "train/loss" in r
+        )
     assert [r["step"] for r in records if "eval/knn_top1" in r] == [2, 3]
     final = [r for r in records if "eval/linear_probe_top1" in r]
     assert len(final) == 1 and final[0]["step"] == 3
@@ -105,19 +108,25 @@ def test_final_knn_equals_a_brute_force_vote_on_the_saved_encoder_and_on_pixels(
         fit = data.load_split(data_config, config.data.eval_train_split)
         report = data.load_split(data_config, config.data.eval_split)
     train_x, test_x = np.asarray(encode(fit.images)), np.asarray(encode(report.images))
-    expected = _brute_force_knn(train_x, fit.labels, test_x, report.labels, fit.num_classes,
-                                config)  # fmt: skip
+    expected = _brute_force_knn(train_x, fit.labels, test_x, report.labels, fit.num_classes, config)
     assert outcome.results["eval/knn_top1"] == pytest.approx(expected, abs=1e-9)
     # Raw pixels: the normalised evaluation view (the full 28-pixel image here), flattened.
     mean, std = config.augment.mean[0], config.augment.std[0]
     pixels = lambda x: ((x / 255.0 - mean) / std).reshape(len(x), -1)
-    expected = _brute_force_knn(pixels(fit.images), fit.labels, pixels(report.images),
-                                report.labels, fit.num_classes, config)  # fmt: skip
+    expected = _brute_force_knn(
+        pixels(fit.images),
+        fit.labels,
+        pixels(report.images),
+        report.labels,
+        fit.num_classes,
+        config,
+    )
     assert outcome.results["eval/raw_pixels_knn_top1"] == pytest.approx(expected, abs=1e-9)
     # (Random mock labels make that accuracy coarse: the features themselves, exactly.)
     encode_pixels = evaluate.make_encode(schema.parse(config), None, raw_pixels=True)
-    np.testing.assert_allclose(encode_pixels(None, fit.images[:8]), pixels(fit.images[:8]),
-                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        encode_pixels(None, fit.images[:8]), pixels(fit.images[:8]), rtol=1e-6, atol=1e-6
+    )
     assert 0 <= outcome.results["eval/raw_pixels_linear_probe_top1"] <= 1
 
 
@@ -192,7 +201,8 @@ def test_the_jitted_step_donates_the_state():
     state = state_lib.init_train_state(config, optimizer, shardings)
     images = np.zeros((config.optim.batch_size, 28, 28, 1), np.uint8)
     new, _ = train.jit_train_step(config, graphdef, optimizer, schedules, mesh, shardings)(
-        state, images)  # fmt: skip
+        state, images
+    )
     assert all(x.is_deleted() for x in jax.tree.leaves(state))
     assert not any(x.is_deleted() for x in jax.tree.leaves(new))
 
