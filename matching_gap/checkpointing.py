@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from matching_gap import errors, metrics, schema, storage
 
@@ -68,6 +69,18 @@ def _count_processes(local: bool) -> int:
     return int(np.sum(multihost_utils.process_allgather(np.asarray(local))))
 
 
+@contextlib.contextmanager
+def _absl_quiet(quiet: bool):
+    """absl logging at ERROR and above inside the block (when ``quiet``)."""
+    before = absl_logging.get_verbosity()
+    if quiet:
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(before)
+
+
 class Checkpointer:
     """The checkpoints of ``<workdir>/checkpoints``: one every ``every`` steps (Orbax's
     fixed-interval policy) plus the forced ones (end of run, time limit, preemption)."""
@@ -75,12 +88,14 @@ class Checkpointer:
     def __init__(self, workdir: str, *, every: int = 1, keep: int = 2, read_only: bool = False):
         self.workdir = storage.path(workdir)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            max_to_keep=None if read_only else keep,
             create=not read_only,
             read_only=read_only,
+            save_interval_steps=0 if read_only else 1,
             save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every),
         )
-        self._manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options)
+        with _absl_quiet(read_only):  # Orbax's "Given directory is read only" says nothing new
+            self._manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options)
 
     def due(self, step: int) -> bool:
         """Whether the schedule saves a checkpoint at ``step``."""

@@ -48,10 +48,9 @@ def make_encode(
     normalisation), then ``config.eval.features`` of the encoder; with ``raw_pixels``, the
     view's pixels flattened (``params`` unused: the bar a learned encoder should clear).
     With a ``mesh``, the features stay split over the devices like the images."""
-    aug_config = config.augment
 
     def encode(params, images):
-        view = augment.center_view(images, aug_config)
+        view = augment.center_view(images, config.augment)
         if raw_pixels:
             return view.reshape(view.shape[0], -1)
         model = nnx.merge(graphdef, params)
@@ -67,9 +66,9 @@ def probe_settings(config) -> evaluators.ProbeSettings:
     return evaluators.ProbeSettings(
         e.probe_epochs,
         e.probe_batch_size,
-        tuple(float(x) for x in e.probe_learning_rates),
-        tuple(float(x) for x in e.probe_weight_decays),
-        float(e.probe_holdout),
+        e.probe_learning_rates,
+        e.probe_weight_decays,
+        e.probe_holdout,
     )
 
 
