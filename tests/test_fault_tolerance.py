@@ -163,30 +163,34 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@needs_fashion_mnist
-def test_two_processes_train_the_same_model_as_one(tmp_path):
-    _run(_command(tmp_path / "one"))
+def _two_processes(workdir, *args) -> list[tuple[str, str]]:
+    """Runs the command as two processes (jax.distributed over gloo); their (stdout, stderr)."""
     port = _free_port()
     env = _env(JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    command = lambda i: _command(
+        workdir,
+        *args,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+    )
     procs = [
         subprocess.Popen(
-            _command(
-                tmp_path / "two",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
+            command(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
+    return outputs
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_two_processes_train_the_same_model_as_one(tmp_path):
+    _run(_command(tmp_path / "one"))
+    outputs = _two_processes(tmp_path / "two")
     assert "on 2 cpu device(s)" in outputs[0][0]
     one, two = (
         metrics.read_metrics(str(tmp_path / "one")),
@@ -216,27 +220,7 @@ def test_two_processes_evaluate_the_whole_split_as_one(tmp_path):
         "--config.eval.augmented_batch_size=1024",
     ]
     _run(_command(tmp_path / "one", *evaluate_args))
-    port = _free_port()
-    env = _env(JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-    procs = [
-        subprocess.Popen(
-            _command(
-                tmp_path / "two",
-                *evaluate_args,
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for i in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+    _two_processes(tmp_path / "two", *evaluate_args)
     one, two = (
         json.loads((tmp_path / name / "evaluation.json").read_text()) for name in ("one", "two")
     )

@@ -211,31 +211,10 @@ def test_parse_variant():
 
 
 def _config(**overrides):
-    cfg = ModelConfig(
-        **{
-            **dict(
-                variant="",
-                width=32,
-                depth=2,
-                num_heads=4,
-                mlp_dim=64,
-                patch_size=7,
-                image_size=28,
-                channels=1,
-                pooling="cls",
-                drop_path_rate=0.1,
-                dtype="float32",
-                remat=False,
-                projector_hidden_dim=48,
-                projector_dim=16,
-                projector_layers=2,
-                use_predictor=True,
-                predictor_hidden_dim=24,
-            ),
-            **overrides,
-        }
-    )
-    return cfg
+    """A small model with a predictor; the other fields keep the schema's defaults."""
+    sizes = dict(width=32, depth=2, num_heads=4, mlp_dim=64, drop_path_rate=0.1)
+    heads = dict(projector_hidden_dim=48, projector_dim=16, predictor_hidden_dim=24)
+    return ModelConfig(**{**sizes, **heads, "use_predictor": True, **overrides})
 
 
 def test_create_model_custom():
@@ -284,25 +263,14 @@ def test_create_model_errors(overrides, match):
 def _encode_config(depth):
     """A tiny CLS model (width 16, 8 x 8 images of 4 x 4 patches) for the encode tests."""
     return ModelConfig(
-        **dict(
-            variant="",
-            width=16,
-            depth=depth,
-            num_heads=2,
-            mlp_dim=32,
-            patch_size=4,
-            image_size=8,
-            channels=1,
-            pooling="cls",
-            drop_path_rate=0.0,
-            dtype="float32",
-            remat=False,
-            projector_hidden_dim=8,
-            projector_dim=4,
-            projector_layers=2,
-            use_predictor=False,
-            predictor_hidden_dim=8,
-        )
+        width=16,
+        depth=depth,
+        num_heads=2,
+        mlp_dim=32,
+        patch_size=4,
+        image_size=8,
+        projector_hidden_dim=8,
+        projector_dim=4,
     )
 
 

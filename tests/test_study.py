@@ -155,6 +155,17 @@ def test_paired_interval_and_verdict():
     assert study.verdict(*study.paired_interval([0.3])[1:]).startswith("one seed")
 
 
+def _one_cell_args(tmp_path) -> list[str]:
+    """The study's flags for one crop + flip cell of one epoch, written under tmp_path."""
+    return [
+        "--groups=cropflip",
+        "--claim_seeds=0",
+        "--epochs=1",
+        f"--out={tmp_path / 'out'}",
+        f"--workdir={tmp_path / 'cells'}",
+    ]
+
+
 def test_train_seconds_integrate_the_logged_rates():
     rows = [
         {"step": 50, "train/images_per_second": 100.0},
@@ -189,13 +200,7 @@ def test_a_cell_run_in_two_pieces_records_the_minutes_of_both(tmp_path, monkeypa
     monkeypatch.setattr(train, "train_and_evaluate", fake_train)
     monkeypatch.setattr(study.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(study, "write_report", lambda records, out: None)
-    args = [
-        "--groups=cropflip",
-        "--claim_seeds=0",
-        "--epochs=1",
-        f"--out={tmp_path / 'out'}",
-        f"--workdir={tmp_path / 'cells'}",
-    ]
+    args = _one_cell_args(tmp_path)
     study.main(args + ["--max_minutes=10"])
     assert len(calls) == 1 and not os.path.exists(tmp_path / "out" / "results.json")
     study.main(args)
@@ -228,13 +233,7 @@ def test_a_cell_whose_settings_changed_is_rerun_afresh_and_replaced(tmp_path, mo
 
     monkeypatch.setattr(train, "train_and_evaluate", fake_train)
     monkeypatch.setattr(study, "write_report", lambda records, out: None)
-    args = [
-        "--groups=cropflip",
-        "--claim_seeds=0",
-        "--epochs=1",
-        f"--out={tmp_path / 'out'}",
-        f"--workdir={tmp_path / 'cells'}",
-    ]
+    args = _one_cell_args(tmp_path)
     study.main(args)
     assert len(calls) == 3
     original = study._loss_overrides
