@@ -14,6 +14,12 @@ import tempfile
 # subprocess's stderr; the plan tests get TPU devices from libtpu compile-only anyway.
 os.environ["JAX_PLATFORMS"] = "cpu"
 
+# Most tests compile far more than they compute: LLVM's optimisations of the CPU code cost
+# more compile time than they save at run time here (XLA's own HLO passes still run).
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    os.environ["XLA_FLAGS"] = flags.strip()
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
