@@ -75,8 +75,6 @@ _IDX_FILES = {
 _IDX_IMAGES_MAGIC = 2051
 _IDX_LABELS_MAGIC = 2049
 
-# Encoded ImageNet JPEGs average ~110 kB, so this buffer holds ~1 GB per process.
-_DEFAULT_SHUFFLE_BUFFER = 10_000
 # How many unreadable image-folder files the warning names one by one.
 _SKIPPED_NAMED = 10
 _REPORTED_SKIPS: set = set()  # (folder, unreadable files) already reported by this process

@@ -31,9 +31,9 @@ from matching_gap.schema import check_encoder as _check_encoder
 Array = jax.Array
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# LayerNorm's epsilon in DINO / timm ViTs; Hugging Face's ViTConfig defaults to 1e-12, so a
-# ViT imported from such a file needs its own (model.layer_norm_eps) to give the same outputs.
-LAYER_NORM_EPS = 1e-6
+# LayerNorm's epsilon in DINO / timm ViTs (the schema's default); Hugging Face's ViTConfig
+# defaults to 1e-12, so a ViT imported from such a file needs its own (model.layer_norm_eps).
+LAYER_NORM_EPS = ModelConfig.layer_norm_eps
 
 
 def _check_cudnn_attention(dtype) -> None:
