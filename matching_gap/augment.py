@@ -10,8 +10,17 @@ The settings are the ``augment`` section of a config (``schema.AugmentConfig``),
 :func:`center_view` are already jitted (one compilation per config and input shape), and
 can also be called inside a caller's jit.
 
-Inputs are uint8 (or float on the same 0..255 scale) ``[b, H, W, c]``; outputs are float32
-``(x / 255 - mean) / std``.
+Two ways in, one way out:
+
+* :func:`make_views` cuts the crops here, on the device, from images of one size held in
+  memory (Fashion-MNIST, CIFAR): each is torchvision's ``RandomResizedCrop`` box on the
+  whole stored image, resampled once (bicubic, antialiased).
+* :func:`finish_views` takes views already cut on the host from each image's original
+  pixels (``matching_gap.crops``, for streamed images of any size: ImageNet) and applies
+  the rest.
+
+Inputs are uint8 (or float on the same 0..255 scale); outputs are float32
+``(x / 255 - mean) / std``. :func:`views_for` picks the way from the batch.
 """
 
 from __future__ import annotations
@@ -74,7 +83,8 @@ def _normalise(x: jax.Array, cfg: AugmentConfig) -> jax.Array:
 
 
 def _crop_resize(image: jax.Array, top, left, height, width, size: int) -> jax.Array:
-    """Bilinear (antialiased) resample of the box [top, top+height) x [left, left+width)."""
+    """Bicubic (antialiased, Keys a = -0.5 as PIL's BICUBIC, which DINO's crops use)
+    resample of the box [top, top+height) x [left, left+width)."""
     scale = jnp.stack([size / height, size / width]).astype(jnp.float32)
     translation = -jnp.stack([top, left]).astype(jnp.float32) * scale
     return jax.image.scale_and_translate(
@@ -83,7 +93,7 @@ def _crop_resize(image: jax.Array, top, left, height, width, size: int) -> jax.A
         spatial_dims=(0, 1),
         scale=scale,
         translation=translation,
-        method="linear",
+        method="cubic",
         antialias=True,
     )
 
@@ -205,10 +215,17 @@ def _one_view(
     ``blur_prob`` and ``solarize_prob``: this view's probabilities (they may differ per view).
     """
     height, width = image.shape[0], image.shape[1]
-    colour = image.shape[-1] == 3
-
     top, left, crop_h, crop_w = _sample_crop_box(u, height, width, scale)
     x = _crop_resize(image, top, left, crop_h, crop_w, size)
+    return _finish_view(u, x, cfg, blur_prob, solarize_prob)
+
+
+def _finish_view(
+    u: jax.Array, x: jax.Array, cfg: AugmentConfig, blur_prob: jax.Array, solarize_prob: jax.Array
+) -> jax.Array:
+    """Everything after the crop: a cut view [size, size, c] in [0, 1] -> the view."""
+    size = x.shape[0]
+    colour = x.shape[-1] == 3
     # The resampler can overshoot [0, 1] slightly; later ops assume that range.
     x = jnp.clip(x, 0.0, 1.0)
     # Ops with probability 0 are left out of the traced graph (the config is static).
@@ -282,6 +299,58 @@ def make_views(
     return views, _normalise(local, cfg)
 
 
+def _finish(
+    u: jax.Array, views: jax.Array, cfg: AugmentConfig, *, local: bool = False
+) -> jax.Array:
+    """Uniforms [count, b, _U_COUNT], cut views [b, count, S, S, c] in [0, 1] ->
+    [count, b, S, S, c]."""
+    blur, solarize = _view_probs(cfg, u.shape[0], local)
+    one = lambda row, view, pb, ps: _finish_view(row, view, cfg, pb, ps)
+    per_image = jax.vmap(one, in_axes=(0, 0, None, None))
+    return jax.vmap(per_image, in_axes=(0, 1, 0, 0))(u, views, blur, solarize)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def finish_views(
+    key: jax.Array, views: jax.Array, local_views: jax.Array | None, cfg: AugmentConfig
+) -> tuple[jax.Array, jax.Array | None]:
+    """The views of :func:`make_views` from views already cut on the host
+    (``matching_gap.crops``): flips, colour, blur, solarisation and normalisation.
+
+    Args:
+      key: a PRNG key.
+      views: uint8 ``[b, num_views, crop_size, crop_size, c]``.
+      local_views: uint8 ``[b, num_local_crops, local_crop_size, local_crop_size, c]`` or None.
+      cfg: the augmentation settings.
+
+    Returns:
+      float32 ``[num_views, b, S, S, c]`` and ``[num_local_crops, b, s, s, c]`` (or None).
+    """
+    x = _to_unit(views)
+    if x.ndim != 5 or x.shape[1] != cfg.num_views:
+        raise ValueError(
+            f"views must be [b, {cfg.num_views}, S, S, c] (augment.num_views), got {x.shape}"
+        )
+    count = cfg.num_views + cfg.num_local_crops
+    u = jax.random.uniform(key, (count, x.shape[0], _U_COUNT))
+    out = _normalise(_finish(u[: cfg.num_views], x, cfg), cfg)
+    if not cfg.num_local_crops:
+        return out, None
+    if local_views is None or local_views.shape[1] != cfg.num_local_crops:
+        raise ValueError(f"expected {cfg.num_local_crops} local views per image")
+    local = _finish(u[cfg.num_views :], _to_unit(local_views), cfg, local=True)
+    return out, _normalise(local, cfg)
+
+
+def views_for(key: jax.Array, batch, cfg: AugmentConfig):
+    """The normalised ``(global, local)`` views of a training batch: images ``[b, H, W, c]``
+    are cut here (:func:`make_views`); a dict of host-cut ``views`` (and ``local_views``)
+    is finished here (:func:`finish_views`). The same key gives the same flips and colour."""
+    if isinstance(batch, dict):
+        return finish_views(key, batch["views"], batch.get("local_views"), cfg)
+    return make_views(key, batch, cfg)
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def center_view(images: jax.Array, cfg: AugmentConfig) -> jax.Array:
     """Deterministic evaluation view: float32 ``[b, crop_size, crop_size, c]``.
@@ -313,7 +382,7 @@ def center_view(images: jax.Array, cfg: AugmentConfig) -> jax.Array:
             spatial_dims=(1, 2),
             scale=jnp.array([scale, scale], jnp.float32),
             translation=-jnp.array([height - side, width - side], jnp.float32) / 2 * scale,
-            method="linear",
+            method="cubic",
             antialias=True,
         )
         x = jnp.clip(x, 0.0, 1.0)

@@ -98,7 +98,12 @@ def run(config, graphdef, params, test: evaluators.Features, workdir: str) -> di
     start = int(state["step"])
     step_fn = _make_step(config, graphdef, settings, num_steps, mesh)
     batches = data.train_iterator(
-        data_config, dataset, batch_size=settings.batch_size, seed=config.seed, start_step=start
+        data_config,
+        dataset,
+        batch_size=settings.batch_size,
+        seed=config.seed,
+        start_step=start,
+        augment=probe_view_config(config, settings),
     )
     metrics.log(
         f"Augmented linear probe: {len(settings.learning_rates)} heads, "
@@ -109,7 +114,7 @@ def run(config, graphdef, params, test: evaluators.Features, workdir: str) -> di
     with checkpointing.preemption_notice() as preempted:
         for step in range(start + 1, num_steps + 1):
             batch = next(batches)
-            images = sharding_lib.global_batch(batch["image"], mesh)
+            images = sharding_lib.model_inputs(batch, mesh)
             labels = sharding_lib.global_batch(batch["label"], mesh)
             state, loss = step_fn(state, params, images, labels)
             losses.append(loss)
@@ -229,7 +234,7 @@ def _make_step(config, graphdef, settings: AugmentedSettings, num_steps: int, me
 
     def step_fn(state, params, images, labels):
         step = state["step"] + 1
-        views, _ = augment.make_views(jax.random.fold_in(key, step), images, aug)
+        views, _ = augment.views_for(jax.random.fold_in(key, step), images, aug)
         model = nnx.merge(graphdef, params)
         x = jax.lax.stop_gradient(model.encode(views[0], features_kind))
         bn_mean, bn_var = state["bn_mean"], state["bn_var"]

@@ -34,7 +34,6 @@ module; IDX files already at the configured size and channels load without Tenso
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gzip
 import os
 import struct
@@ -44,9 +43,9 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from matching_gap.augment import LUMA
+from matching_gap import crops
 from matching_gap.errors import ConfigError, DataError, DataNotFoundError
-from matching_gap.schema import DataConfig
+from matching_gap.schema import AugmentConfig, DataConfig
 
 __all__ = [
     "DataConfig",
@@ -113,20 +112,7 @@ def _class_balanced_subset(labels: np.ndarray, count: int) -> np.ndarray:
 # TensorFlow: the import, and the one image preparation all sources share.
 
 
-@functools.cache
-def import_tensorflow():
-    """Imports TensorFlow for input pipelines with the GPUs hidden from it; returns ``tf``.
-
-    Left visible, TensorFlow would reserve accelerator memory that JAX needs. Hiding fails
-    (RuntimeError) once TensorFlow has initialised its devices; that is logged and kept.
-    """
-    import tensorflow as tf
-
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError as e:
-        logging.warning("TensorFlow had already initialised its devices: %s", e)
-    return tf
+import_tensorflow = crops.import_tensorflow
 
 
 def _import_tfds():
@@ -140,47 +126,26 @@ def _tf_prepare_image(image, *, encoded: bool, image_size: int, channels: int):
     """TF op: encoded bytes or uint8 [h, w, c] -> uint8 [image_size, image_size, channels].
 
     Colour becomes grey with the weights ``LUMA``, grey becomes colour by repetition; then
-    the shorter side is resized to ``image_size`` (bilinear, antialiased) and the centre
-    square is kept. A batch ``[b, h, w, c]`` of same-size decoded images works too.
+    the shorter side is resized to ``image_size`` (bicubic, antialiased) and the centre
+    square is kept (``crops.tf_eval_view``). An image already at that size is kept as it is.
     """
-    tf = import_tensorflow()
     if encoded:
-        # Always RGB: decoders asked for one channel use their own grey weights (libpng's
-        # differ from libjpeg's), and the conversion below uses LUMA.
-        image = tf.io.decode_image(image, channels=3, expand_animations=False)
-    have = image.shape[-1]
-    if have == 4:
-        image, have = image[..., :3], 3
-    if have not in (1, 3):
-        raise DataError(f"images have {have} channels; only 1 (grey) and 3 (RGB) are read")
-    if have == 1 and channels == 3:
-        image = tf.repeat(image, 3, axis=-1)
-    elif have == 3 and channels == 1:
-        gray = tf.tensordot(tf.cast(image, tf.float32), tf.constant(LUMA, tf.float32), 1)
-        image = tf.cast(tf.clip_by_value(tf.round(gray), 0.0, 255.0), tf.uint8)[..., None]
-    size = image_size
-    shape = tf.shape(image)
-    h, w = shape[-3], shape[-2]
+        image = _tf_decode(image)
+    image = crops.tf_to_channels(image, channels)
+    return crops.tf_eval_view(image, image_size, image_size)
 
-    def resize_crop():
-        scale = size / tf.cast(tf.minimum(h, w), tf.float32)
-        new_h = tf.maximum(size, tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32))
-        new_w = tf.maximum(size, tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32))
-        resized = tf.image.resize(image, [new_h, new_w], method="bilinear", antialias=True)
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        cropped = resized[..., top : top + size, left : left + size, :]
-        return tf.cast(tf.clip_by_value(tf.round(cropped), 0.0, 255.0), tf.uint8)
 
-    same = tf.logical_and(tf.equal(h, size), tf.equal(w, size))
-    image = tf.cond(same, lambda: tf.cast(image, tf.uint8), resize_crop)
-    return tf.ensure_shape(image, image.shape[:-3].concatenate([size, size, channels]))
+def _tf_decode(contents):
+    """Encoded JPEG / PNG / GIF / BMP bytes -> uint8 [h, w, 3], whatever the file's
+    extension says (ImageNet has a PNG named .JPEG) and its colour model (CMYK and grey
+    JPEGs become RGB). Always RGB: decoders asked for one channel use their own grey
+    weights (libpng's differ from libjpeg's); the grey conversion uses LUMA."""
+    tf = import_tensorflow()
+    return tf.io.decode_image(contents, channels=3, expand_animations=False)
 
 
 def _prepare_fn(*, encoded: bool, image_size: int, channels: int):
-    """``{"image", "label"}`` -> ``{"image": uint8 [S, S, channels], "label": int32}``.
-
-    Also maps a batch of same-size decoded images, with a batch of labels, at once.
-    """
+    """``{"image", "label"}`` -> ``{"image": uint8 [S, S, channels], "label": int32}``."""
     tf = import_tensorflow()
 
     def prepare(example):
@@ -192,6 +157,39 @@ def _prepare_fn(*, encoded: bool, image_size: int, channels: int):
     return prepare
 
 
+def _eval_view_fn(*, encoded: bool, resize: int, crop: int, channels: int):
+    """``{"image", "label"}`` -> DINO's evaluation view ``{"image": uint8 [crop, crop, c],
+    "label"}``: the shorter side resized to ``resize``, the centre ``crop`` square."""
+    tf = import_tensorflow()
+
+    def prepare(example):
+        image = _tf_decode(example["image"]) if encoded else example["image"]
+        image = crops.tf_eval_view(crops.tf_to_channels(image, channels), resize, crop)
+        return {"image": image, "label": tf.cast(example["label"], tf.int32)}
+
+    return prepare
+
+
+def _training_views_fn(*, encoded: bool, channels: int, aug: AugmentConfig, base_seed):
+    """``(position, {"image", "label"})`` -> the example's host-cut training views
+    (``crops.tf_training_views``) under the stateless seed ``(base_seed, position)``."""
+    tf = import_tensorflow()
+
+    def cut(position, example):
+        image = _tf_decode(example["image"]) if encoded else example["image"]
+        image = crops.tf_to_channels(image, channels)
+        seed = tf.stack([tf.constant(base_seed, tf.int64), position])
+        out = crops.tf_training_views(image, seed, aug)
+        out = {k: v for k, v in out.items() if not k.endswith("boxes")}
+        out["label"] = tf.cast(example["label"], tf.int32)
+        for key in ("ok", "path"):
+            if key in example:
+                out[key] = example[key]
+        return out
+
+    return cut
+
+
 def _deterministic(ds):
     options = import_tensorflow().data.Options()
     options.deterministic = True
@@ -199,17 +197,13 @@ def _deterministic(ds):
 
 
 def _prepare_in_memory(
-    ds, *, encoded: bool, image_size: int, channels: int, batched: bool = False
+    ds, *, encoded: bool, image_size: int, channels: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A tf.data set of ``{"image", "label"}`` -> uint8 [n, S, S, channels], int32 [n].
-
-    ``batched``: ``ds`` yields batches of same-size decoded images, prepared a batch at
-    a time (several times faster than one by one).
-    """
+    """A tf.data set of ``{"image", "label"}`` -> uint8 [n, S, S, channels], int32 [n]."""
     tf = import_tensorflow()
     prepare = _prepare_fn(encoded=encoded, image_size=image_size, channels=channels)
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = _deterministic(ds if batched else ds.batch(1024))
+    ds = _deterministic(ds.batch(1024))
     images = [np.zeros((0, image_size, image_size, channels), np.uint8)]
     labels = [np.zeros(0, np.int32)]
     for batch in ds.as_numpy_iterator():
@@ -296,11 +290,7 @@ def _load_fashion_mnist_idx(cfg: DataConfig, split: str) -> Dataset:
         tf = import_tensorflow()
         ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
         images, labels = _prepare_in_memory(
-            ds.batch(1024),
-            encoded=False,
-            image_size=cfg.image_size,
-            channels=cfg.channels,
-            batched=True,
+            ds, encoded=False, image_size=cfg.image_size, channels=cfg.channels
         )
     return Dataset(images, labels, FASHION_MNIST_CLASSES, "fashion_mnist")
 
@@ -334,7 +324,18 @@ def _read_image_files(files: list[tuple[str, int]], skipped: list[str]) -> Itera
         yield {"image": image, "label": label}
 
 
-def _load_image_folder(cfg: DataConfig, split: str) -> Dataset:
+@dataclasses.dataclass(frozen=True)
+class _FolderListing:
+    """The files of one split of an image folder, listed once."""
+
+    paths: list[str]
+    labels: np.ndarray  # int32 [n]
+    num_classes: int
+    name: str
+    split_dir: str
+
+
+def _list_image_folder(cfg: DataConfig, split: str, max_examples: int) -> _FolderListing:
     root = cfg.data_dir
     if not os.path.isdir(root):
         raise _image_folder_error(root, "data_dir is not a directory")
@@ -357,10 +358,35 @@ def _load_image_folder(cfg: DataConfig, split: str) -> Dataset:
         files.extend((os.path.join(cls_dir, name), label) for name in names)
     if not files:
         raise _image_folder_error(root, f"no .jpg/.jpeg/.png files under {split_dir!r}")
-    if cfg.max_examples:
-        keep = _class_balanced_subset(np.array([label for _, label in files]), cfg.max_examples)
-        files = [files[i] for i in keep]
+    labels = np.array([label for _, label in files], np.int32)
+    if max_examples:
+        keep = _class_balanced_subset(labels, max_examples)
+        files, labels = [files[i] for i in keep], labels[keep]
+    name = os.path.basename(os.path.normpath(root))
+    return _FolderListing([p for p, _ in files], labels, len(classes), name, split_dir)
 
+
+def _report_skipped(split_dir: str, skipped: list[str], total: int, what: str) -> None:
+    """One warning per process that names the unreadable files (the first few)."""
+    if not skipped or (split_dir, tuple(skipped)) in _REPORTED_SKIPS:
+        return
+    _REPORTED_SKIPS.add((split_dir, tuple(skipped)))
+    extra = len(skipped) - _SKIPPED_NAMED
+    logging.warning(
+        "image_folder: %s %d of %d image files that cannot be read (delete or re-encode "
+        "them): %s%s",
+        what,
+        len(skipped),
+        total,
+        "; ".join(skipped[:_SKIPPED_NAMED]),
+        f"; and {extra} more" if extra > 0 else "",
+    )
+
+
+def _load_image_folder(cfg: DataConfig, split: str) -> Dataset:
+    listing = _list_image_folder(cfg, split, cfg.max_examples)
+    files = list(zip(listing.paths, listing.labels.tolist(), strict=True))
+    split_dir, classes = listing.split_dir, range(listing.num_classes)
     tf = import_tensorflow()
     skipped: list[str] = []
     signature = {
@@ -374,24 +400,13 @@ def _load_image_folder(cfg: DataConfig, split: str) -> Dataset:
         ds, encoded=False, image_size=cfg.image_size, channels=cfg.channels
     )
     # The same files are often loaded twice (pretraining, then the k-NN / probe split).
-    if skipped and (split_dir, tuple(skipped)) not in _REPORTED_SKIPS:
-        _REPORTED_SKIPS.add((split_dir, tuple(skipped)))
-        extra = len(skipped) - _SKIPPED_NAMED
-        logging.warning(
-            "image_folder: skipped %d of %d image files that cannot be read (delete or "
-            "re-encode them): %s%s",
-            len(skipped),
-            len(files),
-            "; ".join(skipped[:_SKIPPED_NAMED]),
-            f"; and {extra} more" if extra > 0 else "",
-        )
+    _report_skipped(split_dir, skipped, len(files), "skipped")
     if not len(labels):
         raise DataError(
             f"image_folder: none of the {len(files)} image files under {split_dir!r} can be "
             f"read (first: {skipped[0]}). Re-encode them as JPEG or PNG."
         )
-    name = os.path.basename(os.path.normpath(root))
-    return Dataset(images, labels, len(classes), name)
+    return Dataset(images, labels, len(classes), listing.name)
 
 
 # --------------------------------------------------------------------------------------
@@ -483,6 +498,85 @@ def _epoch_seed(seed: int, process_index: int, epoch: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+def _check_stream_args(batch_size, start_step, process_index, process_count) -> None:
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+
+
+def _stream(
+    epoch_records: Callable[[int], Any],
+    *,
+    steps_per_epoch: int,
+    batch_size: int,
+    start_step: int,
+    load: Callable[[Any], Any],
+    finish: Callable,
+) -> Iterator[dict]:
+    """The batches of a stream from ``start_step`` on, shared by every streamed source.
+
+    ``epoch_records(e)``: this process's records of epoch ``e`` in their order (at least
+    ``steps_per_epoch * batch_size``). ``load(ds)``: records -> ``{"image": uint8 [h, w, c],
+    "label", ...}`` with the position kept (parallel, in order). ``finish(position, example)``:
+    the example as trained on; the example at ``position = step * batch_size + i`` of this
+    process is cut under the stateless seed ``(base_seed, position)``. A resumed run skips the raw
+    records of the first ``start_step % steps_per_epoch`` batches of its epoch and cuts the
+    same views as an uninterrupted one.
+    """
+    tf = import_tensorflow()
+
+    def batches() -> Iterator[dict]:
+        epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
+        while True:
+            ds = epoch_records(epoch).take(steps_per_epoch * batch_size)
+            ds = ds.skip(step_in_epoch * batch_size)
+            ds = ds.enumerate((epoch * steps_per_epoch + step_in_epoch) * batch_size)
+            ds = load(ds).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+            yield from _deterministic(ds).as_numpy_iterator()
+            epoch, step_in_epoch = epoch + 1, 0
+
+    return batches()
+
+
+def _finish_fn(data_config: DataConfig, aug: AugmentConfig | None, base_seed: int):
+    """``(position, example)`` -> the training example: the host-cut views with ``aug``,
+    else the stored-size image (``data.image_size`` square)."""
+    if aug is not None:
+        return _training_views_fn(
+            encoded=False, channels=data_config.channels, aug=aug, base_seed=base_seed
+        )
+    prepare = _prepare_fn(
+        encoded=False, image_size=data_config.image_size, channels=data_config.channels
+    )
+
+    def finish(position, example):
+        del position
+        out = prepare({"image": example["image"], "label": example["label"]})
+        for key in ("ok", "path"):
+            if key in example:
+                out[key] = example[key]
+        return out
+
+    return finish
+
+
+def _report_bad_rows(batches: Iterator[dict], split_dir: str, total: int) -> Iterator[dict]:
+    """Drops the ``ok`` / ``path`` bookkeeping of folder batches, naming unreadable files."""
+    seen: list[str] = []
+    for batch in batches:
+        ok, paths = batch.pop("ok"), batch.pop("path")
+        for path in paths[~ok]:
+            name = path.decode()
+            if name not in seen:
+                seen.append(name)
+                _report_skipped(split_dir, list(seen), total, "replaced by black images")
+        yield batch
+
+
 def iterate_tfds(
     data_config: DataConfig,
     split: str,
@@ -492,6 +586,7 @@ def iterate_tfds(
     start_step: int,
     process_index: int,
     process_count: int,
+    augment: AugmentConfig | None = None,
 ) -> Iterator[dict]:
     """Streams shuffled, repeated batches of a TFDS split without holding it in memory.
 
@@ -506,17 +601,16 @@ def iterate_tfds(
     process_count`` records of this process's slice, and turns file shuffling off.
     ``data_config.shuffle_buffer`` sizes the shuffle buffer.
 
-    Yields dicts ``{"image": uint8 [batch_size, S, S, c], "label": int32 [batch_size]}``.
+    Yields dicts ``{"views": uint8 [batch_size, V, S, S, c], "local_views": uint8
+    [batch_size, L, s, s, c] (with local crops), "label": int32 [batch_size]}``: each
+    image's views cut from the whole decoded image (``crops.tf_training_views``) with
+    ``augment``'s sizes. Without ``augment``: ``{"image": uint8 [batch_size, S, S, c],
+    "label"}``, the images at ``data.image_size``.
     """
     _check_data_config(data_config)
     if data_config.source != "tfds":
         raise ConfigError(f"iterate_tfds streams TFDS data, not source {data_config.source!r}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if start_step < 0:
-        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    _check_stream_args(batch_size, start_step, process_index, process_count)
     tf, tfds = import_tensorflow(), _import_tfds()
     max_examples = data_config.max_examples
     builder, encoded = _tfds_builder(data_config)
@@ -552,27 +646,111 @@ def iterate_tfds(
             f"fewer than the per-process batch size {batch_size}; lower "
             "--config.optim.batch_size or raise data.max_examples"
         )
-    prepare = _prepare_fn(
-        encoded=encoded, image_size=data_config.image_size, channels=data_config.channels
+
+    def epoch_records(epoch: int):
+        ds, epoch_seed = raw_epoch(epoch)
+        return ds.shuffle(
+            min(data_config.shuffle_buffer, num_examples),
+            seed=epoch_seed,
+            reshuffle_each_iteration=False,
+        )
+
+    def load(ds):
+        if not encoded:
+            return ds
+        decode = lambda i, e: (i, {"image": _tf_decode(e["image"]), "label": e["label"]})
+        return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+
+    base_seed = crops.seed_pair(seed, process_index)
+    # Not a generator itself, so that missing data and bad arguments raise at the call.
+    return _stream(
+        epoch_records,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
+        start_step=start_step,
+        load=load,
+        finish=_finish_fn(data_config, augment, base_seed),
     )
 
-    def batches() -> Iterator[dict]:
-        epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
-        while True:
-            ds, epoch_seed = raw_epoch(epoch)
-            ds = ds.shuffle(
-                min(data_config.shuffle_buffer, num_examples),
-                seed=epoch_seed,
-                reshuffle_each_iteration=False,
-            )
-            ds = ds.take(steps_per_epoch * batch_size).skip(step_in_epoch * batch_size)
-            ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-            ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-            yield from _deterministic(ds).as_numpy_iterator()
-            epoch, step_in_epoch = epoch + 1, 0
 
-    # Not a generator itself, so that missing data and bad arguments raise at the call.
-    return batches()
+def _tf_read_or_flag(paths_and_labels):
+    """tf.data of ``(position, {"path", "label"})`` -> ``(position, {"image": uint8
+    [h, w, 3], "label", "ok", "path"})``, decoded in parallel and in order. A file that
+    cannot be read or decoded becomes a 1 x 1 black image with ``ok`` False: the example
+    keeps its place, so a batch stays a function of its step."""
+    tf = import_tensorflow()
+
+    def read(position, example):
+        def decode(e):
+            image = _tf_decode(tf.io.read_file(e["path"]))
+            return {**e, "image": image, "ok": tf.constant(True)}
+
+        good = tf.data.Dataset.from_tensors(example).map(decode).ignore_errors()
+        bad = tf.data.Dataset.from_tensors(
+            {**example, "image": tf.zeros([1, 1, 3], tf.uint8), "ok": tf.constant(False)}
+        )
+        return good.concatenate(bad).take(1).map(lambda e: (position, e))
+
+    return paths_and_labels.interleave(
+        read, cycle_length=tf.data.AUTOTUNE, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+
+
+def iterate_folder(
+    data_config: DataConfig,
+    split: str,
+    *,
+    batch_size: int,
+    seed: int,
+    start_step: int,
+    process_index: int,
+    process_count: int,
+    augment: AugmentConfig | None = None,
+) -> Iterator[dict]:
+    """Streams shuffled, repeated batches of an image folder's split, decoding each file
+    when its batch comes (ImageNet as PyTorch's scripts leave it: ``train/<class>/*.JPEG``).
+
+    The file names are listed once. ``batch_size`` is the global batch: epoch ``e`` visits
+    the files in the order ``np.random.default_rng([seed, e]).permutation(n)`` and drops its
+    last ``n % batch_size``, and process ``p`` reads the contiguous share ``[p * b, (p + 1)
+    * b)`` of each global batch (``b = batch_size // process_count``), as
+    :func:`train_batches` does in memory. tf.data reads and decodes the files in parallel,
+    in order. The views of the example at position ``step * b + i`` of process ``p`` are cut
+    under the seed ``(seed, p, step * b + i)``: a resumed run sees the same batches.
+
+    A file that cannot be read is replaced by a black image (its place is kept, so resumes
+    stay exact) and named in one warning. Yields what :func:`iterate_tfds` yields.
+    """
+    _check_data_config(data_config)
+    _check_stream_args(batch_size, start_step, process_index, process_count)
+    if batch_size % process_count:
+        raise ValueError(
+            f"global batch_size {batch_size} must be divisible by process_count {process_count}"
+        )
+    tf = import_tensorflow()
+    listing = _list_image_folder(data_config, split, data_config.max_examples)
+    n = len(listing.paths)
+    check_batch_fits(n, batch_size, listing.name)
+    steps_per_epoch, local = n // batch_size, batch_size // process_count
+    paths = np.asarray(listing.paths)
+
+    def epoch_records(epoch: int):
+        order = np.random.default_rng([seed, epoch]).permutation(n)[: steps_per_epoch * batch_size]
+        mine = order.reshape(steps_per_epoch, process_count, local)[:, process_index].reshape(-1)
+        return tf.data.Dataset.from_tensor_slices(
+            {"path": paths[mine], "label": listing.labels[mine]}
+        )
+
+    base_seed = crops.seed_pair(seed, process_index)
+    batches = _stream(
+        epoch_records,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=local,
+        start_step=start_step,
+        load=_tf_read_or_flag,
+        finish=_finish_fn(data_config, augment, base_seed),
+    )
+    return _report_bad_rows(batches, listing.split_dir, n)
 
 
 # --------------------------------------------------------------------------------------
@@ -607,11 +785,15 @@ def load_split(data_config: DataConfig, split: str, max_examples: int | None = N
 
 def training_split(data_config: DataConfig) -> tuple[Dataset | None, int]:
     """``(dataset, num_examples)`` of ``train_split``: in memory, or (streamed,
-    ``in_memory=False``) None and its size from the TFDS metadata. Missing data fails here."""
+    ``in_memory=False``) None and its size (TFDS metadata, or the folder's file list).
+    Missing data fails here."""
     _check_data_config(data_config)
     if data_config.in_memory:
         dataset = load_split(data_config, data_config.train_split)
         return dataset, len(dataset)
+    if data_config.source == "image_folder":
+        split = data_config.train_split
+        return None, len(_list_image_folder(data_config, split, data_config.max_examples).paths)
     builder, encoded = _tfds_builder(data_config)
     _tfds_dataset(builder, encoded, data_config.train_split, shuffle_seed=None)  # prepared?
     n = builder.info.splits[data_config.train_split].num_examples
@@ -625,9 +807,15 @@ def train_iterator(
     batch_size: int,
     seed: int,
     start_step: int,
+    augment: AugmentConfig | None = None,
 ) -> Iterator[dict]:
-    """This process's share of the global training batches from ``start_step`` on: over the
-    in-memory ``dataset`` (:func:`train_batches`) or streamed (:func:`iterate_tfds`)."""
+    """This process's share of the global training batches from ``start_step`` on.
+
+    In memory (``dataset`` given): ``{"image", "label"}`` batches (:func:`train_batches`);
+    the device cuts the views from the stored images. Streamed (``dataset`` None): batches
+    of views cut on the host from each original image with ``augment``'s settings
+    (:func:`iterate_tfds`, :func:`iterate_folder`). Either goes to ``augment.views_for``.
+    """
     import jax
 
     where = dict(
@@ -635,9 +823,23 @@ def train_iterator(
     )
     if dataset is not None:
         return train_batches(dataset, batch_size=batch_size, seed=seed, **where)
+    if data_config.source == "image_folder":
+        return iterate_folder(
+            data_config,
+            data_config.train_split,
+            batch_size=batch_size,
+            seed=seed,
+            augment=augment,
+            **where,
+        )
     local_batch = batch_size // jax.process_count()
     return iterate_tfds(
-        data_config, data_config.train_split, batch_size=local_batch, seed=seed, **where
+        data_config,
+        data_config.train_split,
+        batch_size=local_batch,
+        seed=seed,
+        augment=augment,
+        **where,
     )
 
 
@@ -757,13 +959,19 @@ def eval_split(
     dataset: Dataset | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    crop_size: int = 0,
 ) -> EvalSplit:
     """``split`` of the configured source as an :class:`EvalSplit` of global ``batch_size``.
 
-    Streamed with tf.data when the source is TFDS with ``in_memory=False`` (only a few
-    batches in memory at a time: ImageNet's 1.28M images are never held), else loaded with
-    :func:`load_split` (or given as ``dataset``, already loaded). ``max_examples`` (0 = all)
-    limits the split as :func:`load_split` does. The processes default to JAX's.
+    Streamed with tf.data when ``data.in_memory`` is False (only a few batches in memory at
+    a time: ImageNet's 1.28M images are never held), else loaded with :func:`load_split`
+    (or given as ``dataset``, already loaded). ``max_examples`` (0 = all) limits the split
+    as :func:`load_split` does. The processes default to JAX's.
+
+    Streamed images are DINO's evaluation view of each original image when ``crop_size`` is
+    given: the shorter side resized to ``data.image_size`` (bicubic, antialiased), then the
+    centre ``crop_size`` square (``crops.tf_eval_view``); else the ``data.image_size``
+    square. Images held in memory are stored at ``data.image_size``.
     """
     import jax
 
@@ -776,7 +984,9 @@ def eval_split(
             f"of the number of processes ({num_p}); set eval.batch_size"
         )
     local = batch_size // num_p
-    streamed = dataset is None and data_config.source == "tfds" and not data_config.in_memory
+    streamed = dataset is None and not data_config.in_memory
+    size = crop_size if streamed and crop_size else data_config.image_size
+    shape = (size, size, data_config.channels)
     if not streamed:
         if dataset is None:
             dataset = load_split(data_config, split, max_examples)
@@ -790,6 +1000,29 @@ def eval_split(
                 yield images[start : start + local], labels[start : start + local]
 
         name, num_classes = dataset.name, dataset.num_classes
+    elif data_config.source == "image_folder":
+        tf = import_tensorflow()
+        listing = _list_image_folder(data_config, split, max_examples)
+        n = len(listing.paths)
+        offsets = [q * n // num_p for q in range(num_p + 1)]
+        view = _eval_view_fn(
+            encoded=False, resize=data_config.image_size, crop=size, channels=shape[-1]
+        )
+
+        def read():
+            mine = slice(offsets[p], offsets[p + 1])
+            ds = tf.data.Dataset.from_tensor_slices(
+                {"path": listing.paths[mine], "label": listing.labels[mine]}
+            )
+            ds = _tf_read_or_flag(ds.enumerate()).map(
+                lambda i, e: {**view(e), "ok": e["ok"], "path": e["path"]},
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+            ds = _deterministic(ds.batch(local).prefetch(2)).as_numpy_iterator()
+            for batch in _report_bad_rows(ds, listing.split_dir, n):
+                yield batch["image"], batch["label"]
+
+        name, num_classes = listing.name, listing.num_classes
     else:
         tf, tfds = import_tensorflow(), _import_tfds()
         builder, encoded = _tfds_builder(data_config)
@@ -806,27 +1039,23 @@ def eval_split(
         if min(sizes) < 0:
             sizes = [builder.info.splits[s].num_examples for s in shares]
         offsets = list(np.cumsum([0, *sizes]))
-        prepare = _prepare_fn(
-            encoded=encoded, image_size=data_config.image_size, channels=data_config.channels
+        view = _eval_view_fn(
+            encoded=encoded, resize=data_config.image_size, crop=size, channels=shape[-1]
         )
 
         def read():
             ds = _tfds_dataset(builder, encoded, shares[p], shuffle_seed=None)
-            ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE)
             ds = _deterministic(ds.batch(local).prefetch(2))
             for batch in ds.as_numpy_iterator():
                 yield batch["image"], batch["label"]
 
         name, num_classes = builder.name, builder.info.features["label"].num_classes
         n = int(offsets[-1])
-        if not n:
-            raise DataError(
-                f"TFDS dataset {name!r} split {base!r} is empty; choose another "
-                f"split (it has {sorted(builder.info.splits)})"
-            )
+    if not n:
+        raise DataError(f"{name!r} split {split!r} is empty; choose another split")
     sizes = np.diff(offsets)
     num_batches = int(max(-(-int(size) // local) for size in sizes))
-    shape = (data_config.image_size, data_config.image_size, data_config.channels)
     return EvalSplit(
         name, int(n), int(num_classes), batch_size, num_batches, shape, read, int(offsets[p]), local
     )

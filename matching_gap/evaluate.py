@@ -103,6 +103,7 @@ class SplitFeatures:
                     split,
                     batch_size=self._config.eval.batch_size,
                     max_examples=self._max_examples,
+                    crop_size=self._config.augment.crop_size,
                 )
                 for split in (c.eval_train_split, c.eval_split)
             )

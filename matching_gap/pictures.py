@@ -239,9 +239,8 @@ def make_plan_batch(config, graphdef, *, max_images: int = 128):
 
     @jax.jit
     def plan_batch(params, teacher, images, step):
-        views, _ = augment.make_views(
-            jax.random.fold_in(base_key, step), images[:max_images], aug_config
-        )
+        first = jax.tree.map(lambda x: x[:max_images], images)
+        views, _ = augment.views_for(jax.random.fold_in(base_key, step), first, aug_config)
         student = nnx.merge(graphdef, params)(views[0])["predictions"]
         source = params if teacher is None else teacher
         targets = nnx.merge(graphdef, source)(views[1])["projections"]
@@ -332,6 +331,7 @@ def _load(config, split: str, max_examples: int) -> tuple[np.ndarray, np.ndarray
         max_examples=max_examples,
         process_index=0,
         process_count=1,
+        crop_size=config.augment.crop_size,
     )
     images, labels = [], []
     for batch in s.batches():

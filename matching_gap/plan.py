@@ -322,13 +322,25 @@ def compile_train_step(config, mesh, *, num_steps: int = 1000, epoch_steps: int 
     optimizer, schedules = state.make_optimizer(config, num_steps, epoch_steps)
     graphdef, abstract, shardings = state.abstract_train_state(config, optimizer, mesh)
     step = train.jit_train_step(config, graphdef, optimizer, schedules, mesh, shardings)
-    size, channels = config.data.image_size, config.data.channels
-    images = jax.ShapeDtypeStruct(
-        (config.optim.batch_size, size, size, channels),
-        jnp.uint8,
-        sharding=sharding_lib.batch_sharding(mesh),
-    )
-    return step.lower(abstract, images).compile()
+    return step.lower(abstract, abstract_batch(config, mesh)).compile()
+
+
+def abstract_batch(config, mesh):
+    """The train step's input as the run feeds it, abstract: the stored images (in memory,
+    the device cuts the views) or the host-cut views (streamed)."""
+    b, c, aug = config.optim.batch_size, config.data.channels, config.augment
+    sharding = sharding_lib.batch_sharding(mesh)
+
+    def spec(*shape):
+        return jax.ShapeDtypeStruct((b, *shape, c), jnp.uint8, sharding=sharding)
+
+    if config.data.in_memory:
+        return spec(config.data.image_size, config.data.image_size)
+    out = {"views": spec(aug.num_views, aug.crop_size, aug.crop_size)}
+    if aug.num_local_crops:
+        size = aug.local_crop_size
+        out["local_views"] = spec(aug.num_local_crops, size, size)
+    return out
 
 
 # Training-split sizes of the datasets the recipes use, so that a plan needs no data.

@@ -214,11 +214,14 @@ class DataConfig(_Section):
     train_split: str = "train"
     eval_train_split: str = "train"  # the labelled split the evaluators fit on
     eval_split: str = "test"  # the split the evaluators report on
-    image_size: int = _field(28, POSITIVE_INT)  # stored (square) size views are cropped from
+    # In memory: the (square) size images are stored at and the device cuts views from.
+    # Streamed: views are cut from the original images; the evaluation view is the shorter
+    # side resized to image_size, then the centre augment.crop_size (DINO: 256, then 224).
+    image_size: int = _field(28, POSITIVE_INT)
     channels: int = _field(1, (lambda v: v in (1, 3), "1 or 3"))
     max_examples: int = _field(0, (COUNT[0], "an integer >= 0 (0 = all)"))  # of train_split
     eval_max_examples: int = _field(0, (COUNT[0], "an integer >= 0 (0 = all)"))  # each split
-    in_memory: bool = True  # False: stream the training split with tf.data (ImageNet)
+    in_memory: bool = True  # False: stream the splits with tf.data (ImageNet): tfds, image_folder
     # Streaming, in examples: encoded ImageNet JPEGs average ~110 kB, so ~1 GB per process.
     shuffle_buffer: int = _field(10_000, POSITIVE_INT)
 
@@ -238,10 +241,10 @@ class DataConfig(_Section):
                 f"fashion_mnist_idx has splits {list(IDX_SPLITS)}; data.train_split, "
                 f"eval_train_split and eval_split are {list(splits)}."
             )
-        if not self.in_memory and self.source != "tfds":
+        if not self.in_memory and self.source not in ("tfds", "image_folder"):
             raise errors.ConfigError(
-                "data.in_memory=False streams with tf.data and needs data.source='tfds'; "
-                f"source {self.source!r} loads into memory (data.in_memory=True)."
+                "data.in_memory=False streams with tf.data and needs data.source='tfds' or "
+                f"'image_folder'; source {self.source!r} loads into memory (data.in_memory=True)."
             )
 
 

@@ -74,6 +74,16 @@ def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local)
 
 
+def model_inputs(batch: dict, mesh: Mesh):
+    """A data batch (``matching_gap.data``) as the train step takes it, split over ``mesh``:
+    the images (the device cuts the views), or the dict of host-cut ``views`` and
+    ``local_views``."""
+    if "image" in batch:
+        return global_batch(batch["image"], mesh)
+    keys = [k for k in ("views", "local_views") if k in batch]
+    return {k: global_batch(batch[k], mesh) for k in keys}
+
+
 def per_device_groups(
     loss_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, dict]], mesh: Mesh
 ) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, dict]]:

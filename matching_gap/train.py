@@ -72,7 +72,10 @@ def _forward_views(model, views: jax.Array, key: jax.Array | None) -> dict:
 
 
 def make_train_step(config, graphdef, optimizer, schedules: dict, mesh=None):
-    """Returns ``train_step(state, images) -> (state, metrics)``, pure and jittable.
+    """Returns ``train_step(state, batch) -> (state, metrics)``, pure and jittable.
+
+    ``batch``: images ``[b, H, W, c]`` held in memory, or a dict of views cut on the host
+    (``views`` ``[b, V, S, S, c]``, ``local_views``), as ``sharding.model_inputs`` gives them.
 
     The student sees every view; the targets are the global views through the EMA teacher
     (no gradient) or through the student itself. After the update the teacher moves to
@@ -83,9 +86,9 @@ def make_train_step(config, graphdef, optimizer, schedules: dict, mesh=None):
     base_key = jax.random.key(config.seed)
     objective = objectives.make_objective(config, mesh)
 
-    def train_step(state: state_lib.TrainState, images: jax.Array):
+    def train_step(state: state_lib.TrainState, batch):
         aug_key, drop_key = jax.random.split(jax.random.fold_in(base_key, state.step))
-        global_views, local_views = augment.make_views(aug_key, images, aug_config)
+        global_views, local_views = augment.views_for(aug_key, batch, aug_config)
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params)
@@ -218,6 +221,7 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
         batch_size=config.optim.batch_size,
         seed=config.seed,
         start_step=start_step,
+        augment=config.augment,
     )
     progress = metrics.Progress(writer, config.optim.batch_size, mesh.size, start_step, num_steps)
     plan_batch = None  # the transport-plan pictures: single-process matching-gap runs
@@ -232,7 +236,7 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
     pending, time_limit = [], config.train.time_limit_minutes * 60
     with checkpointing.preemption_notice() as preempted:
         for step in range(start_step + 1, num_steps + 1):
-            images = sharding_lib.global_batch(next(batches)["image"], mesh)
+            images = sharding_lib.model_inputs(next(batches), mesh)
             state, step_metrics = train_step(state, images)
             pending.append((step, step_metrics))
             log = step % config.train.log_every == 0
