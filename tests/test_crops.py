@@ -152,7 +152,9 @@ def test_training_views_are_one_bicubic_resample_of_their_box():
         assert views["views"].shape == (2, 224, 224, 3) and views["views"].dtype == np.uint8
         assert views["local_views"].shape == (10, 96, 96, 3)
         for kind, size in (("", 224), ("local_", 96)):
-            for view, (top, left, h, w) in zip(views[f"{kind}views"], views[f"{kind}boxes"]):
+            for view, (top, left, h, w) in zip(
+                views[f"{kind}views"], views[f"{kind}boxes"], strict=True
+            ):
                 crop = Image.fromarray(image[top : top + h, left : left + w])
                 expected = np.asarray(crop.resize((size, size), Image.BICUBIC)).astype(float)
                 assert np.abs(view - expected).mean() < 0.6

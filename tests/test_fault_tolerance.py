@@ -271,3 +271,65 @@ def test_augmented_probe_killed_mid_way_resumes_to_the_same_heads(tmp_path):
     )
     assert killed["augmented"]["finished"] and killed["augmented"]["step"] == 232
     assert killed["augmented"]["heads"] == straight["augmented"]["heads"]
+
+
+def _write_large_jpeg_folder(root, count: int) -> int:
+    """``root/train/{a,b}/*.JPEG``: ``count`` smooth non-square images of 480 to 960 pixels a
+    side (ImageNet's sizes and more); returns their decoded size in bytes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    total = 0
+    for i in range(count):
+        h, w = (int(v) for v in rng.integers(480, 960, 2))
+        y, x = np.mgrid[0:h, 0:w]
+        base = (x * rng.uniform(0.1, 0.5) + y * rng.uniform(0.1, 0.5)) % 256
+        pixels = np.stack([base, base[::-1], base[:, ::-1]], -1).astype(np.uint8)
+        folder = root / "train" / "ab"[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{i}.JPEG", quality=75)
+        total += h * w * 3
+    return total
+
+
+@pytest.mark.slow
+def test_a_streamed_folder_killed_and_resumed_trains_bitwise_in_bounded_memory(tmp_path):
+    """3,000 JPEGs streamed through a short run: SIGKILLed at step 12 and restarted, the run
+    ends with the parameters of an uninterrupted one, and the process never holds more than
+    a fraction of the decoded images (the in-memory loader held every one of them)."""
+    decoded = _write_large_jpeg_folder(tmp_path / "images", 3000)
+    flags = [
+        "--config.data.source=image_folder",
+        f"--config.data.data_dir={tmp_path / 'images'}",
+        "--config.data.in_memory=False",
+        "--config.data.max_examples=0",
+        "--config.optim.batch_size=64",
+        "--config.optim.num_steps=24",
+        "--config.train.checkpoint_every=5",
+    ]
+    straight = subprocess.Popen(
+        _command(tmp_path / "straight", *flags),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )
+    _, status, usage = os.wait4(straight.pid, 0)
+    assert status == 0, straight.stderr.read()[-3000:]
+    peak = usage.ru_maxrss * 1024  # kilobytes on Linux
+    assert peak < decoded / 3, (peak, decoded)
+    proc = subprocess.Popen(
+        _command(tmp_path / "killed", *flags),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    _wait_for_step(tmp_path / "killed", 12, proc)
+    proc.kill()
+    proc.communicate()
+    restarted = _run(_command(tmp_path / "killed", *flags))
+    assert "Resumed from the checkpoint at step" in restarted.stdout
+    a, b = _params(tmp_path / "straight", 24), _params(tmp_path / "killed", 24)
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
