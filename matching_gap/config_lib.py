@@ -168,6 +168,8 @@ def imagenet_recipe(variant: str = "B/16") -> ml_collections.ConfigDict:
         weight_decay=0.04,
         weight_decay_end=0.4,
         grad_clip=3.0,
+        grad_clip_mode="per_parameter",  # DINO's utils.clip_gradients
+        weight_decay_mask="dino",  # DINO's get_params_groups
     )
     c.train.update(
         log_every=100, checkpoint_every=2000, knn_every=10_000, compare_random_init=False

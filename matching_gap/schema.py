@@ -42,6 +42,13 @@ POOLINGS = ("cls", "mean")
 ATTENTIONS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16")  # the compute dtype (parameters stay float32)
 EXPORT_FORMATS = ("timm", "hf")
+# "global": one norm over all gradients (optax.clip_by_global_norm); "per_parameter": each
+# parameter tensor's gradient clipped to its own norm (DINO's utils.clip_gradients).
+GRAD_CLIP_MODES = ("global", "per_parameter")
+# Parameters without weight decay. "dino": biases and 1-D tensors (norms), DINO's
+# utils.get_params_groups; "dino_except_tokens": those and the position embeddings and the
+# CLS token too (the project's rule until 2026-12, which the demo's figures were measured with).
+WEIGHT_DECAY_MASKS = ("dino", "dino_except_tokens")
 IDX_SPLITS = ("test", "train")  # the splits of the Fashion-MNIST IDX files
 
 VIT_VARIANTS: dict[str, dict[str, int]] = {
@@ -394,6 +401,10 @@ class OptimConfig(_Section):
     weight_decay: float = _field(0.04, NON_NEGATIVE)
     weight_decay_end: float = _field(0.04, NON_NEGATIVE)  # cosine weight_decay -> this
     grad_clip: float = _field(3.0, (NON_NEGATIVE[0], ">= 0 (0 = no clipping)"))
+    # "global" by default: what every run before this field clipped with (a saved config
+    # without it resumes unchanged); the ImageNet recipes take DINO's "per_parameter".
+    grad_clip_mode: str = _field("global", one_of(GRAD_CLIP_MODES))
+    weight_decay_mask: str = _field("dino", one_of(WEIGHT_DECAY_MASKS))
     b1: float = _field(0.9, BETA)
     b2: float = _field(0.999, BETA)
 

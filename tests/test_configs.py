@@ -140,6 +140,8 @@ BAD_VALUES = [
     ("optim.weight_decay", -0.1),
     ("optim.weight_decay_end", -0.1),
     ("optim.grad_clip", -1.0),
+    ("optim.grad_clip_mode", "per_tensor"),
+    ("optim.weight_decay_mask", "timm"),
     ("optim.b1", 1.0),
     ("optim.b2", 1.0),
     ("train.log_every", 0),
