@@ -42,19 +42,21 @@ SUMMARY_FILE = "evaluation.json"
 
 
 def make_encode(
-    config, graphdef, mesh=None, *, raw_pixels: bool = False
+    config, graphdef, mesh=None, *, raw_pixels: bool = False, features: str | None = None
 ) -> Callable[[Any, jax.Array], jax.Array]:
     """Jitted ``encode(params, images) -> features``: the evaluation view (centre crop,
-    normalisation), then ``config.eval.features`` of the encoder; with ``raw_pixels``, the
-    view's pixels flattened (``params`` unused: the bar a learned encoder should clear).
-    With a ``mesh``, the features stay split over the devices like the images."""
+    normalisation), then ``features`` of the encoder (default ``config.eval.features``, see
+    ``schema.FEATURES``); with ``raw_pixels``, the view's pixels flattened (``params``
+    unused: the bar a learned encoder should clear). With a ``mesh``, the features stay
+    split over the devices like the images."""
+    kind = config.eval.features if features is None else features
 
     def encode(params, images):
         view = augment.center_view(images, config.augment)
         if raw_pixels:
             return view.reshape(view.shape[0], -1)
         model = nnx.merge(graphdef, params)
-        return model.encode(view, config.eval.features)
+        return model.encode(view, kind)
 
     if mesh is None:
         return jax.jit(encode)
@@ -77,10 +79,11 @@ class SplitFeatures:
 
     ``data.eval_train_split`` is fitted on (:meth:`fit`) and ``data.eval_split`` reported on
     (:meth:`report`), each limited to ``data.eval_max_examples`` (the quick monitor) unless
-    ``whole_splits``. Each split is encoded once for given parameters, however many
-    evaluators read it, and kept until :meth:`clear`. In-memory sources are loaded once;
-    streamed ones are read again at each extraction. ``raw_pixels``: the flattened
-    evaluation view instead of an encoder (the parameters are ignored).
+    ``whole_splits``. Each split is encoded once for given parameters and kind of features
+    (``kind``, ``schema.FEATURES``; default ``eval.features``), however many evaluators read
+    it, and kept until :meth:`clear`. In-memory sources are loaded once; streamed ones are
+    read again at each extraction. ``raw_pixels``: the flattened evaluation view instead of
+    an encoder (the parameters and the kind are ignored).
     """
 
     def __init__(
@@ -88,7 +91,11 @@ class SplitFeatures:
     ):
         self._config = config
         self._mesh = mesh
-        self._encode = make_encode(config, graphdef, mesh, raw_pixels=raw_pixels)
+        self._raw_pixels = raw_pixels
+        self._make_encode = lambda kind: make_encode(
+            config, graphdef, mesh, raw_pixels=raw_pixels, features=kind
+        )
+        self._encoders = {}  # kind of features -> jitted encode
         self._max_examples = 0 if whole_splits else config.data.eval_max_examples
         self._splits = None
         self._params, self._cache = None, {}
@@ -115,8 +122,12 @@ class SplitFeatures:
             self._splits = fit, report
         return self._splits
 
-    def extract(self, split: data.EvalSplit, params) -> evaluators.Features:
-        encode = lambda images: self._encode(params, images)
+    def extract(self, split: data.EvalSplit, params, kind: str | None = None):
+        """The features of ``split`` (:class:`evaluators.Features`), not kept."""
+        kind = self._kind(kind)
+        if kind not in self._encoders:
+            self._encoders[kind] = self._make_encode(kind)
+        encode = lambda images: self._encoders[kind](params, images)
         return evaluators.extract(
             encode,
             split.batches(),
@@ -125,41 +136,58 @@ class SplitFeatures:
             mesh=self._mesh,
         )
 
-    def fit(self, params) -> evaluators.Features:
-        return self._get(0, params)
+    def fit(self, params, kind: str | None = None) -> evaluators.Features:
+        return self._get(0, params, kind)
 
-    def report(self, params) -> evaluators.Features:
-        return self._get(1, params)
+    def report(self, params, kind: str | None = None) -> evaluators.Features:
+        return self._get(1, params, kind)
 
-    def features(self, params) -> tuple[evaluators.Features, evaluators.Features]:
+    def features(
+        self, params, kind: str | None = None
+    ) -> tuple[evaluators.Features, evaluators.Features]:
         """The features of both splits."""
-        return self.fit(params), self.report(params)
+        return self.fit(params, kind), self.report(params, kind)
 
     def clear(self, *, fit_only: bool = False) -> None:
         """Frees the kept features (those of the fitted split only: ``fit_only``)."""
-        self._cache.pop(0, None)
+        for key in [k for k in self._cache if k[0] == 0]:
+            del self._cache[key]
         if not fit_only:
             self._params, self._cache = None, {}
 
-    def _get(self, which: int, params) -> evaluators.Features:
+    def _kind(self, kind: str | None) -> str:
+        if self._raw_pixels:
+            return "raw_pixels"
+        return self._config.eval.features if kind is None else kind
+
+    def _get(self, which: int, params, kind: str | None) -> evaluators.Features:
         if params is not self._params:
             self.clear()
             self._params = params
-        if which not in self._cache:
-            self._cache[which] = self.extract(self.splits()[which], params)
-        return self._cache[which]
+        key = (which, self._kind(kind))
+        if key not in self._cache:
+            self._cache[key] = self.extract(self.splits()[which], params, key[1])
+        return self._cache[key]
 
 
 class KnnEvaluator:
-    """The weighted k-NN of ``eval.knn_k`` neighbours: yields ``knn_top1``."""
+    """The weighted k-NN of ``eval.knn_k`` neighbours on ``eval.knn_features`` (by default
+    the probes' ``eval.features``): yields ``knn_top1``."""
 
     def __init__(self, config, features: SplitFeatures):
         self.config, self.features = config, features
         self.summary = None  # the last run's settings and figures (evaluation.json)
 
     def run(self, params):
-        top1, k = knn(self.features.fit(params), self.features.report(params), self.config)
-        self.summary = {"k": k, "temperature": self.config.eval.knn_temperature, "top1": top1}
+        kind = self.config.eval.knn_feature_name()
+        fit, report = self.features.features(params, kind)
+        top1, k = knn(fit, report, self.config)
+        self.summary = {
+            "features": kind,
+            "k": k,
+            "temperature": self.config.eval.knn_temperature,
+            "top1": top1,
+        }
         yield "knn_top1", top1
 
 
@@ -274,7 +302,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     features = SplitFeatures(config, graphdef, mesh, whole_splits=True)
     fit_split, report_split = features.splits()
     metrics.log(
-        f"Evaluating the checkpoint at step {step} ({config.eval.features} features): "
+        f"Evaluating the checkpoint at step {step} ({_features_note(config, protocols)}): "
         f"{', '.join(protocols)} on {fit_split.num_examples} training and "
         f"{report_split.num_examples} evaluation images."
     )
@@ -303,6 +331,15 @@ def evaluate_workdir(config, workdir: str) -> dict:
     _write_summary(workdir, entries)
     print_summary(results)
     return entries
+
+
+def _features_note(config, protocols) -> str:
+    """``"cls_avgpool features"``, or ``"cls_avgpool features, k-NN on cls"``."""
+    note = f"{config.eval.features} features"
+    knn_kind = config.eval.knn_feature_name()
+    if "knn" in protocols and knn_kind != config.eval.features:
+        note += f", k-NN on {knn_kind}"
+    return note
 
 
 def export_workdir(config, workdir: str) -> list[str]:

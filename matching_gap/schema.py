@@ -34,7 +34,9 @@ OT_LOSSES = ("matching_gap", "m3g")  # the losses that solve OT problems (epsilo
 COSTS = ("sqeuclidean", "cosine")
 RELATIVE_EPSILON = ("", "mean", "std")
 MULTIVIEW_MODES = ("pairwise", "one_vs_rest")
-FEATURES = ("pooled", "cls_avgpool", "last4_cls", "mean_patch")  # what the evaluators see
+# What the evaluators see (``models.SSLModel.encode``).
+FEATURES = ("pooled", "cls", "cls_avgpool", "last4_cls", "mean_patch")
+CLS_FEATURES = ("cls", "cls_avgpool", "last4_cls")  # need model.pooling == "cls"
 PROTOCOLS = ("knn", "features", "augmented")  # what --mode=evaluate can run
 POOLINGS = ("cls", "mean")
 # "xla": XLA's attention (scores materialised, softmax in float32), on every device and dtype.
@@ -453,7 +455,10 @@ HOLDOUT: Rule = (
 class EvalConfig(_Section):
     section: ClassVar[str] = "eval"
     batch_size: int = _field(1024, POSITIVE_INT)  # feature extraction (a multiple of devices)
-    features: str = _field("cls_avgpool", one_of(FEATURES))
+    features: str = _field("cls_avgpool", one_of(FEATURES))  # the probes'
+    # The k-NN's features; "" = eval.features (what every run before this field used, so a
+    # saved config without it evaluates unchanged). DINO's eval_knn.py: "cls".
+    knn_features: str = _field("", one_of(("", *FEATURES)))
     protocols: str = "knn,features"  # what --mode=evaluate runs: knn, features, augmented
     knn_k: int = _field(20, POSITIVE_INT)
     knn_temperature: float = _field(0.07, POSITIVE)
@@ -483,6 +488,10 @@ class EvalConfig(_Section):
                 "(learning rate, weight decay) pairs; set eval.probe_holdout > 0 or give one "
                 "of each."
             )
+
+    def knn_feature_name(self) -> str:
+        """The features the k-NN votes on: ``knn_features``, or ``features`` when unset."""
+        return self.knn_features or self.features
 
     def protocol_names(self) -> list[str]:
         """``"knn,features"`` -> ``["knn", "features"]``."""
@@ -571,17 +580,18 @@ class Config:
                 f"augment.local_crop_size ({aug.local_crop_size}) must be a multiple of the "
                 f"patch size ({sizes['patch_size']}): the ViT cuts every crop into whole patches."
             )
-        features = self.eval.features
-        if features in ("cls_avgpool", "last4_cls") and model.pooling != "cls":
-            raise errors.ConfigError(
-                f"eval.features={features!r} needs model.pooling='cls', got {model.pooling!r}; "
-                "set eval.features='pooled' or 'mean_patch'."
-            )
-        if features == "last4_cls" and sizes["depth"] < 4:
-            raise errors.ConfigError(
-                f"eval.features='last4_cls' needs 4 blocks, the model has {sizes['depth']}; "
-                "choose another eval.features."
-            )
+        for key in ("features", "knn_features"):
+            features = getattr(self.eval, key)
+            if features in CLS_FEATURES and model.pooling != "cls":
+                raise errors.ConfigError(
+                    f"eval.{key}={features!r} needs model.pooling='cls', got "
+                    f"{model.pooling!r}; set eval.{key}='pooled' or 'mean_patch'."
+                )
+            if features == "last4_cls" and sizes["depth"] < 4:
+                raise errors.ConfigError(
+                    f"eval.{key}='last4_cls' needs 4 blocks, the model has {sizes['depth']}; "
+                    f"choose another eval.{key}."
+                )
         self._check_views()
         loss, batch = self.loss, self.optim.batch_size
         if loss.name in OT_LOSSES and loss.group_size and batch % loss.group_size:

@@ -122,6 +122,48 @@ def test_the_monitor_and_evaluate_mode_give_the_same_figures(tmp_path):
     assert written[-1]["eval/knn_top1"] == pytest.approx(entries["knn"]["top1"])
 
 
+def test_the_knn_votes_on_its_own_features_and_the_probe_on_eval_features(trained, monkeypatch):
+    from flax import nnx
+
+    from matching_gap import augment
+
+    config = smoke_config()
+    config.eval.knn_features = "cls"  # the probe's: cls_avgpool
+    config = schema.parse(config)
+    graphdef, params, _ = state_lib.restore_encoder(config, str(trained))
+    seen = {}
+
+    def record(name, value):
+        def fn(fit, report, *args, **kwargs):
+            seen[name] = (fit, report)
+            return value
+
+        return fn
+
+    monkeypatch.setattr(evaluate, "knn", record("knn", (0.5, 5)))
+    monkeypatch.setattr(evaluate, "linear_probe", record("probe", None))
+    mesh = sharding_lib.make_mesh()
+    with mocked():
+        features = evaluate.SplitFeatures(config, graphdef, mesh, whole_splits=True)
+        suite = [
+            evaluate.KnnEvaluator(config, features),
+            evaluate.LinearProbeEvaluator(config, features),
+        ]
+        assert evaluate.run(suite, params) == {"eval/knn_top1": 0.5}
+        batches = list(features.splits()[0].batches())
+    images = np.concatenate([b["image"] for b in batches])
+    real = np.concatenate([b["mask"] for b in batches]).astype(bool)
+    view = augment.center_view(jax.numpy.asarray(images), config.augment)
+    model = nnx.merge(graphdef, params)
+    for name, kind in (("knn", "cls"), ("probe", "cls_avgpool")):
+        fit = seen[name][0]
+        got = evaluators.to_host(fit.features).reshape(len(images), -1)
+        want = np.asarray(model.encode(view, kind))
+        assert got.shape == want.shape, name
+        np.testing.assert_allclose(got[real], want[real], rtol=1e-4, atol=1e-5, err_msg=name)
+    assert suite[0].summary["features"] == "cls"
+
+
 def heads_at(workdir, step):
     path = os.path.join(workdir, "linear_eval", "checkpoints", str(step), "default")
     return ocp.StandardCheckpointer().restore(os.path.abspath(path))["heads"]
