@@ -1,4 +1,5 @@
-"""The train state: the evaluated encoder restored from a checkpoint without the rest."""
+"""The train state: the evaluated encoder restored from a checkpoint without the rest, and the
+optimiser (DINO's clipping and weight-decay rules, checkpoints of the earlier optimiser)."""
 
 import os
 
