@@ -57,16 +57,25 @@ class AugmentedSettings:
         return out
 
 
-def run(config, graphdef, params, test: evaluators.Features, workdir: str) -> dict:
-    """Trains the heads (resuming from ``<workdir>/linear_eval``) and, when done, scores
-    them on ``test`` (centre-crop features of the evaluation split).
+def run(
+    config,
+    graphdef,
+    params,
+    test: evaluators.Features,
+    workdir: str,
+    *,
+    folder: str = "linear_eval",
+) -> dict:
+    """Trains the heads (resuming from ``<workdir>/<folder>``: one folder per evaluated
+    dataset) and, when done, scores them on ``test`` (centre-crop features of the
+    evaluation split).
 
     Returns a summary: ``finished``, ``step``, ``num_steps`` and, when finished, ``top1``
     (the best head), its ``learning_rate`` and ``heads`` (every head's top-1).
     """
     settings = AugmentedSettings.from_eval(config.eval)
     mesh = test.features.sharding.mesh
-    directory = storage.path(workdir, "linear_eval")
+    directory = storage.path(workdir, folder)
     data_config = dataclasses.replace(
         config.data,
         train_split=config.data.eval_train_split,

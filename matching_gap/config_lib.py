@@ -102,8 +102,9 @@ def make_smoke(config: ml_collections.ConfigDict, *, image_size: int = 32) -> No
     if config.loss.group_size:
         config.loss.group_size = 4  # divides the per-device batch on 4 simulated devices
     config.train.update(log_every=1, checkpoint_every=2, knn_every=2, pictures=False, plan_every=0)
-    if config.eval.features == "last4_cls":  # the smoke model has 2 blocks
-        config.eval.features = "cls_avgpool"
+    for key in ("features", "knn_features"):
+        if config.eval[key] == "last4_cls":  # the smoke model has 2 blocks
+            config.eval[key] = "cls_avgpool"
     config.eval.update(
         batch_size=32,
         knn_k=5,
@@ -168,12 +169,18 @@ def imagenet_recipe(variant: str = "B/16") -> ml_collections.ConfigDict:
         weight_decay=0.04,
         weight_decay_end=0.4,
         grad_clip=3.0,
+        grad_clip_mode="per_parameter",  # DINO's utils.clip_gradients
+        weight_decay_mask="dino",  # DINO's get_params_groups
     )
     c.train.update(
         log_every=100, checkpoint_every=2000, knn_every=10_000, compare_random_init=False
     )
     c.eval.update(
         batch_size=512,
+        # DINO's eval_linear.py for ViT-B: the last block's CLS token and its patch tokens'
+        # mean (n_last_blocks=1, avgpool_patchtokens=True); ViT-S: configs/vits16.py.
+        features="cls_avgpool",
+        knn_features="cls",  # DINO's eval_knn.py: the CLS token (model(samples))
         knn_k=20,
         probe_epochs=20,
         protocols="knn,features,augmented",

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -38,23 +40,26 @@ from matching_gap import (
 )
 from matching_gap import sharding as sharding_lib
 
-SUMMARY_FILE = "evaluation.json"
+SUMMARY_FILE = "evaluation.json"  # the pretraining dataset's evaluation
+PROBE_DIR = "linear_eval"  # the pretraining dataset's augmented probe
 
 
 def make_encode(
-    config, graphdef, mesh=None, *, raw_pixels: bool = False
+    config, graphdef, mesh=None, *, raw_pixels: bool = False, features: str | None = None
 ) -> Callable[[Any, jax.Array], jax.Array]:
     """Jitted ``encode(params, images) -> features``: the evaluation view (centre crop,
-    normalisation), then ``config.eval.features`` of the encoder; with ``raw_pixels``, the
-    view's pixels flattened (``params`` unused: the bar a learned encoder should clear).
-    With a ``mesh``, the features stay split over the devices like the images."""
+    normalisation), then ``features`` of the encoder (default ``config.eval.features``, see
+    ``schema.FEATURES``); with ``raw_pixels``, the view's pixels flattened (``params``
+    unused: the bar a learned encoder should clear). With a ``mesh``, the features stay
+    split over the devices like the images."""
+    kind = config.eval.features if features is None else features
 
     def encode(params, images):
         view = augment.center_view(images, config.augment)
         if raw_pixels:
             return view.reshape(view.shape[0], -1)
         model = nnx.merge(graphdef, params)
-        return model.encode(view, config.eval.features)
+        return model.encode(view, kind)
 
     if mesh is None:
         return jax.jit(encode)
@@ -77,10 +82,11 @@ class SplitFeatures:
 
     ``data.eval_train_split`` is fitted on (:meth:`fit`) and ``data.eval_split`` reported on
     (:meth:`report`), each limited to ``data.eval_max_examples`` (the quick monitor) unless
-    ``whole_splits``. Each split is encoded once for given parameters, however many
-    evaluators read it, and kept until :meth:`clear`. In-memory sources are loaded once;
-    streamed ones are read again at each extraction. ``raw_pixels``: the flattened
-    evaluation view instead of an encoder (the parameters are ignored).
+    ``whole_splits``. Each split is encoded once for given parameters and kind of features
+    (``kind``, ``schema.FEATURES``; default ``eval.features``), however many evaluators read
+    it, and kept until :meth:`clear`. In-memory sources are loaded once; streamed ones are
+    read again at each extraction. ``raw_pixels``: the flattened evaluation view instead of
+    an encoder (the parameters and the kind are ignored).
     """
 
     def __init__(
@@ -88,7 +94,11 @@ class SplitFeatures:
     ):
         self._config = config
         self._mesh = mesh
-        self._encode = make_encode(config, graphdef, mesh, raw_pixels=raw_pixels)
+        self._raw_pixels = raw_pixels
+        self._make_encode = lambda kind: make_encode(
+            config, graphdef, mesh, raw_pixels=raw_pixels, features=kind
+        )
+        self._encoders = {}  # kind of features -> jitted encode
         self._max_examples = 0 if whole_splits else config.data.eval_max_examples
         self._splits = None
         self._params, self._cache = None, {}
@@ -116,8 +126,12 @@ class SplitFeatures:
             self._splits = fit, report
         return self._splits
 
-    def extract(self, split: data.EvalSplit, params) -> evaluators.Features:
-        encode = lambda images: self._encode(params, images)
+    def extract(self, split: data.EvalSplit, params, kind: str | None = None):
+        """The features of ``split`` (:class:`evaluators.Features`), not kept."""
+        kind = self._kind(kind)
+        if kind not in self._encoders:
+            self._encoders[kind] = self._make_encode(kind)
+        encode = lambda images: self._encoders[kind](params, images)
         return evaluators.extract(
             encode,
             split.batches(),
@@ -126,41 +140,58 @@ class SplitFeatures:
             mesh=self._mesh,
         )
 
-    def fit(self, params) -> evaluators.Features:
-        return self._get(0, params)
+    def fit(self, params, kind: str | None = None) -> evaluators.Features:
+        return self._get(0, params, kind)
 
-    def report(self, params) -> evaluators.Features:
-        return self._get(1, params)
+    def report(self, params, kind: str | None = None) -> evaluators.Features:
+        return self._get(1, params, kind)
 
-    def features(self, params) -> tuple[evaluators.Features, evaluators.Features]:
+    def features(
+        self, params, kind: str | None = None
+    ) -> tuple[evaluators.Features, evaluators.Features]:
         """The features of both splits."""
-        return self.fit(params), self.report(params)
+        return self.fit(params, kind), self.report(params, kind)
 
     def clear(self, *, fit_only: bool = False) -> None:
         """Frees the kept features (those of the fitted split only: ``fit_only``)."""
-        self._cache.pop(0, None)
+        for key in [k for k in self._cache if k[0] == 0]:
+            del self._cache[key]
         if not fit_only:
             self._params, self._cache = None, {}
 
-    def _get(self, which: int, params) -> evaluators.Features:
+    def _kind(self, kind: str | None) -> str:
+        if self._raw_pixels:
+            return "raw_pixels"
+        return self._config.eval.features if kind is None else kind
+
+    def _get(self, which: int, params, kind: str | None) -> evaluators.Features:
         if params is not self._params:
             self.clear()
             self._params = params
-        if which not in self._cache:
-            self._cache[which] = self.extract(self.splits()[which], params)
-        return self._cache[which]
+        key = (which, self._kind(kind))
+        if key not in self._cache:
+            self._cache[key] = self.extract(self.splits()[which], params, key[1])
+        return self._cache[key]
 
 
 class KnnEvaluator:
-    """The weighted k-NN of ``eval.knn_k`` neighbours: yields ``knn_top1``."""
+    """The weighted k-NN of ``eval.knn_k`` neighbours on ``eval.knn_features`` (by default
+    the probes' ``eval.features``): yields ``knn_top1``."""
 
     def __init__(self, config, features: SplitFeatures):
         self.config, self.features = config, features
         self.summary = None  # the last run's settings and figures (evaluation.json)
 
     def run(self, params):
-        top1, k = knn(self.features.fit(params), self.features.report(params), self.config)
-        self.summary = {"k": k, "temperature": self.config.eval.knn_temperature, "top1": top1}
+        kind = self.config.eval.knn_feature_name()
+        fit, report = self.features.features(params, kind)
+        top1, k = knn(fit, report, self.config)
+        self.summary = {
+            "features": kind,
+            "k": k,
+            "temperature": self.config.eval.knn_temperature,
+            "top1": top1,
+        }
         yield "knn_top1", top1
 
 
@@ -189,16 +220,18 @@ class AugmentedProbeEvaluator:
     """The ``augmented`` probe (``matching_gap.augmented_probe``, resumable in ``workdir``):
     yields ``augmented_probe_top1`` once it has finished."""
 
-    def __init__(self, config, features: SplitFeatures, graphdef, workdir: str):
+    def __init__(
+        self, config, features: SplitFeatures, graphdef, workdir: str, *, folder: str = PROBE_DIR
+    ):
         self.config, self.features = config, features
-        self._graphdef, self._workdir = graphdef, workdir
+        self._graphdef, self._workdir, self._folder = graphdef, workdir, folder
         self.summary = None
 
     def run(self, params):
         report = self.features.report(params)
         self.features.clear(fit_only=True)  # not needed here: freed before the long probe
         self.summary = augmented_probe.run(
-            self.config, self._graphdef, params, report, self._workdir
+            self.config, self._graphdef, params, report, self._workdir, folder=self._folder
         )
         if self.summary["finished"]:
             yield "augmented_probe_top1", self.summary["top1"]
@@ -242,12 +275,12 @@ def linear_probe(fit, report, config) -> evaluators.ProbeResult | None:
         return None
 
 
-def print_summary(results: dict) -> None:
+def print_summary(results: dict, prefix: str = "eval/") -> None:
     lines = ["", "Linear probe and k-NN top-1 on the evaluation split:"]
     for kind in ("linear_probe_top1", "knn_top1", "augmented_probe_top1"):
-        trained = results.get(f"eval/{kind}")
-        random_init = results.get(f"eval/random_init_{kind}")
-        raw_pixels = results.get(f"eval/raw_pixels_{kind}")
+        trained = results.get(f"{prefix}{kind}")
+        random_init = results.get(f"{prefix}random_init_{kind}")
+        raw_pixels = results.get(f"{prefix}raw_pixels_{kind}")
         if trained is None:
             continue
         line = f"  {kind:<20} trained {100 * trained:6.2f}%"
@@ -259,35 +292,96 @@ def print_summary(results: dict) -> None:
     metrics.log("\n".join(lines))
 
 
+@dataclasses.dataclass(frozen=True)
+class Destination:
+    """Where an evaluation's figures go: ``<workdir>/<summary_file>``, metric keys
+    ``<prefix><name>`` and the augmented probe's folder ``<workdir>/<probe_dir>``."""
+
+    dataset: str  # the data's name: the TFDS name, fashion_mnist or the image folder's
+    tag: str  # "" for the pretraining dataset, else "<dataset>_<eval_split>"
+    summary_file: str
+    prefix: str
+    probe_dir: str
+
+
+def dataset_name(data_config: schema.DataConfig) -> str:
+    """The evaluated images' name: ``data.name`` for TFDS, ``fashion_mnist`` for the IDX
+    files, the folder's name for an image folder."""
+    if data_config.source == "image_folder":
+        return os.path.basename(os.path.normpath(data_config.data_dir)) or "image_folder"
+    if data_config.source == "fashion_mnist_idx":
+        return "fashion_mnist"
+    return data_config.name
+
+
+def destination(config, workdir: str) -> Destination:
+    """The pretraining dataset's evaluation (the run's ``config.json`` has the same data
+    name and evaluation splits, or there is none) keeps the original names:
+    ``evaluation.json``, ``eval/knn_top1``, ``linear_eval/``. Any other (a transfer
+    evaluation: ``--config.data.name=cifar10``, or another split) gets its own, named by
+    ``tag = <dataset>_<eval_split>``: ``evaluation_<tag>.json``, ``eval/<tag>/knn_top1``,
+    ``linear_eval_<tag>/``."""
+    data_config = config.data
+    name = dataset_name(data_config)
+    evaluated = (name, data_config.eval_train_split, data_config.eval_split)
+    path = storage.path(workdir, "config.json")
+    home = True
+    if path.exists():
+        try:
+            trained = schema.parse(json.loads(path.read_text())).data
+        except (OSError, ValueError, errors.ConfigError) as e:
+            raise errors.WorkdirError(
+                f"{path} cannot be read ({e}); it says which dataset the run was trained "
+                "on, so that another one's figures do not replace its own. Restore that file."
+            ) from e
+        home = evaluated == (dataset_name(trained), trained.eval_train_split, trained.eval_split)
+    if home:
+        return Destination(name, "", SUMMARY_FILE, "eval/", PROBE_DIR)
+    tag = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{name}_{data_config.eval_split}").strip("-")
+    return Destination(name, tag, f"evaluation_{tag}.json", f"eval/{tag}/", f"{PROBE_DIR}_{tag}")
+
+
 def evaluate_workdir(config, workdir: str) -> dict:
     """``--mode=evaluate``: the protocols of ``eval.protocols`` on the whole evaluation
     splits, for the newest checkpoint of ``workdir`` (no training).
 
     The figures go to ``metrics.jsonl`` (at the checkpoint's step) and, with each protocol's
-    settings, to ``<workdir>/evaluation.json`` (entries of earlier calls for other protocols
-    are kept). Returns that summary.
+    settings, to the summary file; on the run's own dataset ``eval/knn_top1``, ... and
+    ``<workdir>/evaluation.json``, on any other dataset or split (transfer) keys and a file
+    of its own (:func:`destination`: ``eval/cifar10_test/knn_top1``,
+    ``evaluation_cifar10_test.json``). Earlier results are never replaced: a summary keeps
+    the entries of other protocols, and an earlier entry of the same protocol that differs
+    from the new one moves to the file's ``"earlier"`` list (an unfinished augmented probe's
+    progress excepted: it is not a result). Returns the new entries.
     """
     config = schema.parse(config)
     protocols = config.eval.protocol_names()
     mesh = sharding_lib.make_mesh()
     schema.check_devices(config, mesh.size)
+    where = destination(config, workdir)  # before the long work: config.json is readable
     graphdef, params, step = state.restore_encoder(config, workdir, mesh)
     features = SplitFeatures(config, graphdef, mesh, whole_splits=True)
     fit_split, report_split = features.splits()
+    on = f"{where.dataset} ({where.tag}): " if where.tag else ""
     metrics.log(
-        f"Evaluating the checkpoint at step {step} ({config.eval.features} features): "
-        f"{', '.join(protocols)} on {fit_split.num_examples} training and "
+        f"Evaluating the checkpoint at step {step} ({_features_note(config, protocols)}): "
+        f"{', '.join(protocols)} on {on}{fit_split.num_examples} training and "
         f"{report_split.num_examples} evaluation images."
     )
     chosen = {
         "knn": lambda: KnnEvaluator(config, features),
         "features": lambda: LinearProbeEvaluator(config, features),
-        "augmented": lambda: AugmentedProbeEvaluator(config, features, graphdef, workdir),
+        "augmented": lambda: AugmentedProbeEvaluator(
+            config, features, graphdef, workdir, folder=where.probe_dir
+        ),
     }
     chosen = {name: make() for name, make in chosen.items() if name in protocols}
-    results = run(list(chosen.values()), params)
+    results = run(list(chosen.values()), params, prefix=where.prefix)
     common = {
         "step": step,
+        "dataset": where.dataset,
+        "train_split": config.data.eval_train_split,
+        "eval_split": config.data.eval_split,
         "features": config.eval.features,
         "train_examples": fit_split.num_examples,
         "eval_examples": report_split.num_examples,
@@ -301,9 +395,18 @@ def evaluate_workdir(config, workdir: str) -> dict:
         writer = metrics.create_writer(workdir)
         writer.write_scalars(step, results)
         writer.close()
-    _write_summary(workdir, entries)
-    print_summary(results)
+    _write_summary(workdir, entries, where.summary_file)
+    print_summary(results, where.prefix)
     return entries
+
+
+def _features_note(config, protocols) -> str:
+    """``"cls_avgpool features"``, or ``"cls_avgpool features, k-NN on cls"``."""
+    note = f"{config.eval.features} features"
+    knn_kind = config.eval.knn_feature_name()
+    if "knn" in protocols and knn_kind != config.eval.features:
+        note += f", k-NN on {knn_kind}"
+    return note
 
 
 def export_workdir(config, workdir: str) -> list[str]:
@@ -337,18 +440,28 @@ def export_workdir(config, workdir: str) -> list[str]:
     return paths
 
 
-def _write_summary(workdir: str, entries: dict) -> None:
-    """Merges ``entries`` (protocol -> figures) into ``<workdir>/evaluation.json``."""
+EARLIER = "earlier"  # a summary's list of the entries later evaluations superseded
+
+
+def _write_summary(workdir: str, entries: dict, name: str = SUMMARY_FILE) -> None:
+    """Merges ``entries`` (protocol -> figures) into ``<workdir>/<name>``; an earlier entry
+    that differs from its replacement is appended to the ``"earlier"`` list (with its
+    ``protocol``), unless it was an unfinished augmented probe's progress."""
     if jax.process_index() != 0:
         return
-    path = storage.path(workdir, SUMMARY_FILE)
+    path = storage.path(workdir, name)
     summary = {}
     if path.exists():
         try:
             summary = json.loads(path.read_text())
         except (OSError, ValueError):
             path.replace(path.parent / f"{path.name}.unreadable")  # kept, not lost
-    summary.update(entries)
+    for protocol, entry in entries.items():
+        before = summary.get(protocol)
+        unfinished = before is not None and before.get("finished") is False
+        if before is not None and before != entry and not unfinished:
+            summary.setdefault(EARLIER, []).append({"protocol": protocol, **before})
+        summary[protocol] = entry
     storage.write_text(path, json.dumps(summary, indent=2))
     metrics.log(f"Wrote {path}.")
 

@@ -432,6 +432,8 @@ class SSLModel(nnx.Module):
         """Deterministic encoder features for evaluation (linear probe, k-NN).
 
         ``features="pooled"``: the encoder output (CLS token or mean of tokens), [b, width].
+        ``"cls"``: the CLS token after the final norm, [b, width], what DINO's k-NN
+        (``eval_knn.py``: ``model(samples)``) votes on (CLS models only).
         ``"cls_avgpool"``: the CLS token concatenated with the mean of the patch tokens,
         [b, 2 * width], DINO's linear-evaluation features for ViT-B (CLS models only).
         ``"last4_cls"``: the CLS tokens of the last 4 blocks (each after the final norm),
@@ -440,6 +442,10 @@ class SSLModel(nnx.Module):
         """
         if features == "pooled":
             return self.encoder(images, key=None)
+        if features == "cls":
+            if self.encoder.pooling != "cls":
+                raise ValueError('features="cls" needs a model with pooling="cls".')
+            return self.encoder.tokens(images)[:, 0].astype(jnp.float32)
         if features == "mean_patch":
             tokens = self.encoder.tokens(images).astype(jnp.float32)
             start = 1 if self.encoder.pooling == "cls" else 0

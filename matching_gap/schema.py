@@ -34,7 +34,9 @@ OT_LOSSES = ("matching_gap", "m3g")  # the losses that solve OT problems (epsilo
 COSTS = ("sqeuclidean", "cosine")
 RELATIVE_EPSILON = ("", "mean", "std")
 MULTIVIEW_MODES = ("pairwise", "one_vs_rest")
-FEATURES = ("pooled", "cls_avgpool", "last4_cls", "mean_patch")  # what the evaluators see
+# What the evaluators see (``models.SSLModel.encode``).
+FEATURES = ("pooled", "cls", "cls_avgpool", "last4_cls", "mean_patch")
+CLS_FEATURES = ("cls", "cls_avgpool", "last4_cls")  # need model.pooling == "cls"
 PROTOCOLS = ("knn", "features", "augmented")  # what --mode=evaluate can run
 POOLINGS = ("cls", "mean")
 # "xla": XLA's attention (scores materialised, softmax in float32), on every device and dtype.
@@ -42,6 +44,13 @@ POOLINGS = ("cls", "mean")
 ATTENTIONS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16")  # the compute dtype (parameters stay float32)
 EXPORT_FORMATS = ("timm", "hf")
+# "global": one norm over all gradients (optax.clip_by_global_norm); "per_parameter": each
+# parameter tensor's gradient clipped to its own norm (DINO's utils.clip_gradients).
+GRAD_CLIP_MODES = ("global", "per_parameter")
+# Parameters without weight decay. "dino": biases and 1-D tensors (norms), DINO's
+# utils.get_params_groups; "dino_except_tokens": those and the position embeddings and the
+# CLS token too (the project's rule until 2026-12, which the demo's figures were measured with).
+WEIGHT_DECAY_MASKS = ("dino", "dino_except_tokens")
 IDX_SPLITS = ("test", "train")  # the splits of the Fashion-MNIST IDX files
 
 VIT_VARIANTS: dict[str, dict[str, int]] = {
@@ -397,6 +406,10 @@ class OptimConfig(_Section):
     weight_decay: float = _field(0.04, NON_NEGATIVE)
     weight_decay_end: float = _field(0.04, NON_NEGATIVE)  # cosine weight_decay -> this
     grad_clip: float = _field(3.0, (NON_NEGATIVE[0], ">= 0 (0 = no clipping)"))
+    # "global" by default: what every run before this field clipped with (a saved config
+    # without it resumes unchanged); the ImageNet recipes take DINO's "per_parameter".
+    grad_clip_mode: str = _field("global", one_of(GRAD_CLIP_MODES))
+    weight_decay_mask: str = _field("dino", one_of(WEIGHT_DECAY_MASKS))
     b1: float = _field(0.9, BETA)
     b2: float = _field(0.999, BETA)
 
@@ -445,7 +458,10 @@ HOLDOUT: Rule = (
 class EvalConfig(_Section):
     section: ClassVar[str] = "eval"
     batch_size: int = _field(1024, POSITIVE_INT)  # feature extraction (a multiple of devices)
-    features: str = _field("cls_avgpool", one_of(FEATURES))
+    features: str = _field("cls_avgpool", one_of(FEATURES))  # the probes'
+    # The k-NN's features; "" = eval.features (what every run before this field used, so a
+    # saved config without it evaluates unchanged). DINO's eval_knn.py: "cls".
+    knn_features: str = _field("", one_of(("", *FEATURES)))
     protocols: str = "knn,features"  # what --mode=evaluate runs: knn, features, augmented
     knn_k: int = _field(20, POSITIVE_INT)
     knn_temperature: float = _field(0.07, POSITIVE)
@@ -475,6 +491,10 @@ class EvalConfig(_Section):
                 "(learning rate, weight decay) pairs; set eval.probe_holdout > 0 or give one "
                 "of each."
             )
+
+    def knn_feature_name(self) -> str:
+        """The features the k-NN votes on: ``knn_features``, or ``features`` when unset."""
+        return self.knn_features or self.features
 
     def protocol_names(self) -> list[str]:
         """``"knn,features"`` -> ``["knn", "features"]``."""
@@ -563,17 +583,18 @@ class Config:
                 f"augment.local_crop_size ({aug.local_crop_size}) must be a multiple of the "
                 f"patch size ({sizes['patch_size']}): the ViT cuts every crop into whole patches."
             )
-        features = self.eval.features
-        if features in ("cls_avgpool", "last4_cls") and model.pooling != "cls":
-            raise errors.ConfigError(
-                f"eval.features={features!r} needs model.pooling='cls', got {model.pooling!r}; "
-                "set eval.features='pooled' or 'mean_patch'."
-            )
-        if features == "last4_cls" and sizes["depth"] < 4:
-            raise errors.ConfigError(
-                f"eval.features='last4_cls' needs 4 blocks, the model has {sizes['depth']}; "
-                "choose another eval.features."
-            )
+        for key in ("features", "knn_features"):
+            features = getattr(self.eval, key)
+            if features in CLS_FEATURES and model.pooling != "cls":
+                raise errors.ConfigError(
+                    f"eval.{key}={features!r} needs model.pooling='cls', got "
+                    f"{model.pooling!r}; set eval.{key}='pooled' or 'mean_patch'."
+                )
+            if features == "last4_cls" and sizes["depth"] < 4:
+                raise errors.ConfigError(
+                    f"eval.{key}='last4_cls' needs 4 blocks, the model has {sizes['depth']}; "
+                    f"choose another eval.{key}."
+                )
         self._check_views()
         loss, batch = self.loss, self.optim.batch_size
         if loss.name in OT_LOSSES and loss.group_size and batch % loss.group_size:

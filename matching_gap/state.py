@@ -47,10 +47,60 @@ def _cosine(start: float, end: float, steps: int) -> Callable[[jax.Array], jax.A
     return schedule
 
 
-def make_optimizer(config, num_steps: int, epoch_steps: int) -> tuple[Any, dict]:
-    """AdamW with linear warm-up + cosine decay, a cosine weight-decay schedule and clipping.
+def clip_per_parameter(max_norm: float) -> optax.GradientTransformation:
+    """Each parameter tensor's gradient clipped to L2 norm ``max_norm`` on its own, DINO's
+    ``utils.clip_gradients``: ``g *= c`` where ``c = max_norm / (||g|| + 1e-6) < 1``.
 
-    Biases, norms, the CLS token and position embeddings get no weight decay (as DINO).
+    Stateless (``optax.EmptyState``, as ``optax.clip_by_global_norm``), so the optimiser
+    state has the same structure whichever clipping a run uses.
+    """
+
+    def clip(g):
+        coef = max_norm / (jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))) + 1e-6)
+        return jnp.where(coef < 1.0, g * coef.astype(g.dtype), g)
+
+    return optax.stateless(lambda updates, params=None: jax.tree.map(clip, updates))
+
+
+def gradient_clipping(optim: schema.OptimConfig) -> optax.GradientTransformation:
+    """``optim.grad_clip`` applied as ``optim.grad_clip_mode`` says (see
+    :data:`schema.GRAD_CLIP_MODES`); ``grad_clip=0`` clips nothing."""
+    # Clipping stays in the chain when off (an infinite norm) so that the optimiser state
+    # has one structure whatever the setting, and checkpoints restore across it.
+    max_norm = optim.grad_clip if optim.grad_clip > 0 else float("inf")
+    if optim.grad_clip_mode == "per_parameter":
+        return clip_per_parameter(max_norm)
+    return optax.clip_by_global_norm(max_norm)
+
+
+_TOKENS = ("pos_embed", "cls_token")  # also matches cls_pos_embed
+
+
+def decay_mask(params, rule: str = "dino") -> Any:
+    """True for the parameters that get weight decay under ``rule``
+    (:data:`schema.WEIGHT_DECAY_MASKS`).
+
+    ``"dino"``: every parameter but biases and 1-D tensors (LayerNorm / BatchNorm scales),
+    DINO's ``get_params_groups``: ``name.endswith(".bias") or len(param.shape) == 1``. The
+    CLS token and the position embeddings (3-D here as in DINO) are decayed.
+    ``"dino_except_tokens"``: nor the position embeddings and the CLS token.
+    """
+
+    def decayed(path, x):
+        name = path[-1].key if path and hasattr(path[-1], "key") else ""
+        if name == "bias" or x.ndim == 1:
+            return False
+        if rule == "dino_except_tokens":
+            return not any(t in jax.tree_util.keystr(path) for t in _TOKENS)
+        return True
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def make_optimizer(config, num_steps: int, epoch_steps: int) -> tuple[Any, dict]:
+    """Clipping (:func:`gradient_clipping`), then AdamW with linear warm-up + cosine decay
+    and a cosine weight-decay schedule on the parameters :func:`decay_mask` selects.
+
     The learning rate scales linearly with the batch: ``base_lr * batch_size / 256``.
     """
     o = config.optim
@@ -61,18 +111,9 @@ def make_optimizer(config, num_steps: int, epoch_steps: int) -> tuple[Any, dict]
     else:
         lr = optax.cosine_decay_schedule(peak, num_steps, alpha=o.min_lr / peak)
     wd = _cosine(o.weight_decay, o.weight_decay_end, num_steps)
-
-    def decay_mask(params):
-        exempt = ("pos_embed", "cls_token")
-        return jax.tree_util.tree_map_with_path(
-            lambda path, x: x.ndim > 1 and not any(n in jax.tree_util.keystr(path) for n in exempt),
-            params,
-        )
-
-    # Clipping stays in the chain when off (an infinite norm) so that the optimiser state
-    # has one structure whatever the setting, and checkpoints restore across it.
-    clip = optax.clip_by_global_norm(o.grad_clip if o.grad_clip > 0 else float("inf"))
-    chain = optax.chain(clip, optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=wd, mask=decay_mask))
+    mask = lambda params: decay_mask(params, o.weight_decay_mask)
+    adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=wd, mask=mask)
+    chain = optax.chain(gradient_clipping(o), adamw)
     momentum = _cosine(config.teacher.momentum, config.teacher.momentum_end, num_steps)
     return chain, {"lr": lr, "weight_decay": wd, "momentum": momentum}
 

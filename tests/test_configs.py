@@ -140,6 +140,8 @@ BAD_VALUES = [
     ("optim.weight_decay", -0.1),
     ("optim.weight_decay_end", -0.1),
     ("optim.grad_clip", -1.0),
+    ("optim.grad_clip_mode", "per_tensor"),
+    ("optim.weight_decay_mask", "timm"),
     ("optim.b1", 1.0),
     ("optim.b2", 1.0),
     ("train.log_every", 0),
@@ -151,6 +153,7 @@ BAD_VALUES = [
     ("train.plan_every", -1),
     ("eval.batch_size", 0),
     ("eval.features", "last4"),
+    ("eval.knn_features", "patch"),
     ("eval.knn_k", 0),
     ("eval.knn_temperature", 0.0),
     ("eval.probe_epochs", 0),
@@ -272,6 +275,7 @@ def test_config_lib_imports_only_the_schema():
         ("loss.cost", "l1"),
         ("loss.multiview_mode", "all"),
         ("eval.features", "last4"),
+        ("eval.knn_features", "patch"),
         ("data.source", "csv"),
         ("export.format", "onnx"),
     ],
@@ -331,6 +335,14 @@ def test_typed_sections_are_checked(overrides, match):
         ),
         ({"model.pooling": "mean"}, r"eval\.features='last4_cls' needs model\.pooling='cls'"),
         ({"model.depth": 3, "eval.features": "last4_cls"}, r"'last4_cls' needs 4 blocks"),
+        (
+            {"model.pooling": "mean", "eval.features": "pooled", "eval.knn_features": "cls"},
+            r"eval\.knn_features='cls' needs model\.pooling='cls'.*eval\.knn_features='pooled'",
+        ),
+        (
+            {"model.depth": 3, "eval.features": "pooled", "eval.knn_features": "last4_cls"},
+            r"eval\.knn_features='last4_cls' needs 4 blocks",
+        ),
         ({"eval.protocols": "knn,linear"}, r"eval\.protocols must name some of knn, features"),
         ({"eval.probe_holdout": 0.0}, r"probe_holdout=0 leaves no held-out images"),
         ({"augment.num_views": 1, **SYMMETRIC}, r"augment\.num_views=1 with no local crops"),
@@ -431,3 +443,18 @@ def test_parse_rejects_unknown_sections_and_fields_and_fills_missing_ones():
     assert schema.parse({"model": model}).model.layer_norm_eps == 1e-6
     config = schema.parse(load("default.py"))
     assert schema.parse(config) is config  # parsed once: a Config passes through
+
+
+def test_the_recipes_evaluate_on_dinos_features_and_the_demo_on_its_own():
+    """DINO's eval_linear.py: ViT-S n_last_blocks=4 without pooling, ViT-B the last CLS
+    token and the mean patch token; eval_knn.py: the CLS token. The demo's k-NN keeps the
+    probe's features (its figures were measured so)."""
+    expected = {
+        "vits16.py": ("last4_cls", "cls"),
+        "vitb16.py": ("cls_avgpool", "cls"),
+        "m3g_vitb16.py": ("cls_avgpool", "cls"),
+        "default.py": ("last4_cls", "last4_cls"),
+    }
+    for name, (probe, knn) in expected.items():
+        config = config_lib.validate(config_lib.load_config_file(os.path.join(CONFIG_DIR, name)))
+        assert (config.eval.features, config.eval.knn_feature_name()) == (probe, knn), name

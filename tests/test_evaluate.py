@@ -122,6 +122,113 @@ def test_the_monitor_and_evaluate_mode_give_the_same_figures(tmp_path):
     assert written[-1]["eval/knn_top1"] == pytest.approx(entries["knn"]["top1"])
 
 
+def test_the_knn_votes_on_its_own_features_and_the_probe_on_eval_features(trained, monkeypatch):
+    from flax import nnx
+
+    from matching_gap import augment
+
+    config = smoke_config()
+    config.eval.knn_features = "cls"  # the probe's: cls_avgpool
+    config = schema.parse(config)
+    graphdef, params, _ = state_lib.restore_encoder(config, str(trained))
+    seen = {}
+
+    def record(name, value):
+        def fn(fit, report, *args, **kwargs):
+            seen[name] = (fit, report)
+            return value
+
+        return fn
+
+    monkeypatch.setattr(evaluate, "knn", record("knn", (0.5, 5)))
+    monkeypatch.setattr(evaluate, "linear_probe", record("probe", None))
+    mesh = sharding_lib.make_mesh()
+    with mocked():
+        features = evaluate.SplitFeatures(config, graphdef, mesh, whole_splits=True)
+        suite = [
+            evaluate.KnnEvaluator(config, features),
+            evaluate.LinearProbeEvaluator(config, features),
+        ]
+        assert evaluate.run(suite, params) == {"eval/knn_top1": 0.5}
+        batches = list(features.splits()[0].batches())
+    images = np.concatenate([b["image"] for b in batches])
+    real = np.concatenate([b["mask"] for b in batches]).astype(bool)
+    view = augment.center_view(jax.numpy.asarray(images), config.augment)
+    model = nnx.merge(graphdef, params)
+    for name, kind in (("knn", "cls"), ("probe", "cls_avgpool")):
+        fit = seen[name][0]
+        got = evaluators.to_host(fit.features).reshape(len(images), -1)
+        want = np.asarray(model.encode(view, kind))
+        assert got.shape == want.shape, name
+        np.testing.assert_allclose(got[real], want[real], rtol=1e-4, atol=1e-5, err_msg=name)
+    assert suite[0].summary["features"] == "cls"
+
+
+def write_image_folder(root, per_class: int = 3) -> None:
+    """``root/{train,val}/{dark,striped}/*.png``: a tiny labelled folder (RGB, 40 x 30)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, name in enumerate(["dark", "striped"]):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 80, (30, 40, 3), dtype=np.uint8)
+                pixels[::4] += np.uint8(150 * c)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_transfer_evaluations_get_their_own_keys_and_files_and_replace_nothing(trained, tmp_path):
+    workdir = copy_of(trained, tmp_path)
+    config = smoke_config()
+    config.eval.protocols = "knn"
+    runs = {}
+    with mocked():
+        runs["evaluation.json"] = evaluate.evaluate_workdir(config, workdir)  # its own data
+        config.data.name = "cifar10"  # another TFDS dataset (mocked), read grey at 28 px
+        config.eval.protocols = "knn,augmented"
+        runs["evaluation_cifar10_test.json"] = evaluate.evaluate_workdir(config, workdir)
+        config.eval.protocols = "knn"
+        config.data.update(name="fashion_mnist", eval_split="train")  # another split
+        runs["evaluation_fashion_mnist_train.json"] = evaluate.evaluate_workdir(config, workdir)
+    write_image_folder(tmp_path / "shapes")
+    config.data.update(source="image_folder", data_dir=str(tmp_path / "shapes"), eval_split="val")
+    runs["evaluation_shapes_val.json"] = evaluate.evaluate_workdir(config, workdir)
+
+    keys = {
+        "evaluation.json": "eval/knn_top1",
+        "evaluation_cifar10_test.json": "eval/cifar10_test/knn_top1",
+        "evaluation_fashion_mnist_train.json": "eval/fashion_mnist_train/knn_top1",
+        "evaluation_shapes_val.json": "eval/shapes_val/knn_top1",
+    }
+    records = metrics.read_metrics(workdir)
+    for name, key in keys.items():
+        with open(os.path.join(workdir, name)) as f:
+            summary = json.load(f)
+        assert summary["knn"] == runs[name]["knn"], name  # each file kept its own result
+        assert "earlier" not in summary, name
+        written = [r[key] for r in records if key in r]
+        assert written == [pytest.approx(runs[name]["knn"]["top1"])], key  # once, its own
+    assert runs["evaluation_shapes_val.json"]["knn"]["dataset"] == "shapes"
+    assert runs["evaluation_shapes_val.json"]["knn"]["train_examples"] == 6
+    # The transfer's augmented probe trains in a folder of its own.
+    assert runs["evaluation_cifar10_test.json"]["augmented"]["finished"]
+    assert os.path.isdir(os.path.join(workdir, "linear_eval_cifar10_test", "checkpoints"))
+    assert not os.path.exists(os.path.join(workdir, "linear_eval"))
+    assert "eval/cifar10_test/augmented_probe_top1" in records[-3]
+
+    # Evaluated again with other settings: the new entry, and the first one kept.
+    config.eval.knn_k = 3
+    again = evaluate.evaluate_workdir(config, workdir)["knn"]
+    with open(os.path.join(workdir, "evaluation_shapes_val.json")) as f:
+        summary = json.load(f)
+    assert summary["knn"] == again and again["k"] == 3
+    assert summary["earlier"] == [{"protocol": "knn", **runs["evaluation_shapes_val.json"]["knn"]}]
+    with open(os.path.join(workdir, "evaluation.json")) as f:
+        assert json.load(f) == runs["evaluation.json"]
+
+
 def heads_at(workdir, step):
     path = os.path.join(workdir, "linear_eval", "checkpoints", str(step), "default")
     return ocp.StandardCheckpointer().restore(os.path.abspath(path))["heads"]

@@ -311,6 +311,46 @@ def test_encode_last4_cls_and_mean_patch_follow_dino_and_ijepa():
         shallow.encode(images, "last4_cls")
 
 
+def dino_linear_features(intermediate_output, avgpool):
+    """DINO's eval_linear.py (facebookresearch/dino), given ``get_intermediate_layers(inp, n)``
+    (the final norm applied to each of the last n blocks' outputs):
+
+    output = [x[:, 0] for x in intermediate_output]
+    if avgpool:
+        output.append(torch.mean(intermediate_output[-1][:, 1:], dim=1))
+    output = torch.cat(output, dim=-1)
+    """
+    output = [x[:, 0] for x in intermediate_output]
+    if avgpool:
+        output.append(jnp.mean(intermediate_output[-1][:, 1:], axis=1))
+    return jnp.concatenate(output, axis=-1)
+
+
+@pytest.mark.parametrize(
+    "features,n_last_blocks,avgpool",
+    [("last4_cls", 4, False), ("cls_avgpool", 1, True)],  # DINO's ViT-S and ViT-B settings
+)
+def test_probe_features_are_dinos_eval_linear_features(features, n_last_blocks, avgpool):
+    model = create_model(_encode_config(depth=5), rngs=nnx.Rngs(0))
+    images = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
+    vit = model.encoder
+    # get_intermediate_layers by hand: the blocks one by one, the final norm on each output.
+    x = vit.patch_embed(images).reshape(3, 4, 16) + vit._position_embedding(2, 2)
+    cls = jnp.broadcast_to(vit.cls_token[...] + vit.cls_pos_embed[...], (3, 1, 16))
+    x = jnp.concatenate([cls, x], axis=1)
+    intermediate = []
+    for block in vit.blocks:
+        x = block(x)
+        intermediate.append(vit.norm(x))
+    expected = dino_linear_features(intermediate[-n_last_blocks:], avgpool)
+    got = model.encode(images, features)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # DINO's eval_knn.py votes on model(samples): the normed last block's CLS token.
+    np.testing.assert_allclose(
+        model.encode(images, "cls"), intermediate[-1][:, 0], rtol=1e-5, atol=1e-6
+    )
+
+
 def test_attention_matches_the_textbook_formula():
     attn = Attention(16, 4, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (2, 5, 16))
