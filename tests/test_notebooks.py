@@ -5,8 +5,10 @@ that overrides them (papermill's convention), runs the whole notebook in a fresh
 checks what it printed.
 """
 
+import importlib.util
 import os
 import re
+import subprocess
 
 import nbclient
 import nbformat
@@ -57,3 +59,28 @@ def test_train_demo_notebook(tmp_path):
     assert "linear_probe_top1" in stdout
     assert "features: (6, " in stdout
     assert os.path.isdir(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.parametrize(
+    "name,extra", [("toy_matching_gap.ipynb", ""), ("train_demo.ipynb", "[train]")]
+)
+def test_first_cell_installs_the_checkout_or_repo_url(name, extra, tmp_path, monkeypatch):
+    """In a fresh Colab kernel (nothing installed) the first cell installs the checkout around
+    the notebook, else the repository at REPO_URL, else says to set REPO_URL."""
+    nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    cell = nb.cells[1].source
+    assert 'REPO_URL = ""' in cell
+    installed = []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
+    monkeypatch.setattr(subprocess, "run", lambda argv, check: installed.append(argv[-1]))
+
+    monkeypatch.chdir(NOTEBOOKS)  # Jupyter's working directory: the notebook's folder
+    exec(cell, {})
+    assert installed == [f"{os.path.dirname(NOTEBOOKS)}{extra}"]
+
+    monkeypatch.chdir(tmp_path)  # Colab: no checkout around the notebook
+    with pytest.raises(RuntimeError, match="set REPO_URL"):
+        exec(cell, {})
+    url = "https://git.example.org/someone/matching-gap"
+    exec(cell.replace('REPO_URL = ""', f"REPO_URL = {url!r}"), {})
+    assert installed[-1] == f"matching-gap{extra} @ git+{url}"
