@@ -6,10 +6,13 @@
 Layout: ``/path/to/images/train/<class>/*.jpg|png`` for pretraining (the labels are not used
 for it) and ``/path/to/images/val/<class>/...`` with the same class folders for the k-NN and
 linear-probe evaluations (``--config.data.eval_split=train`` evaluates on the training images
-if there is no ``val``). Images are loaded into memory, their shorter side resized to
-``data.image_size`` and centre-cropped; views are random crops resized to
-``augment.crop_size``. A small ViT (patch 8 on 64-pixel crops) trains on a CPU; for a GPU
-and more images start from ``configs/vits16.py`` with ``--config.data.source=image_folder``.
+if there is no ``val``). The files are streamed (``data.in_memory=False``): each view is a
+random crop of the whole original image resized to ``augment.crop_size`` (bicubic), and the
+evaluation view is the shorter side resized to ``data.image_size``, then the centre
+``augment.crop_size``. ``--config.data.in_memory=True`` decodes a small folder once into
+memory instead (each image's centre square at ``data.image_size``). A small ViT (patch 8 on
+64-pixel crops) trains on a CPU; for a GPU and more images start from ``configs/vits16.py``
+with ``--config.data.source=image_folder``.
 
 Variant ``:smoke``: three steps (the tests run it on ``tfds.testing.mock_data``).
 """
@@ -28,6 +31,7 @@ def get_config(arg: str | None = None):
         eval_split="val",
         image_size=72,
         channels=3,
+        in_memory=False,
     )
     c.augment.update(
         crop_size=64,

@@ -12,9 +12,14 @@ batch / 256, 10 warm-up epochs, cosine to 1e-6, weight decay 0.04 -> 0.4, clip 3
 drop-path 0.1), batch 1024, bfloat16 compute. The optimiser settings are not public for the
 paper; these are DINO's defaults. Paper: 74.2% linear-probe top-1.
 
-The images are stored at 256 x 256 (shorter side resized, centre crop) and views are cropped
-from that. Evaluation during training is a k-NN monitor and a linear probe on 10k-image
-subsets of train / validation; the paper's full linear-probe protocol is a separate job.
+ImageNet is streamed (TFDS ``imagenet2012``, or ``--config.data.source=image_folder
+--config.data.eval_split=val`` for a folder of JPEGs as PyTorch's scripts leave it). Each
+view is cut on the host as DINO cuts it: torchvision's RandomResizedCrop box on the whole
+original image (global scale 0.4-1, local 0.05-0.4), resampled once, bicubic and antialiased;
+the evaluation view is DINO's: shorter side to ``data.image_size`` = 256 (bicubic), centre
+224 (``matching_gap/crops.py``). Evaluation during training is a k-NN monitor and a linear
+probe on 10k-image subsets of train / validation; the paper's full linear-probe protocol is a
+separate job.
 
 Variants: ``:strong`` (colour jitter, grayscale, blur, solarize: the strong-augmentation
 regime), ``:smoke`` (3 CPU steps, tiny backbone; the tests run it on

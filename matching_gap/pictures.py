@@ -220,6 +220,52 @@ def pairs_picture(view1: np.ndarray, view2: np.ndarray, pairs, *, scale: int = 2
     return np.asarray(canvas)
 
 
+_BOX_COLOURS = [
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+    (170, 110, 40), (128, 0, 0),
+]  # fmt: skip
+
+
+def views_picture(image: np.ndarray, views: dict, *, pad: int = 6) -> np.ndarray:
+    """One image with its training views' boxes drawn, and the views beside it.
+
+    ``image``: uint8 ``[h, w, 3]`` at its own size; ``views``: one entry of
+    ``crops.training_views`` (views and boxes in that image's pixels). Each box and its view
+    share a colour; global views are drawn with thick lines. Returns uint8 ``[H, W, 3]``.
+    """
+    h, w = image.shape[:2]
+    glob = list(zip(views["views"], views["boxes"], strict=True))
+    local = list(zip(views.get("local_views", []), views.get("local_boxes", []), strict=True))
+    g = glob[0][0].shape[0] if glob else 0
+    s = local[0][0].shape[0] if local else 0
+    per_row = max(1, (2 * g + pad) // (s + pad)) if s else 1
+    local_rows = -(-len(local) // per_row) if local else 0
+    width = w + 3 * pad + max(len(glob) * (g + pad), per_row * (s + pad))
+    height = max(h, g + pad + local_rows * (s + pad)) + 2 * pad
+    canvas = Image.new("RGB", (width, height), _WHITE)
+    canvas.paste(Image.fromarray(image), (pad, pad))
+    draw = ImageDraw.Draw(canvas)
+    x0 = w + 2 * pad
+    for k, (view, _) in enumerate(glob):
+        canvas.paste(Image.fromarray(view), (x0 + k * (g + pad), pad))
+    for k, (view, _) in enumerate(local):
+        row, col = divmod(k, per_row)
+        canvas.paste(Image.fromarray(view), (x0 + col * (s + pad), 2 * pad + g + row * (s + pad)))
+    for k, (_, (top, left, bh, bw)) in enumerate(glob + local):
+        colour = _BOX_COLOURS[k % len(_BOX_COLOURS)]
+        thick = 4 if k < len(glob) else 2
+        box = [pad + left, pad + top, pad + left + bw - 1, pad + top + bh - 1]
+        draw.rectangle(box, outline=colour, width=thick)
+        if k < len(glob):
+            x, y, size = x0 + k * (g + pad), pad, g
+        else:
+            row, col = divmod(k - len(glob), per_row)
+            x, y, size = x0 + col * (s + pad), 2 * pad + g + row * (s + pad), s
+        draw.rectangle([x - 2, y - 2, x + size + 1, y + size + 1], outline=colour, width=thick)
+    return np.asarray(canvas)
+
+
 def views_to_uint8(views: np.ndarray, aug_config: augment.AugmentConfig) -> np.ndarray:
     """Normalised views (the encoder's input) back to uint8 pixels, for pictures."""
     mean, std = np.asarray(aug_config.mean), np.asarray(aug_config.std)
