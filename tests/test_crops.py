@@ -203,3 +203,23 @@ def test_eval_view_is_dinos(height, width):
         np.testing.assert_array_equal(view, expected)
     assert np.abs(view - expected).mean() < 0.6
     assert np.abs(view - expected).max() <= 6
+
+
+def test_the_views_picture_draws_each_box_where_it_is():
+    from matching_gap import pictures
+
+    image = smooth_image(120, 160)
+    cfg = recipe_config(crop_size=48, local_crop_size=24, num_local_crops=3)
+    views = crops.training_views([image], cfg, seed=2)[0]
+    picture = pictures.views_picture(image, views, pad=6)
+    boxes = np.concatenate([views["boxes"], views["local_boxes"]])
+    for k, (top, left, h, w) in enumerate(boxes):
+        colour = pictures._BOX_COLOURS[k]
+        # Most of each box's top and left edges are in its colour (others may cross them).
+        top_edge = picture[6 + top, 6 + left : 6 + left + w]
+        left_edge = picture[6 + top : 6 + top + h, 6 + left]
+        for edge in (top_edge, left_edge):
+            assert (edge == colour).all(axis=-1).mean() > 0.5
+    # The first global view is pasted right of the image, unchanged inside its frame.
+    pasted = picture[6 : 6 + 48, 160 + 12 : 160 + 12 + 48]
+    np.testing.assert_array_equal(pasted[3:-3, 3:-3], views["views"][0][3:-3, 3:-3])
