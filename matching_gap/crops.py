@@ -96,37 +96,32 @@ def tf_to_channels(image, channels: int):
 def tf_crop_box(u, height, width, scale: tuple[float, float]):
     """torchvision's ``RandomResizedCrop.get_params`` as TF ops: ``(top, left, h, w)``, int32.
 
-    ``u``: float32 [2 * CROP_TRIES + 2] uniforms on [0, 1): per try an area share and a log
-    aspect ratio, then the top and left offsets. ``height``, ``width``: int32 scalars.
+    ``u``: float32 ``[..., 2 * CROP_TRIES + 2]`` uniforms on [0, 1), one row per box: per try
+    an area share and a log aspect ratio, then the top and left offsets. ``height``,
+    ``width``: int32 scalars. Returns four int32 tensors of shape ``u.shape[:-1]``; all the
+    boxes of an image are drawn by one set of ops.
     """
     tf = _tf()
     h_f, w_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-    area = h_f * w_f * (scale[0] + (scale[1] - scale[0]) * u[:CROP_TRIES])
+    area = h_f * w_f * (scale[0] + (scale[1] - scale[0]) * u[..., :CROP_TRIES])
     lo, hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
-    aspect = tf.exp(lo + (hi - lo) * u[CROP_TRIES : 2 * CROP_TRIES])
+    aspect = tf.exp(lo + (hi - lo) * u[..., CROP_TRIES : 2 * CROP_TRIES])
     # Python's round (half to even), as int(round(...)) in torchvision.
     w = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
     h = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
-    found = tf.reduce_any(ok)
+    pick = tf.one_hot(tf.argmax(tf.cast(ok, tf.int32), axis=-1), CROP_TRIES, dtype=tf.int32)
+    found = tf.reduce_any(ok, axis=-1)
     # The fallback: the largest centred box whose ratio is within the range.
     in_ratio = w_f / h_f
-    fb_w = tf.where(
-        in_ratio < CROP_RATIO[0],
-        width,
-        tf.where(in_ratio > CROP_RATIO[1], tf.cast(tf.round(h_f * CROP_RATIO[1]), tf.int32), width),
-    )
-    fb_h = tf.where(
-        in_ratio < CROP_RATIO[0],
-        tf.cast(tf.round(w_f / CROP_RATIO[0]), tf.int32),
-        height,
-    )
-    crop_w = tf.where(found, w[first], fb_w)
-    crop_h = tf.where(found, h[first], fb_h)
+    narrow, wide = in_ratio < CROP_RATIO[0], in_ratio > CROP_RATIO[1]
+    fb_w = tf.where(wide, tf.cast(tf.round(h_f * CROP_RATIO[1]), tf.int32), width)
+    fb_h = tf.where(narrow, tf.cast(tf.round(w_f / CROP_RATIO[0]), tf.int32), height)
+    crop_w = tf.where(found, tf.reduce_sum(w * pick, axis=-1), fb_w)
+    crop_h = tf.where(found, tf.reduce_sum(h * pick, axis=-1), fb_h)
     # randint(0, size - crop + 1): uniform integers in [0, size - crop].
-    top = tf.cast(tf.floor(u[-2] * tf.cast(height - crop_h + 1, tf.float32)), tf.int32)
-    left = tf.cast(tf.floor(u[-1] * tf.cast(width - crop_w + 1, tf.float32)), tf.int32)
+    top = tf.cast(tf.floor(u[..., -2] * tf.cast(height - crop_h + 1, tf.float32)), tf.int32)
+    left = tf.cast(tf.floor(u[..., -1] * tf.cast(width - crop_w + 1, tf.float32)), tf.int32)
     top = tf.where(found, tf.minimum(top, height - crop_h), (height - crop_h) // 2)
     left = tf.where(found, tf.minimum(left, width - crop_w), (width - crop_w) // 2)
     return top, left, crop_h, crop_w
@@ -162,15 +157,15 @@ def tf_training_views(image, seed, cfg: AugmentConfig) -> dict:
     for name, spec in (("", glob), ("local_", loc)):
         if spec is None:
             continue
-        views, boxes = [], []
-        for _ in range(spec.count):
-            top, left, h, w = tf_crop_box(u[row], height, width, spec.scale)
+        boxes = tf.stack(tf_crop_box(u[row : row + spec.count], height, width, spec.scale), 1)
+        views = []
+        for k in range(spec.count):
+            top, left, h, w = tf.unstack(boxes[k])
             crop = image[top : top + h, left : left + w]
             views.append(_resize_uint8(crop, spec.size, spec.size))
-            boxes.append(tf.stack([top, left, h, w]))
-            row += 1
         out[f"{name}views"] = tf.stack(views)
-        out[f"{name}boxes"] = tf.stack(boxes)
+        out[f"{name}boxes"] = boxes
+        row += spec.count
     return out
 
 

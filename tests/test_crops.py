@@ -57,9 +57,7 @@ def host_boxes(height, width, scale, n=DRAWS, seed=1):
     """Boxes from ``crops.tf_crop_box``, the op ``tf_training_views`` cuts with."""
     tf = crops.import_tensorflow()
     u = tf.random.stateless_uniform([n, 2 * crops.CROP_TRIES + 2], seed=[seed, 0])
-    box = lambda row: tf.stack(crops.tf_crop_box(row, height, width, scale))
-    draw = tf.function(lambda u: tf.map_fn(box, u, fn_output_signature=tf.int32))
-    return draw(u).numpy()
+    return tf.stack(crops.tf_crop_box(u, height, width, scale), axis=1).numpy()
 
 
 def device_boxes(height, width, scale, n=DRAWS, seed=2):
