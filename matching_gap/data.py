@@ -5,26 +5,29 @@ Three sources are supported, chosen by ``DataConfig.source``:
 * ``"fashion_mnist_idx"``: the original Fashion-MNIST IDX files (Debian package
   ``dataset-fashion-mnist``), read with numpy.
 * ``"tfds"``: any TFDS image-classification dataset prepared in a local ``data_dir``.
-  Small ones are loaded into memory with :func:`load_split`; ImageNet-size ones are
-  streamed with :func:`iterate_tfds`.
-* ``"image_folder"``: a directory with one sub-folder of .jpg/.jpeg/.png files per class.
-  Unreadable files are skipped with one warning that names them.
+* ``"image_folder"``: a directory with one sub-folder of .jpg/.jpeg/.png files per class
+  (ImageNet as PyTorch's scripts leave it).
 
-The settings are the ``data`` section of a config (``schema.DataConfig``).
+The settings are the ``data`` section of a config (``schema.DataConfig``). A split is
 
-Every image is brought to ``image_size x image_size x channels`` uint8 at load time by one
-TensorFlow function for all sources (:func:`_tf_prepare_image`): colour to grey with the
-weights ``matching_gap.augment.LUMA``, shorter side resized to ``image_size`` (bilinear,
-antialiased), then the centre square. The augmentation code (``matching_gap.augment``)
-thus sees fixed-size arrays.
+* held in memory (``data.in_memory``, :func:`load_split`): every image brought to
+  ``image_size x image_size x channels`` uint8 once (:func:`_tf_prepare_image`: colour to
+  grey with the weights ``augment.LUMA``, shorter side resized to ``image_size``, bicubic,
+  antialiased, then the centre square); the device cuts the training views from these
+  (``augment.make_views``). For sets whose images have one size (Fashion-MNIST, CIFAR).
+  Unreadable image-folder files are skipped with one warning that names them.
+* or streamed (``data.in_memory=False``, :func:`iterate_tfds`, :func:`iterate_folder`):
+  each image is decoded when its batch comes and its training views are cut on the host
+  from the whole image (``matching_gap.crops``); nothing is held whole (ImageNet).
+  Evaluation splits are streamed as DINO's evaluation view (:func:`eval_split`).
 
 ``max_examples`` keeps a class-balanced subset of an IDX or image-folder split (round robin
 over the classes, a fixed random order within each class), and the first records of a
 TFDS split (TFDS shuffles the records when it prepares a dataset).
 
-The in-memory batch iterator :func:`train_batches` is a pure function of ``(seed, step)``:
-a run restarted from a checkpoint at step ``s`` sees exactly the batches it would have
-seen without the interruption.
+Every training batch iterator is a pure function of ``(seed, process, step)``: a run
+restarted from a checkpoint at step ``s`` sees exactly the batches it would have seen
+without the interruption.
 
 TensorFlow is imported only through :func:`import_tensorflow`, inside the functions that
 need it, so the rest of the package (and machines without TensorFlow) can import this
@@ -135,6 +138,12 @@ def _tf_prepare_image(image, *, encoded: bool, image_size: int, channels: int):
     return crops.tf_eval_view(image, image_size, image_size)
 
 
+def _plain_tf(fn):
+    """``fn`` for tf.data as it is written: its TF ops already are graph ops (``tf.cond``,
+    ``tf.where``), and AutoGraph's attempt to rewrite it only adds a warning."""
+    return import_tensorflow().autograph.experimental.do_not_convert(fn)
+
+
 def _tf_decode(contents):
     """Encoded JPEG / PNG / GIF / BMP bytes -> uint8 [h, w, 3], whatever the file's
     extension says (ImageNet has a PNG named .JPEG) and its colour model (CMYK and grey
@@ -154,7 +163,7 @@ def _prepare_fn(*, encoded: bool, image_size: int, channels: int):
         )
         return {"image": image, "label": tf.cast(example["label"], tf.int32)}
 
-    return prepare
+    return _plain_tf(prepare)
 
 
 def _eval_view_fn(*, encoded: bool, resize: int, crop: int, channels: int):
@@ -167,7 +176,7 @@ def _eval_view_fn(*, encoded: bool, resize: int, crop: int, channels: int):
         image = crops.tf_eval_view(crops.tf_to_channels(image, channels), resize, crop)
         return {"image": image, "label": tf.cast(example["label"], tf.int32)}
 
-    return prepare
+    return _plain_tf(prepare)
 
 
 def _training_views_fn(*, encoded: bool, channels: int, aug: AugmentConfig, base_seed):
@@ -187,7 +196,7 @@ def _training_views_fn(*, encoded: bool, channels: int, aug: AugmentConfig, base
                 out[key] = example[key]
         return out
 
-    return cut
+    return _plain_tf(cut)
 
 
 def _deterministic(ds):
@@ -561,19 +570,29 @@ def _finish_fn(data_config: DataConfig, aug: AugmentConfig | None, base_seed: in
                 out[key] = example[key]
         return out
 
-    return finish
+    return _plain_tf(finish)
 
 
 def _report_bad_rows(batches: Iterator[dict], split_dir: str, total: int) -> Iterator[dict]:
-    """Drops the ``ok`` / ``path`` bookkeeping of folder batches, naming unreadable files."""
-    seen: list[str] = []
+    """Drops the ``ok`` / ``path`` bookkeeping of folder batches; names each unreadable file
+    once, in one warning, the first ``_SKIPPED_NAMED`` of them."""
+    seen: set[str] = set()
     for batch in batches:
         ok, paths = batch.pop("ok"), batch.pop("path")
         for path in paths[~ok]:
             name = path.decode()
-            if name not in seen:
-                seen.append(name)
-                _report_skipped(split_dir, list(seen), total, "replaced by black images")
+            if name in seen:
+                continue
+            seen.add(name)
+            if len(seen) <= _SKIPPED_NAMED:
+                logging.warning(
+                    "image_folder: %s cannot be read and is replaced by a black image "
+                    "(delete or re-encode it)%s",
+                    name,
+                    f"; further unreadable files under {split_dir} (of {total}) are not named"
+                    if len(seen) == _SKIPPED_NAMED
+                    else "",
+                )
         yield batch
 
 
@@ -658,7 +677,7 @@ def iterate_tfds(
     def load(ds):
         if not encoded:
             return ds
-        decode = lambda i, e: (i, {"image": _tf_decode(e["image"]), "label": e["label"]})
+        decode = _plain_tf(lambda i, e: (i, {"image": _tf_decode(e["image"]), "label": e["label"]}))
         return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
 
     base_seed = crops.seed_pair(seed, process_index)
@@ -685,14 +704,17 @@ def _tf_read_or_flag(paths_and_labels):
             image = _tf_decode(tf.io.read_file(e["path"]))
             return {**e, "image": image, "ok": tf.constant(True)}
 
-        good = tf.data.Dataset.from_tensors(example).map(decode).ignore_errors()
+        good = tf.data.Dataset.from_tensors(example).map(_plain_tf(decode)).ignore_errors()
         bad = tf.data.Dataset.from_tensors(
             {**example, "image": tf.zeros([1, 1, 3], tf.uint8), "ok": tf.constant(False)}
         )
         return good.concatenate(bad).take(1).map(lambda e: (position, e))
 
     return paths_and_labels.interleave(
-        read, cycle_length=tf.data.AUTOTUNE, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        _plain_tf(read),
+        cycle_length=tf.data.AUTOTUNE,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
     )
 
 
@@ -1015,7 +1037,7 @@ def eval_split(
                 {"path": listing.paths[mine], "label": listing.labels[mine]}
             )
             ds = _tf_read_or_flag(ds.enumerate()).map(
-                lambda i, e: {**view(e), "ok": e["ok"], "path": e["path"]},
+                _plain_tf(lambda i, e: {**view(e), "ok": e["ok"], "path": e["path"]}),
                 num_parallel_calls=tf.data.AUTOTUNE,
             )
             ds = _deterministic(ds.batch(local).prefetch(2)).as_numpy_iterator()
