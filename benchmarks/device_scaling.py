@@ -17,13 +17,12 @@ import sys
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from matching_gap import plan, schema, train  # noqa: E402
+from matching_gap import data, plan, schema, train  # noqa: E402
 from matching_gap import sharding as sharding_lib  # noqa: E402
 from matching_gap import state as state_lib  # noqa: E402
 
@@ -39,9 +38,7 @@ def build(config, mesh):
     optimizer, schedules = state_lib.make_optimizer(config, 1000, 100)
     graphdef, _, shardings = state_lib.abstract_train_state(config, optimizer, mesh)
     step = train.jit_train_step(config, graphdef, optimizer, schedules, mesh, shardings)
-    b, s, c = config.optim.batch_size, config.data.image_size, config.data.channels
-    images = np.random.default_rng(0).integers(0, 256, (b, s, s, c), dtype=np.uint8)
-    batch = sharding_lib.global_batch(images, mesh)
+    batch = sharding_lib.model_inputs(data.synthetic_batch(config, config.optim.batch_size), mesh)
     state = state_lib.init_train_state(config, optimizer, shardings)
     compiled = step.lower(state, batch).compile()
     return compiled, state, batch

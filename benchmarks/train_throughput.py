@@ -14,8 +14,8 @@ forward, loss, backward, AdamW, EMA), on a mesh over all devices.
 The losses are timed in alternating rounds (A B A B ...) so that a noisy machine affects
 both alike. A line below the table gives XLA's own FLOP and byte counts of the compiled step
 (a check on the analytic FLOPs; the bytes depend on the backend's fusion). A last line times
-the view-making (``augment.make_views``) alone in the same rounds, as a share of the step:
-the first thing to check when MFU is low.
+the view-making on the device (``augment.views_for``) alone in the same rounds, as a share of
+the step: the first thing to check when MFU is low.
 """
 
 import dataclasses
@@ -23,11 +23,10 @@ import statistics
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from matching_gap import augment, plan, schema, train
+from matching_gap import augment, data, plan, schema, train
 from matching_gap import sharding as sharding_lib
 from matching_gap import state as state_lib
 
@@ -106,10 +105,9 @@ def main(argv):
     del argv
     config = schema.parse(_CONFIG.value)
     mesh = sharding_lib.make_mesh()
-    b, s, c = config.optim.batch_size, config.data.image_size, config.data.channels
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (b // jax.process_count(), s, s, c), dtype=np.uint8)
-    batch = sharding_lib.global_batch(images, mesh)
+    b = config.optim.batch_size
+    local = data.synthetic_batch(config, b // jax.process_count())
+    batch = sharding_lib.model_inputs(local, mesh)
 
     # Buffer donation (the train loop's default) against none, as XLA reports it.
     for donate in (False, True):
@@ -130,13 +128,13 @@ def main(argv):
 
     aug_config = config.augment
     key = jax.random.key(0)
-    jax.block_until_ready(augment.make_views(key, batch, aug_config))  # compile (it is jitted)
+    jax.block_until_ready(augment.views_for(key, batch, aug_config))  # compile (it is jitted)
     views_times = []
 
     for _ in range(_ROUNDS.value):
         start = time.perf_counter()
         for i in range(_STEPS.value):
-            views = augment.make_views(jax.random.fold_in(key, i), batch, aug_config)
+            views = augment.views_for(jax.random.fold_in(key, i), batch, aug_config)
         jax.block_until_ready(views)
         views_times.append((time.perf_counter() - start) / _STEPS.value)
         for run in runs.values():
@@ -189,8 +187,9 @@ def main(argv):
         )
     t_views = statistics.median(views_times)
     print(
-        f"\nview-making alone (augment.make_views, same rounds): {1e3 * t_views:.1f} ms per "
-        f"step, {100 * t_views / base:.1f}% of the {_LOSSES.value[-1]} step"
+        f"\nview-making on the device alone (augment.views_for, same rounds): "
+        f"{1e3 * t_views:.1f} ms per step, {100 * t_views / base:.1f}% of the "
+        f"{_LOSSES.value[-1]} step"
     )
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from matching_gap import errors, models, schema, state, train
+from matching_gap import data, errors, models, schema, state, train
 from matching_gap import sharding as sharding_lib
 
 GiB = 2**30
@@ -326,21 +326,14 @@ def compile_train_step(config, mesh, *, num_steps: int = 1000, epoch_steps: int 
 
 
 def abstract_batch(config, mesh):
-    """The train step's input as the run feeds it, abstract: the stored images (in memory,
-    the device cuts the views) or the host-cut views (streamed)."""
-    b, c, aug = config.optim.batch_size, config.data.channels, config.augment
+    """The train step's input as the run feeds it (``data.batch_shapes``), abstract: the
+    stored images (in memory, the device cuts the views) or the host-cut views (streamed)."""
     sharding = sharding_lib.batch_sharding(mesh)
-
-    def spec(*shape):
-        return jax.ShapeDtypeStruct((b, *shape, c), jnp.uint8, sharding=sharding)
-
-    if config.data.in_memory:
-        return spec(config.data.image_size, config.data.image_size)
-    out = {"views": spec(aug.num_views, aug.crop_size, aug.crop_size)}
-    if aug.num_local_crops:
-        size = aug.local_crop_size
-        out["local_views"] = spec(aug.num_local_crops, size, size)
-    return out
+    specs = {
+        k: jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=sharding)
+        for k, shape in data.batch_shapes(config, config.optim.batch_size).items()
+    }
+    return specs.get("image", specs)
 
 
 # Training-split sizes of the datasets the recipes use, so that a plan needs no data.
