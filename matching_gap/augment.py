@@ -358,13 +358,11 @@ def center_view(images: jax.Array, cfg: AugmentConfig) -> jax.Array:
     An image larger than ``crop_size`` is centre-cropped to a square of
     ``eval_crop_fraction`` of its shorter side (0.875 with 256 -> 224 is the ImageNet
     protocol); a smaller one keeps its whole centred square. Either is then resized
-    (bilinear, antialiased) to ``crop_size`` and normalised like the training views.
+    (bicubic, antialiased) to ``crop_size`` and normalised like the training views.
 
-    This works on images the loaders (``matching_gap.data``) already stored at
-    ``data.image_size``: shorter side resized to it, then its centre square, with the same
-    bilinear antialiased filter. The two steps compose into the usual evaluation crop,
-    e.g. ``data.image_size=256``, ``eval_crop_fraction=0.875``, ``crop_size=224`` is
-    "resize to 256, centre crop 224".
+    This works on images held in memory at ``data.image_size`` (shorter side resized to it,
+    then its centre square). Streamed images arrive as DINO's view already
+    (``crops.tf_eval_view``, at ``crop_size``), which this leaves as they are.
     """
     x = _to_unit(images)
     if x.ndim != 4:

@@ -50,9 +50,9 @@ TIMM_ARCHITECTURE = "vit_base_patch16_224"
 _TIMM_HEAD_KEYS = ("head.weight", "head.bias")
 _HF_HEAD_PREFIXES = ("pooler.", "classifier.")
 _HF_PREFIX = "vit."  # ViTForImageClassification's and ViTForMaskedImageModeling's base model
-# PIL's resample code for bilinear, what the evaluation view uses (Hugging Face's processors
-# take PIL codes).
-_PIL_BILINEAR = 2
+# PIL's resample code for bicubic, what the evaluation view uses (DINO's; Hugging Face's
+# processors take PIL codes).
+_PIL_BICUBIC = 3
 
 # A block's tensors: timm's name -> Hugging Face's (both relative to the block), for all but
 # the fused qkv (split in three on the way to Hugging Face).
@@ -360,7 +360,7 @@ def _timm_config(model: models.ModelConfig, preprocessing: dict) -> dict:
         "pretrained_cfg": {
             "input_size": [s["channels"], s["image_size"], s["image_size"]],
             "fixed_input_size": True,
-            "interpolation": "bilinear",
+            "interpolation": "bicubic",
             "crop_pct": preprocessing["crop_pct"],
             "crop_mode": "center",
             "mean": list(preprocessing["mean"]),
@@ -400,7 +400,7 @@ def _hf_preprocessor(model: models.ModelConfig, preprocessing: dict) -> dict:
         "image_processor_type": "ViTImageProcessor",
         "do_resize": True,
         "size": {"height": model.image_size, "width": model.image_size},
-        "resample": _PIL_BILINEAR,
+        "resample": _PIL_BICUBIC,
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
@@ -411,14 +411,19 @@ def _hf_preprocessor(model: models.ModelConfig, preprocessing: dict) -> dict:
 
 def preprocessing(config) -> dict:
     """The evaluation view of a run's config as the formats state it: ``mean`` and ``std`` (of
-    pixels in [0, 1]) and timm's ``crop_pct`` (the centre crop's share of the stored image:
-    ``augment.eval_crop_fraction`` when the stored images are larger than the crop)."""
+    pixels in [0, 1]) and timm's ``crop_pct`` (the centre crop's share of the resized image:
+    ``crop_size / data.image_size`` for streamed images, DINO's 224 / 256;
+    ``augment.eval_crop_fraction`` for stored images larger than the crop)."""
     aug = config.augment
     larger = config.data.image_size > aug.crop_size
+    crop_pct = 1.0
+    if larger:
+        streamed = not config.data.in_memory
+        crop_pct = aug.crop_size / config.data.image_size if streamed else aug.eval_crop_fraction
     return {
         "mean": tuple(float(x) for x in aug.mean),
         "std": tuple(float(x) for x in aug.std),
-        "crop_pct": float(aug.eval_crop_fraction) if larger else 1.0,
+        "crop_pct": float(crop_pct),
     }
 
 
