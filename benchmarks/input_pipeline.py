@@ -9,7 +9,9 @@ It writes ImageNet-sized JPEGs (most about 500 x 375 or 375 x 500, some up to 20
 ``imagenet2012``), and streams both through the training input pipeline
 (``data.iterate_folder`` / ``data.iterate_tfds``: read, decode once, cut every view from the
 whole image, bicubic and antialiased), for the recipe's 12 views (2 x 224 + 10 x 96) and the
-2-view regime (2 x 224). Each figure is one process pinned to ``k`` cores
+2-view regime (2 x 224). A reference row does DINO's per-image work with PIL in one Python
+thread (decode, then PIL's bicubic resize of each box: torchvision's ``resized_crop``), on the
+same files and boxes. Each figure is one process pinned to ``k`` cores
 (``os.sched_setaffinity``), after a warm-up: images per second, and per core.
 
 The device's share of the view-making is printed beside it: XLA's count of one batch's
@@ -131,6 +133,8 @@ def measure(args) -> dict:
     import dataclasses
 
     aug = dataclasses.replace(aug, num_local_crops=args.local_crops)
+    if args.source == "pil":
+        return measure_pil(args, aug)
     if args.source == "tfds":
         _register_tfds_builder()
         cfg = dataclasses.replace(
@@ -178,6 +182,46 @@ def measure(args) -> dict:
     seconds = time.perf_counter() - tic
     assert batch["views"].shape[1:] == (aug.num_views, aug.crop_size, aug.crop_size, 3)
     return {"images_per_second": args.batches * args.batch / seconds}
+
+
+def measure_pil(args, aug) -> dict:
+    """The reference: what DINO's loader does per image, in one Python thread. PIL decodes
+    the file and resamples each box (torchvision's ``resized_crop`` on PIL images), the same
+    boxes as the pipeline draws (``crops.tf_crop_box``, drawn before the clock starts)."""
+    from PIL import Image
+
+    from matching_gap import crops
+
+    tf = crops.import_tensorflow()
+    paths = sorted(
+        os.path.join(d, f)
+        for d, _, files in os.walk(args.folder)
+        for f in files
+        if f.endswith("JPEG")
+    )
+    specs = [s for s in crops.view_specs(aug) if s is not None]
+    work = []
+    for i, path in enumerate(paths[: (args.warmup + args.batches) * args.batch]):
+        with Image.open(path) as im:
+            width, height = im.size
+        boxes = []
+        for j, spec in enumerate(specs):
+            u = tf.random.stateless_uniform([spec.count, 2 * crops.CROP_TRIES + 2], seed=[i, j])
+            top, left, h, w = (t.numpy() for t in crops.tf_crop_box(u, height, width, spec.scale))
+            boxes += [
+                (spec.size, (int(x), int(y), int(x + c), int(y + r)))
+                for y, x, r, c in zip(top, left, h, w, strict=True)
+            ]
+        work.append((path, boxes))
+    tic = None
+    for i, (path, boxes) in enumerate(work):
+        if i == args.warmup * args.batch:
+            tic = time.perf_counter()
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            views = [np.asarray(im.resize((s, s), Image.BICUBIC, box=box)) for s, box in boxes]
+    assert views[0].shape == (aug.crop_size, aug.crop_size, 3)
+    return {"images_per_second": args.batches * args.batch / (time.perf_counter() - tic)}
 
 
 def run_pinned(cores: int, **flags) -> dict:
@@ -284,12 +328,16 @@ def main():
             f"batches of {args.batch}, {args.batches} timed after {args.warmup}; "
             f"config {os.path.relpath(args.config, ROOT)}\n"
         )
+        print(
+            "`pil`: the reference, DINO's per-image work (PIL decode, PIL bicubic resize of "
+            "each box) in one Python thread, same files and boxes.\n"
+        )
         print("| source | views | cores | images/s | images/s per core |")
         print("|---|---|---:|---:|---:|")
         one_core = {}
-        for source in ("folder", "tfds"):
+        for source in ("folder", "tfds", "pil"):
             for label, local in REGIMES.items():
-                for cores in sorted({1, cores_all}):
+                for cores in [1] if source == "pil" else sorted({1, cores_all}):
                     rate = run_pinned(
                         cores,
                         source=source,
@@ -319,6 +367,8 @@ def main():
         print("| source | views | images/s per chip | images/s per host | per core | host cores |")
         print("|---|---|---:|---:|---:|---:|")
         for (source, label), rate in one_core.items():
+            if source == "pil":
+                continue
             need = needs[label]
             print(
                 f"| {source} | {label} | {need['per_chip']:.0f} | {need['per_host']:.0f} | "
