@@ -70,8 +70,14 @@ _USAGE = "usage: python -m matching_gap.main --config=configs/default.py --workd
 USER_ERROR_STATUS = 2
 
 
-def _exit_with(message: str) -> None:
+def _exit_with(message: str, *, at_once: bool = False) -> None:
+    """Prints the message and exits; ``at_once``: without waiting for background threads
+    or exit handlers (a save in flight to storage that does not answer, a collective with a
+    process that is gone), which could hold the exit for minutes or abort it."""
     print(f"error: {message}", file=sys.stderr, flush=True)
+    if at_once:
+        sys.stdout.flush()
+        os._exit(USER_ERROR_STATUS)
     sys.exit(USER_ERROR_STATUS)
 
 
@@ -160,6 +166,14 @@ def initialize_distributed() -> None:
     )
 
 
+def _drop_orbax_tracebacks(record: std_logging.LogRecord) -> bool:
+    """Orbax logs each failure of a background write with its traceback (three or four
+    times for one failed save) before it raises it to the run, which reports it in one line
+    (``checkpointing.CheckpointWriteError``): those records are dropped, Orbax's other
+    messages kept."""
+    return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
 _default_show_warning = warnings.showwarning
 
 
@@ -200,6 +214,7 @@ def main(argv):
     config, workdir = _CONFIG.value, _WORKDIR.value
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # progress is printed; Orbax's INFO is noise
+    logging.get_absl_logger().addFilter(_drop_orbax_tracebacks)
     std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)
     warnings.showwarning = _show_warning
     try:
@@ -232,7 +247,7 @@ def main(argv):
 
             train.train_and_evaluate(config, workdir)
     except errors.UserError as e:
-        _exit_with(str(e))
+        _exit_with(str(e), at_once=getattr(e, "exit_at_once", False))
 
 
 if __name__ == "__main__":

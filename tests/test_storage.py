@@ -8,6 +8,8 @@ first: it sends no ``x-goog-generation`` header on downloads, and tensorstore (O
 writes) then fails the second checkpoint with "Malformed StorageGeneration".
 """
 
+import http.client
+import http.server
 import io
 import json
 import os
@@ -15,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -36,6 +39,7 @@ _SET_BY_CONFIGURE = (
     "TENSORSTORE_GCS_HTTP_URL",
     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
     "EPATH_USE_TF",
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING",
 )
 needs_fashion_mnist = pytest.mark.skipif(
     not os.path.isdir(data.DEFAULT_FASHION_MNIST_DIR),
@@ -98,6 +102,77 @@ def emulator(emulator_url, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(storage.EMULATOR_VARIABLE, emulator_url)
     return emulator_url
+
+
+class Gate(http.server.ThreadingHTTPServer):
+    """A proxy in front of the emulator that passes every request until told to refuse
+    the uploads of checkpoints (403, as a bucket that lost its write permission does) or to
+    hold them unanswered (a bucket that stopped answering); everything else passes."""
+
+    daemon_threads = True
+    HOLD_SECONDS = 120  # the longest an upload is held (so that a test ends anyway)
+
+    def __init__(self, emulator: str):
+        self.target = urllib.parse.urlsplit(emulator).netloc
+        self.mode = "pass"  # or "refuse", "hold"
+        self.released = threading.Event()
+        super().__init__(("127.0.0.1", 0), _GateHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def handle_error(self, request, client_address):
+        pass  # a client that gave up on a held request: nothing to report
+
+    def close(self):
+        self.released.set()
+        self.shutdown()
+        self.server_close()
+
+
+class _GateHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _forward(self):
+        gate = self.server
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        upload = self.command in ("POST", "PUT") and "checkpoints" in urllib.parse.unquote(
+            self.path
+        )
+        if upload and gate.mode == "hold":
+            gate.released.wait(gate.HOLD_SECONDS)
+        if upload and gate.mode == "refuse":
+            status, headers = 403, [("Content-Type", "application/json")]
+            data = json.dumps({"error": {"code": 403, "message": "refused by the test"}}).encode()
+        else:
+            connection = http.client.HTTPConnection(gate.target, timeout=60)
+            forwarded = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+            connection.request(self.command, self.path, body=body or None, headers=forwarded)
+            response = connection.getresponse()
+            status, headers, data = response.status, response.getheaders(), response.read()
+            connection.close()
+        self.send_response(status)
+        for name, value in headers:
+            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+
+@pytest.fixture
+def gate(emulator_url, monkeypatch):
+    """This process uses the emulator through a :class:`Gate`."""
+    proxy = Gate(emulator_url)
+    for name in _SET_BY_CONFIGURE:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(storage.EMULATOR_VARIABLE, proxy.url)
+    yield proxy
+    proxy.close()
 
 
 def list_objects(url: str, prefix: str = "") -> list[str]:
@@ -199,6 +274,47 @@ def test_checkpoints_restore_and_quarantine_in_the_bucket(emulator, monkeypatch)
     assert not [n for n in names if n.startswith("ckpt_run/checkpoints/2/")], names
     moved = {n.split("/")[2] for n in names if n.startswith("ckpt_run/corrupt_checkpoints/")}
     assert len(moved) == 1 and moved.pop().startswith("2-"), names  # moved, not deleted
+
+
+def test_a_checkpoint_the_bucket_refuses_is_one_line_and_the_last_one_is_kept(gate):
+    workdir = f"gs://{BUCKET}/refused_run"
+    target = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    ckpt = checkpointing.Checkpointer(workdir, every=1)
+    ckpt.save(1, {"w": jnp.full((4,), 1.0)}, force=True)
+    ckpt.finish()
+    gate.mode = "refuse"
+    with pytest.raises(checkpointing.CheckpointWriteError) as e:
+        ckpt.save(2, {"w": jnp.full((4,), 2.0)}, force=True)
+        ckpt.finish()
+    message = str(e.value)
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(f"The checkpoint at step 2 in {workdir}/checkpoints could not be ")
+    assert "refused by the test" in message  # the storage's own words
+    assert "the checkpoint at step 1 is kept" in message and "rerun the same command" in message
+    gate.mode = "pass"
+    restored = checkpointing.Checkpointer(workdir, every=1).restore_latest(target)
+    np.testing.assert_array_equal(restored["w"], np.full(4, 1.0))
+
+
+def test_a_bucket_that_stops_answering_ends_the_run_after_a_bounded_wait(gate, monkeypatch):
+    monkeypatch.setattr(checkpointing, "SAVE_WAIT_SECONDS", 2.0)
+    ckpt = checkpointing.Checkpointer(f"gs://{BUCKET}/held_run", every=1)
+    ckpt.save(1, {"w": jnp.full((4,), 1.0)}, force=True)
+    ckpt.finish()
+    gate.mode = "hold"
+    ckpt.save(2, {"w": jnp.full((4,), 2.0)}, force=True)
+    start = time.perf_counter()
+    with pytest.raises(checkpointing.CheckpointWriteError) as e:
+        ckpt.save(3, {"w": jnp.full((4,), 3.0)}, force=True)  # waits for step 2: held
+    waited = time.perf_counter() - start
+    assert 2.0 <= waited < 10.0, waited
+    message = str(e.value)
+    assert message.startswith(f"The checkpoint at step 2 in gs://{BUCKET}/held_run/checkpoints")
+    assert "still not written after 2 s: the storage does not answer" in message
+    assert "the checkpoint at step 1 is kept" in message
+    gate.mode = "pass"
+    gate.released.set()
+    ckpt.close()  # the held write goes through
 
 
 # -------------------------------------------------------------- the command, subprocesses
