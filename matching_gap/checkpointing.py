@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import threading
 import time
@@ -58,7 +59,8 @@ def _reason(error: BaseException) -> str:
     """The storage's own words for a failure, on one line (the innermost cause's)."""
     while error.__cause__ is not None and error.__cause__ is not error:
         error = error.__cause__
-    text = " ".join(str(error).split())
+    # TensorStore appends its whole spec and the response as " [key='...']" payloads.
+    text = re.split(r" \[\w+=", " ".join(str(error).split()))[0]
     return f"{type(error).__name__}: {text[:400]}" if text else type(error).__name__
 
 
@@ -120,6 +122,7 @@ class Checkpointer:
         )
         with _absl_quiet(read_only):  # Orbax's "Given directory is read only" says nothing new
             self._manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options)
+        self._read_only = read_only
         self._in_flight = None  # the step of the save not yet known to be written
         self._written = None if read_only else self._manager.latest_step()
 
@@ -221,7 +224,8 @@ class Checkpointer:
                     self._quarantine(bad_step, bad_error)
                 if unreadable:
                     self._manager.reload()
-                metrics.log(f"Resumed from the checkpoint at step {step} in {self.workdir}.")
+                if not self._read_only:  # the other modes name the step in their own words
+                    metrics.log(f"Resumed from the checkpoint at step {step} in {self.workdir}.")
                 self._written = step
                 return state
             if error is not None:

@@ -122,3 +122,45 @@ def test_flag_error_for_a_config_file_that_raises(tmp_path):
 )
 def test_flag_error_for_overrides(args, expected):
     assert expected in describe("--config", "configs/default.py", *args)
+
+
+# In-process: each one-line notice once per run, in the words of the mode.
+
+
+def test_a_read_only_restore_does_not_say_resumed(tmp_path, capsys):
+    """``--mode=evaluate|pictures|export`` read the newest checkpoint and name its step in
+    their own words; "Resumed from ..." is training's notice."""
+    import jax
+    import jax.numpy as jnp
+
+    from matching_gap import checkpointing
+
+    writer = checkpointing.Checkpointer(str(tmp_path), every=1)
+    writer.save(3, {"w": jnp.ones(4)}, force=True)
+    writer.close()
+    target = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    capsys.readouterr()
+    reader = checkpointing.Checkpointer(str(tmp_path), read_only=True)
+    assert reader.restore_latest(target) is not None
+    reader.close()
+    assert "Resumed" not in capsys.readouterr().out
+    trainer = checkpointing.Checkpointer(str(tmp_path), every=1)
+    trainer.restore_latest(target)
+    trainer.close()
+    assert capsys.readouterr().out.count(f"Resumed from the checkpoint at step 3 in {tmp_path}") == 1
+
+
+def test_the_small_split_notice_of_the_knn_is_printed_once(monkeypatch, capsys):
+    """A run's final evaluation runs the k-NN on the trained, the random-init and the raw-pixel
+    features of one split: its notice that the split is smaller than k comes once."""
+    from types import SimpleNamespace
+
+    from matching_gap import evaluate, evaluators, metrics, schema
+
+    monkeypatch.setattr(metrics, "_said", set())
+    monkeypatch.setattr(evaluators, "knn_accuracy", lambda fit, report, k, temperature: 0.5)
+    config = schema.Config()
+    fit = SimpleNamespace(num_examples=config.eval.knn_k - 1)
+    for _ in range(3):
+        assert evaluate.knn(fit, None, config) == (0.5, config.eval.knn_k - 1)
+    assert capsys.readouterr().out.count("fewer than eval.knn_k") == 1

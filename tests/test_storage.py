@@ -110,7 +110,7 @@ class Gate(http.server.ThreadingHTTPServer):
     hold them unanswered (a bucket that stopped answering); everything else passes."""
 
     daemon_threads = True
-    HOLD_SECONDS = 120  # the longest an upload is held (so that a test ends anyway)
+    HOLD_SECONDS = 30  # the longest an upload is held (so that a test ends anyway)
 
     def __init__(self, emulator: str):
         self.target = urllib.parse.urlsplit(emulator).netloc
