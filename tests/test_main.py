@@ -147,7 +147,9 @@ def test_a_read_only_restore_does_not_say_resumed(tmp_path, capsys):
     trainer = checkpointing.Checkpointer(str(tmp_path), every=1)
     trainer.restore_latest(target)
     trainer.close()
-    assert capsys.readouterr().out.count(f"Resumed from the checkpoint at step 3 in {tmp_path}") == 1
+    assert (
+        capsys.readouterr().out.count(f"Resumed from the checkpoint at step 3 in {tmp_path}") == 1
+    )
 
 
 def test_the_small_split_notice_of_the_knn_is_printed_once(monkeypatch, capsys):
