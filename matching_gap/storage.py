@@ -35,9 +35,6 @@ def configure() -> None:
       (Storage Control), which an emulator does not serve: a wait of about a minute where
       that endpoint does not answer, or a warning per bucket without credentials. It is
       turned off (``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``, read when gcsfs is imported).
-      An emulator takes no credentials: tensorstore is given a dummy token
-      (``GOOGLE_AUTH_TOKEN_FOR_TESTING``), or it searches for credentials and prints an
-      error line on stderr when there are none.
     """
     os.environ["EPATH_USE_TF"] = "false"
     # epath decides once per process (a cached check that any path, local ones too, makes
@@ -53,7 +50,6 @@ def configure() -> None:
     if emulator:
         os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", emulator)
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-        os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
 
 
 def emulator_url() -> str | None:

@@ -39,7 +39,6 @@ _SET_BY_CONFIGURE = (
     "TENSORSTORE_GCS_HTTP_URL",
     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
     "EPATH_USE_TF",
-    "GOOGLE_AUTH_TOKEN_FOR_TESTING",
 )
 needs_fashion_mnist = pytest.mark.skipif(
     not os.path.isdir(data.DEFAULT_FASHION_MNIST_DIR),
@@ -115,6 +114,7 @@ class Gate(http.server.ThreadingHTTPServer):
     def __init__(self, emulator: str):
         self.target = urllib.parse.urlsplit(emulator).netloc
         self.mode = "pass"  # or "refuse", "hold"
+        self.uploads = "checkpoints"  # what an upload refused or held names
         self.released = threading.Event()
         super().__init__(("127.0.0.1", 0), _GateHandler)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
@@ -138,9 +138,7 @@ class _GateHandler(http.server.BaseHTTPRequestHandler):
     def _forward(self):
         gate = self.server
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        upload = self.command in ("POST", "PUT") and "checkpoints" in urllib.parse.unquote(
-            self.path
-        )
+        upload = self.command in ("POST", "PUT") and gate.uploads in urllib.parse.unquote(self.path)
         if upload and gate.mode == "hold":
             gate.released.wait(gate.HOLD_SECONDS)
         if upload and gate.mode == "refuse":
@@ -285,7 +283,10 @@ def test_a_checkpoint_the_bucket_refuses_is_one_line_and_the_last_one_is_kept(ga
     gate.mode = "refuse"
     with pytest.raises(checkpointing.CheckpointWriteError) as e:
         ckpt.save(2, {"w": jnp.full((4,), 2.0)}, force=True)
-        ckpt.finish()
+        deadline = time.time() + 30
+        while time.time() < deadline:  # the loop's check at each log step: it does not wait
+            ckpt.check()
+            time.sleep(0.05)
     message = str(e.value)
     assert len(message.splitlines()) == 1, message
     assert message.startswith(f"The checkpoint at step 2 in {workdir}/checkpoints could not be ")
@@ -437,6 +438,63 @@ def test_the_demo_in_a_bucket_killed_resumed_evaluated_and_drawn(emulator, tmp_p
     assert len(straight) == len(resumed) > 0
     for a, b in zip(straight, resumed, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_a_bucket_that_refuses_a_checkpoint_stops_the_command_with_one_line(gate, tmp_path):
+    """The bucket refuses the checkpoint at step 10: the run stops within seconds with one
+    line on stderr and status 2, at the latest at the next save (step 15, not saved); the
+    checkpoint at step 5 is kept, and once the bucket accepts writes again the rerun
+    resumes from it."""
+    workdir = f"gs://{BUCKET}/refused_command"
+    command = [
+        sys.executable,
+        "-m",
+        "matching_gap.main",
+        f"--config={os.path.join(ROOT, 'configs', 'default.py')}:smoke",
+        f"--workdir={workdir}",
+        "--config.train.final_eval=False",
+        "--config.train.knn_every=0",
+        "--config.data.source=fashion_mnist_idx",
+        "--config.data.max_examples=64",
+        "--config.optim.num_steps=20",
+        "--config.train.checkpoint_every=5",
+    ]
+    env = _env(STORAGE_EMULATOR_HOST=gate.url)
+    gate.mode, gate.uploads = "refuse", "refused_command/checkpoints/10/"
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    deadline = time.time() + 300
+    while not any(r["step"] >= 10 for r in metrics.read_metrics(workdir)):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    refused = time.perf_counter()  # the save at step 10 starts after the step's record
+    _, stderr = proc.communicate(timeout=120)
+    waited = time.perf_counter() - refused
+    print(f"\nStopped {waited:.1f} s after step 10's record, with: {stderr.strip()}")
+    assert proc.returncode == 2, stderr[-3000:]
+    assert waited < 60, waited
+    assert max(r["step"] for r in metrics.read_metrics(workdir)) <= 15
+    # Emulator only: tensorstore logs that it finds no credentials (a real bucket needs them).
+    lines = [x for x in stderr.strip().splitlines() if "google_auth_provider" not in x]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(
+        f"error: The checkpoint at step 10 in {workdir}/checkpoints could not be written ("
+    ), stderr
+    assert "refused by the test" in lines[0] and "the checkpoint at step 5 is kept" in lines[0]
+    names = list_objects(gate.url, "refused_command/checkpoints/")
+    assert "refused_command/checkpoints/5/commit_success.txt" in names, names
+    assert not [n for n in names if n.startswith("refused_command/checkpoints/15/")], names
+    gate.mode = "pass"
+    out = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"Resumed from the checkpoint at step 5 in {workdir}" in out.stdout
+    names = list_objects(gate.url, "refused_command/")
+    assert "refused_command/checkpoints/20/commit_success.txt" in names, names
 
 
 # ------------------------------------------------------- one restore decision, two processes
