@@ -174,6 +174,21 @@ def _drop_orbax_tracebacks(record: std_logging.LogRecord) -> bool:
     return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
+def _unraisable(unraisable) -> None:
+    """Python's report of an exception nobody could catch, less one kind that says nothing.
+
+    Orbax runs each save or restore as many TensorStore reads or writes on an asyncio loop
+    of its own; when one fails, Orbax raises that failure (reported in one line) and closes
+    the loop with the others still in flight. Each of those, on finishing, calls back into
+    the closed loop from a TensorStore thread: "RuntimeError: Event loop is closed", about
+    a hundred tracebacks for one failed save or one corrupt checkpoint. Those operations
+    belong to the checkpoint that failed (never committed), so nothing is lost."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 _default_show_warning = warnings.showwarning
 
 
@@ -215,6 +230,7 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # progress is printed; Orbax's INFO is noise
     logging.get_absl_logger().addFilter(_drop_orbax_tracebacks)
+    sys.unraisablehook = _unraisable
     std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)
     warnings.showwarning = _show_warning
     try:

@@ -166,3 +166,21 @@ def test_the_small_split_notice_of_the_knn_is_printed_once(monkeypatch, capsys):
     for _ in range(3):
         assert evaluate.knn(fit, None, config) == (0.5, config.eval.knn_k - 1)
     assert capsys.readouterr().out.count("fewer than eval.knn_k") == 1
+
+
+def test_late_callbacks_into_a_closed_event_loop_are_not_reported(capsys, monkeypatch):
+    """The command drops the "Event loop is closed" tracebacks of TensorStore operations that
+    Orbax abandoned after a failure it reported; any other uncatchable exception is shown."""
+
+    class RaisesWhenCollected:
+        def __init__(self, error):
+            self.error = error
+
+        def __del__(self):
+            raise self.error
+
+    monkeypatch.setattr(sys, "unraisablehook", main._unraisable)
+    RaisesWhenCollected(RuntimeError("Event loop is closed"))
+    assert capsys.readouterr().err == ""
+    RaisesWhenCollected(ValueError("a real problem"))
+    assert "ValueError: a real problem" in capsys.readouterr().err
