@@ -10,7 +10,10 @@ projected chip-hours (``matching_gap.plan``; ``<workdir>/plan.json`` with ``--wo
 Override any config field from the command line: ``--config.loss.epsilon=0.1``.
 
 A mistake in the command line, the config or the data (:class:`errors.UserError`) is
-reported in a line or two on stderr, before anything is written, with exit status 2.
+reported in a line or two on stderr, before anything is written, with exit status 2. So is
+a failure during a run that the user can act on: a checkpoint the storage refuses or does
+not answer for, a process of a multi-host run that is gone (one line, what is kept, how to
+resume); the command then exits at once, without waiting for what cannot finish.
 
 Several hosts: run the same command on every host. ``jax.distributed`` is initialised
 automatically on TPU pods and SLURM/Open MPI clusters; elsewhere pass

@@ -202,11 +202,11 @@ def _lost_process_ends_run(ckpt: checkpointing.Checkpointer):
             if written is not None
             else "(no checkpoint was written yet: it starts again)"
         )
-        first_line = " ".join(text.split())[:300]
+        reason = " ".join(text.split())[:300]
         raise LostProcessError(
             f"Process {jax.process_index()} of {jax.process_count()} stopped: another "
             f"process is gone (its host stopped or was preempted) - {type(cause).__name__}: "
-            f"{first_line}. Rerun the same command on every host to resume {resume}."
+            f"{reason}. Rerun the same command on every host to resume {resume}."
         ) from e
 
 

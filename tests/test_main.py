@@ -184,3 +184,39 @@ def test_late_callbacks_into_a_closed_event_loop_are_not_reported(capsys, monkey
     assert capsys.readouterr().err == ""
     RaisesWhenCollected(ValueError("a real problem"))
     assert "ValueError: a real problem" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_each_mode_names_the_checkpoint_in_its_own_words_once(tmp_path):
+    """A short run, then ``--mode=export`` and ``--mode=evaluate`` on it: each prints its
+    notice once, and none of them says it resumed training."""
+    from matching_gap import data
+
+    if not os.path.isdir(data.DEFAULT_FASHION_MNIST_DIR):
+        pytest.skip("needs the Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist)")
+    workdir = tmp_path / "run"
+    small = [
+        "--config=configs/default.py:smoke",
+        "--config.data.source=fashion_mnist_idx",
+        "--config.data.max_examples=64",
+        "--config.train.final_eval=False",
+        "--config.train.knn_every=0",
+    ]
+
+    def run(*args):
+        command = [sys.executable, "-m", "matching_gap.main", f"--workdir={workdir}", *small]
+        out = subprocess.run(
+            command + list(args), cwd=REPO, capture_output=True, text=True, timeout=600
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return [line.split("] ", 1)[-1] for line in out.stdout.strip().splitlines()]
+
+    run()
+    exported = run(
+        "--mode=export", "--config.export.format=timm", f"--config.export.dir={tmp_path}"
+    )
+    assert len(exported) == 1 and exported[0].startswith("Wrote the encoder of step 3 as timm")
+    evaluated = run("--mode=evaluate", "--config.eval.protocols=knn")
+    assert sum(line.startswith("Evaluating the checkpoint at step 3") for line in evaluated) == 1
+    assert not [line for line in exported + evaluated if "Resumed" in line]
+    assert len(set(evaluated)) == len(evaluated), evaluated  # no notice twice
