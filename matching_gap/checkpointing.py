@@ -31,9 +31,10 @@ RESTORE_TRIES = 3
 RESTORE_RETRY_SECONDS = 1.0
 
 # How long a save in flight may take to finish once the run needs it finished (at the next
-# save, or at the end): a bucket that stops answering ends the run after this, with one line,
-# instead of Orbax's 20-minute deadline and its tracebacks.
-SAVE_WAIT_SECONDS = 300.0
+# save, or at the end; it has had the steps in between already): a bucket that stops
+# answering ends the run after this, with one line, instead of Orbax's 20-minute deadline
+# and its tracebacks. Generous: the state of a large model takes minutes to upload.
+SAVE_WAIT_SECONDS = 600.0
 
 # The name Orbax's CheckpointManager gives the one item of a step saved with unnamed args.
 ITEM = "default"
@@ -176,7 +177,7 @@ class Checkpointer:
         waiter.join(timeout)
         if waiter.is_alive():
             reason = f"still not written after {timeout:.0f} s: the storage does not answer"
-            raise self._write_error(step, reason)
+            raise self._write_error(step, f"{reason} (or too slowly)")
         if failure:
             raise self._write_error(
                 step, f"could not be written ({_reason(failure[0])})"

@@ -311,7 +311,7 @@ def test_a_bucket_that_stops_answering_ends_the_run_after_a_bounded_wait(gate, m
     assert 2.0 <= waited < 10.0, waited
     message = str(e.value)
     assert message.startswith(f"The checkpoint at step 2 in gs://{BUCKET}/held_run/checkpoints")
-    assert "still not written after 2 s: the storage does not answer" in message
+    assert "still not written after 2 s: the storage does not answer (or too" in message
     assert "the checkpoint at step 1 is kept" in message
     gate.mode = "pass"
     gate.released.set()
