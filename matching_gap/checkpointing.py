@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import signal
 import threading
 import time
@@ -54,15 +53,6 @@ class CheckpointWriteError(errors.UserError, OSError):
     """
 
     exit_at_once = True
-
-
-def _reason(error: BaseException) -> str:
-    """The storage's own words for a failure, on one line (the innermost cause's)."""
-    while error.__cause__ is not None and error.__cause__ is not error:
-        error = error.__cause__
-    # TensorStore appends its whole spec and the response as " [key='...']" payloads.
-    text = re.split(r" \[\w+=", " ".join(str(error).split()))[0]
-    return f"{type(error).__name__}: {text[:400]}" if text else type(error).__name__
 
 
 def _sync(name: str) -> None:
@@ -144,7 +134,7 @@ class Checkpointer:
         try:
             saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
         except Exception as e:  # noqa: BLE001 (whatever the storage raised: one line)
-            raise self._write_error(step, f"could not be written ({_reason(e)})") from e
+            raise self._write_error(step, f"could not be written ({storage.reason(e)})") from e
         if not saved:
             return state  # not due: nothing holds the buffers
         self._in_flight = step
@@ -180,7 +170,7 @@ class Checkpointer:
             raise self._write_error(step, f"{reason} (or too slowly)")
         if failure:
             raise self._write_error(
-                step, f"could not be written ({_reason(failure[0])})"
+                step, f"could not be written ({storage.reason(failure[0])})"
             ) from failure[0]
         self._written = step
 

@@ -297,6 +297,21 @@ def test_a_checkpoint_the_bucket_refuses_is_one_line_and_the_last_one_is_kept(ga
     np.testing.assert_array_equal(restored["w"], np.full(4, 1.0))
 
 
+def test_a_metrics_record_the_bucket_refuses_is_one_line_and_the_others_are_kept(gate):
+    workdir = f"gs://{BUCKET}/refused_metrics"
+    writer = metrics.create_writer(workdir)
+    writer.write_scalars(1, {"train/loss": 1.0})
+    gate.mode, gate.uploads = "refuse", "refused_metrics/metrics.jsonl"
+    with pytest.raises(storage.StorageWriteError) as e:
+        writer.write_scalars(2, {"train/loss": 0.5})
+    message = str(e.value)
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(f"gs://{BUCKET}/refused_metrics/metrics.jsonl could not be written (")
+    assert "refused by the test" in message and "rerun the same command" in message
+    gate.mode = "pass"
+    assert [r["step"] for r in metrics.read_metrics(workdir)] == [1]
+
+
 def test_a_bucket_that_stops_answering_ends_the_run_after_a_bounded_wait(gate, monkeypatch):
     monkeypatch.setattr(checkpointing, "SAVE_WAIT_SECONDS", 2.0)
     ckpt = checkpointing.Checkpointer(f"gs://{BUCKET}/held_run", every=1)
