@@ -169,12 +169,17 @@ def initialize_distributed() -> None:
     )
 
 
-def _drop_orbax_tracebacks(record: std_logging.LogRecord) -> bool:
-    """Orbax logs each failure of a background write with its traceback (three or four
-    times for one failed save) before it raises it to the run, which reports it in one line
-    (``checkpointing.CheckpointWriteError``): those records are dropped, Orbax's other
-    messages kept."""
-    return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+# Libraries that log a failure with its traceback and then raise it to the run, which
+# reports it in one line (a checkpoint or file the storage refuses, a storage out of reach).
+_RAISE_WHAT_THEY_LOG = ("orbax", "gcsfs")
+
+
+def _drop_reported_tracebacks(record: std_logging.LogRecord) -> bool:
+    """Drops those libraries' log records that carry a traceback (Orbax logs one failed save
+    three or four times, gcsfs each request that ran out of retries); their other messages
+    are kept."""
+    parts = record.pathname.split(os.sep)
+    return not (record.exc_info and any(name in parts for name in _RAISE_WHAT_THEY_LOG))
 
 
 def _unraisable(unraisable) -> None:
@@ -232,7 +237,7 @@ def main(argv):
     config, workdir = _CONFIG.value, _WORKDIR.value
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # progress is printed; Orbax's INFO is noise
-    logging.get_absl_logger().addFilter(_drop_orbax_tracebacks)
+    logging.get_absl_handler().addFilter(_drop_reported_tracebacks)  # every logger's records
     sys.unraisablehook = _unraisable
     std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)
     warnings.showwarning = _show_warning

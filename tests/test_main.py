@@ -220,3 +220,24 @@ def test_each_mode_names_the_checkpoint_in_its_own_words_once(tmp_path):
     assert sum(line.startswith("Evaluating the checkpoint at step 3") for line in evaluated) == 1
     assert not [line for line in exported + evaluated if "Resumed" in line]
     assert len(set(evaluated)) == len(evaluated), evaluated  # no notice twice
+
+
+def test_tracebacks_logged_by_orbax_and_gcsfs_before_they_raise_are_dropped():
+    """The command reports a failed save or write in one line: the tracebacks Orbax and
+    gcsfs log on the way are dropped; their other records, and other libraries', are kept."""
+    import logging as std_logging
+
+    try:
+        raise OSError("refused")
+    except OSError:
+        exc_info = sys.exc_info()
+
+    def kept(path, exc_info):
+        record = std_logging.LogRecord("x", std_logging.ERROR, path, 1, "m", None, exc_info)
+        return main._drop_reported_tracebacks(record)
+
+    site = os.path.join(os.sep, "venv", "site-packages")
+    assert not kept(os.path.join(site, "orbax", "checkpoint", "checkpoint_manager.py"), exc_info)
+    assert not kept(os.path.join(site, "gcsfs", "retry.py"), exc_info)
+    assert kept(os.path.join(site, "gcsfs", "retry.py"), None)
+    assert kept(os.path.join(site, "jax", "_src", "compiler.py"), exc_info)
