@@ -159,19 +159,13 @@ class Checkpointer:
         if step is None:
             return
         timeout = SAVE_WAIT_SECONDS if timeout is None else timeout
-        failure = []
-        waiter = threading.Thread(  # Orbax's wait has no deadline: it runs beside this one
-            target=_call_catching, args=(self._manager.wait_until_finished, failure), daemon=True
-        )
-        waiter.start()
-        waiter.join(timeout)
-        if waiter.is_alive():
+        try:  # Orbax's wait has no deadline
+            storage.within(timeout, self._manager.wait_until_finished)
+        except storage.NoAnswerError:
             reason = f"still not written after {timeout:.0f} s: the storage does not answer"
-            raise self._write_error(step, f"{reason} (or too slowly)")
-        if failure:
-            raise self._write_error(
-                step, f"could not be written ({storage.reason(failure[0])})"
-            ) from failure[0]
+            raise self._write_error(step, f"{reason} (or too slowly)") from None
+        except Exception as e:  # noqa: BLE001 (whatever the storage raised: one line)
+            raise self._write_error(step, f"could not be written ({storage.reason(e)})") from e
         self._written = step
 
     def _write_error(self, step: int, reason: str) -> CheckpointWriteError:
@@ -286,13 +280,6 @@ class Checkpointer:
             f"({type(error).__name__}: {str(error)[:200]}); moved to {target}, falling "
             "back to an older one."
         )
-
-
-def _call_catching(fn, failures: list) -> None:
-    try:
-        fn()
-    except BaseException as e:  # noqa: BLE001 (reported by the waiting thread)
-        failures.append(e)
 
 
 def has_checkpoints(workdir: str) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 
 from etils import epath
 
@@ -90,10 +91,41 @@ def reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:400]}" if text else type(error).__name__
 
 
+# The longest a write to a bucket may go unanswered: gcsfs itself waits forever for a server
+# that accepted the connection and stopped answering.
+WRITE_WAIT_SECONDS = 120.0
+
+
+class NoAnswerError(TimeoutError):
+    """A call to the storage that did not return in time (it may still be running)."""
+
+
+def within(seconds: float, fn) -> None:
+    """Calls ``fn()`` in a thread of its own and waits at most ``seconds`` for it; raises
+    what it raised, or :class:`NoAnswerError`. The thread is left behind when it does not
+    return (a daemon: it does not hold the exit)."""
+    done, failures = threading.Event(), []
+
+    def call():
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 (raised in the waiting thread)
+            failures.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=call, daemon=True, name="storage_call").start()
+    if not done.wait(seconds):
+        raise NoAnswerError(f"no answer within {seconds:.0f} s")
+    if failures:
+        raise failures[0]
+
+
 def _write(target: epath.Path, write) -> None:
-    """Runs ``write()``; a failure becomes one line that names the file and the reason."""
+    """Runs ``write()`` (with a deadline for a bucket); a failure becomes one line that names
+    the file and the reason."""
     try:
-        write()
+        within(WRITE_WAIT_SECONDS, write) if is_remote(target) else write()
     except Exception as e:  # noqa: BLE001 (a bucket's client raises more than OSError)
         if not (is_remote(target) or isinstance(e, OSError)):
             raise

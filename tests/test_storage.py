@@ -312,6 +312,23 @@ def test_a_metrics_record_the_bucket_refuses_is_one_line_and_the_others_are_kept
     assert [r["step"] for r in metrics.read_metrics(workdir)] == [1]
 
 
+def test_a_metrics_record_the_bucket_does_not_answer_for_is_one_line_in_bounded_time(
+    gate, monkeypatch
+):
+    monkeypatch.setattr(storage, "WRITE_WAIT_SECONDS", 1.0)
+    workdir = f"gs://{BUCKET}/held_metrics"
+    writer = metrics.create_writer(workdir)
+    gate.mode, gate.uploads = "hold", "held_metrics/metrics.jsonl"
+    start = time.perf_counter()
+    with pytest.raises(storage.StorageWriteError) as e:
+        writer.write_scalars(1, {"train/loss": 1.0})
+    assert time.perf_counter() - start < 5
+    assert str(e.value).startswith(
+        f"gs://{BUCKET}/held_metrics/metrics.jsonl could not be written (NoAnswerError: no "
+        "answer within 1 s): check the storage"
+    )
+
+
 def test_a_bucket_that_stops_answering_ends_the_run_after_a_bounded_wait(gate, monkeypatch):
     monkeypatch.setattr(checkpointing, "SAVE_WAIT_SECONDS", 2.0)
     ckpt = checkpointing.Checkpointer(f"gs://{BUCKET}/held_run", every=1)
