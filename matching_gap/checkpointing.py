@@ -29,6 +29,12 @@ from matching_gap import errors, metrics, schema, storage
 RESTORE_TRIES = 3
 RESTORE_RETRY_SECONDS = 1.0
 
+# How long a save in flight may take to finish once the run needs it finished (at the next
+# save, or at the end; it has had the steps in between already): a bucket that stops
+# answering ends the run after this, with one line, instead of Orbax's 20-minute deadline
+# and its tracebacks. Generous: the state of a large model takes minutes to upload.
+SAVE_WAIT_SECONDS = 600.0
+
 # The name Orbax's CheckpointManager gives the one item of a step saved with unnamed args.
 ITEM = "default"
 
@@ -36,6 +42,17 @@ ITEM = "default"
 # other values.
 # init_from only chooses the start of a run: a resumed run continues from its checkpoint.
 _RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "attention", "init_from")
+
+
+class CheckpointWriteError(errors.UserError, OSError):
+    """A checkpoint could not be written (the storage refused it or stopped answering); the
+    checkpoints written before it are kept.
+
+    ``exit_at_once``: the command exits without waiting for Orbax's background writes,
+    which may never finish against storage that does not answer.
+    """
+
+    exit_at_once = True
 
 
 def _sync(name: str) -> None:
@@ -96,6 +113,9 @@ class Checkpointer:
         )
         with _absl_quiet(read_only):  # Orbax's "Given directory is read only" says nothing new
             self._manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options)
+        self._read_only = read_only
+        self._in_flight = None  # the step of the save not yet known to be written
+        self._written = None if read_only else self._manager.latest_step()
 
     def due(self, step: int) -> bool:
         """Whether the schedule saves a checkpoint at ``step``."""
@@ -108,12 +128,60 @@ class Checkpointer:
         input buffers: training goes on with a device copy, the checkpoint keeps the
         originals until it is written.
         """
-        if not self._manager.save(step, args=ocp.args.StandardSave(state), force=force):
+        if not (force or self.due(step)):
+            return state
+        self.finish()  # the previous save's failure ends the run before another one starts
+        try:
+            saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        except Exception as e:  # noqa: BLE001 (whatever the storage raised: one line)
+            raise self._write_error(step, f"could not be written ({storage.reason(e)})") from e
+        if not saved:
             return state  # not due: nothing holds the buffers
+        self._in_flight = step
         return jax.tree.map(jnp.copy, state)
 
+    @property
+    def last_written(self) -> int | None:
+        """The newest step known to be written (saved by this run, or restored from)."""
+        return self._written
+
+    def check(self) -> None:
+        """Raises :class:`CheckpointWriteError` if the save in flight has failed (does not wait
+        for one that is still being written)."""
+        if self._in_flight is not None and not self._manager.is_saving_in_progress():
+            self.finish()
+
+    def finish(self, timeout: float | None = None) -> None:
+        """Waits (at most ``timeout``, default :data:`SAVE_WAIT_SECONDS`) until the save in
+        flight is written; raises :class:`CheckpointWriteError` if it failed or did not end
+        in time."""
+        step, self._in_flight = self._in_flight, None
+        if step is None:
+            return
+        timeout = SAVE_WAIT_SECONDS if timeout is None else timeout
+        try:  # Orbax's wait has no deadline
+            storage.within(timeout, self._manager.wait_until_finished)
+        except storage.NoAnswerError:
+            reason = f"still not written after {timeout:.0f} s: the storage does not answer"
+            raise self._write_error(step, f"{reason} (or too slowly)") from None
+        except Exception as e:  # noqa: BLE001 (whatever the storage raised: one line)
+            raise self._write_error(step, f"could not be written ({storage.reason(e)})") from e
+        self._written = step
+
+    def _write_error(self, step: int, reason: str) -> CheckpointWriteError:
+        kept = (
+            f"the checkpoint at step {self._written} is kept"
+            if self._written is not None
+            else "no checkpoint was written before it"
+        )
+        return CheckpointWriteError(
+            f"The checkpoint at step {step} in {self.workdir}/checkpoints {reason}. Training "
+            f"stopped; {kept}: check the storage (space, permissions, network), then rerun "
+            "the same command to resume."
+        )
+
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.finish()
         self._manager.close()
 
     def restore_latest(self, target: Any, *, partial: bool = False) -> Any | None:
@@ -141,7 +209,9 @@ class Checkpointer:
                     self._quarantine(bad_step, bad_error)
                 if unreadable:
                     self._manager.reload()
-                metrics.log(f"Resumed from the checkpoint at step {step} in {self.workdir}.")
+                if not self._read_only:  # the other modes name the step in their own words
+                    metrics.log(f"Resumed from the checkpoint at step {step} in {self.workdir}.")
+                self._written = step
                 return state
             if error is not None:
                 failures.append((step, error))

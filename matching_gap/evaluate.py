@@ -259,7 +259,7 @@ def knn(fit, report, config) -> tuple[float, int]:
     e = config.eval
     k = min(e.knn_k, fit.num_examples)
     if k < e.knn_k:
-        metrics.log(
+        metrics.log_once(
             f"k-NN: {fit.num_examples} training examples, fewer than eval.knn_k = "
             f"{e.knn_k}; voting with all {k}."
         )
@@ -271,7 +271,7 @@ def linear_probe(fit, report, config) -> evaluators.ProbeResult | None:
     try:
         return evaluators.linear_probe(fit, report, probe_settings(config), seed=config.seed)
     except evaluators.TooFewExamplesError as e:
-        metrics.log(f"Linear probe skipped: {e}.")
+        metrics.log_once(f"Linear probe skipped: {e}.")
         return None
 
 

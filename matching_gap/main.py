@@ -10,7 +10,10 @@ projected chip-hours (``matching_gap.plan``; ``<workdir>/plan.json`` with ``--wo
 Override any config field from the command line: ``--config.loss.epsilon=0.1``.
 
 A mistake in the command line, the config or the data (:class:`errors.UserError`) is
-reported in a line or two on stderr, before anything is written, with exit status 2.
+reported in a line or two on stderr, before anything is written, with exit status 2. So is
+a failure during a run that the user can act on: a checkpoint the storage refuses or does
+not answer for, a process of a multi-host run that is gone (one line, what is kept, how to
+resume); the command then exits at once, without waiting for what cannot finish.
 
 Several hosts: run the same command on every host. ``jax.distributed`` is initialised
 automatically on TPU pods and SLURM/Open MPI clusters; elsewhere pass
@@ -70,8 +73,14 @@ _USAGE = "usage: python -m matching_gap.main --config=configs/default.py --workd
 USER_ERROR_STATUS = 2
 
 
-def _exit_with(message: str) -> None:
+def _exit_with(message: str, *, at_once: bool = False) -> None:
+    """Prints the message and exits; ``at_once``: without waiting for background threads
+    or exit handlers (a save in flight to storage that does not answer, a collective with a
+    process that is gone), which could hold the exit for minutes or abort it."""
     print(f"error: {message}", file=sys.stderr, flush=True)
+    if at_once:
+        sys.stdout.flush()
+        os._exit(USER_ERROR_STATUS)
     sys.exit(USER_ERROR_STATUS)
 
 
@@ -160,6 +169,34 @@ def initialize_distributed() -> None:
     )
 
 
+# Libraries that log a failure with its traceback and then raise it to the run, which
+# reports it in one line (a checkpoint or file the storage refuses, a storage out of reach).
+_RAISE_WHAT_THEY_LOG = ("orbax", "gcsfs")
+
+
+def _drop_reported_tracebacks(record: std_logging.LogRecord) -> bool:
+    """Drops those libraries' log records that carry a traceback (Orbax logs one failed save
+    three or four times, gcsfs each request that ran out of retries); their other messages
+    are kept."""
+    parts = record.pathname.split(os.sep)
+    return not (record.exc_info and any(name in parts for name in _RAISE_WHAT_THEY_LOG))
+
+
+def _unraisable(unraisable) -> None:
+    """Python's report of an exception nobody could catch, less one kind that says nothing.
+
+    Orbax runs each save or restore as many TensorStore reads or writes on an asyncio loop
+    of its own; when one fails, Orbax raises that failure (reported in one line) and closes
+    the loop with the others still in flight. Each of those, on finishing, calls back into
+    the closed loop from a TensorStore thread: "RuntimeError: Event loop is closed", about
+    a hundred tracebacks for one failed save or one corrupt checkpoint. Those operations
+    belong to the checkpoint that failed (never committed), so nothing is lost."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 _default_show_warning = warnings.showwarning
 
 
@@ -200,6 +237,8 @@ def main(argv):
     config, workdir = _CONFIG.value, _WORKDIR.value
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # progress is printed; Orbax's INFO is noise
+    logging.get_absl_handler().addFilter(_drop_reported_tracebacks)  # every logger's records
+    sys.unraisablehook = _unraisable
     std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)
     warnings.showwarning = _show_warning
     try:
@@ -232,7 +271,7 @@ def main(argv):
 
             train.train_and_evaluate(config, workdir)
     except errors.UserError as e:
-        _exit_with(str(e))
+        _exit_with(str(e), at_once=getattr(e, "exit_at_once", False))
 
 
 if __name__ == "__main__":

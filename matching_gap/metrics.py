@@ -79,6 +79,17 @@ def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+_said: set[str] = set()
+
+
+def log_once(message: str) -> None:
+    """:func:`log`, but a message already printed in this process is not printed again (a
+    notice about the data that each of several evaluations of one run would repeat)."""
+    if message not in _said:
+        _said.add(message)
+        log(message)
+
+
 def create_writer(workdir: str, *, resume_step: int | None = None) -> metric_writers.MetricWriter:
     """The run's writer: JSON lines + TensorBoard on process 0, nothing elsewhere."""
     if jax.process_index() != 0:

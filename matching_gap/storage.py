@@ -13,6 +13,8 @@ setting :func:`configure` sets what the other libraries read (see there).
 from __future__ import annotations
 
 import os
+import re
+import threading
 
 from etils import epath
 
@@ -72,16 +74,82 @@ def path(workdir: str | os.PathLike, *parts: str) -> epath.Path:
     return epath.Path(os.path.abspath(os.fspath(workdir)), *parts)
 
 
+class StorageWriteError(errors.UserError, OSError):
+    """A file of the run could not be written (a bucket that refuses writes or stopped
+    answering, a full disk). ``exit_at_once``: the command exits without waiting for other
+    writes in flight to the same storage."""
+
+    exit_at_once = True
+
+
+def reason(error: BaseException) -> str:
+    """The storage's own words for a failure, on one line: the innermost cause's, without
+    the spec and response payloads TensorStore appends (`` [key='...']``)."""
+    while error.__cause__ is not None and error.__cause__ is not error:
+        error = error.__cause__
+    text = re.split(r" \[\w+=", " ".join(str(error).split()))[0]
+    return f"{type(error).__name__}: {text[:400]}" if text else type(error).__name__
+
+
+# The longest a write to a bucket may go unanswered: gcsfs itself waits forever for a server
+# that accepted the connection and stopped answering.
+WRITE_WAIT_SECONDS = 120.0
+
+
+class NoAnswerError(TimeoutError):
+    """A call to the storage that did not return in time (it may still be running)."""
+
+
+def within(seconds: float, fn) -> None:
+    """Calls ``fn()`` in a thread of its own and waits at most ``seconds`` for it; raises
+    what it raised, or :class:`NoAnswerError`. The thread is left behind when it does not
+    return (a daemon: it does not hold the exit)."""
+    done, failures = threading.Event(), []
+
+    def call():
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 (raised in the waiting thread)
+            failures.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=call, daemon=True, name="storage_call").start()
+    if not done.wait(seconds):
+        raise NoAnswerError(f"no answer within {seconds:.0f} s")
+    if failures:
+        raise failures[0]
+
+
+def _write(target: epath.Path, write) -> None:
+    """Runs ``write()`` (with a deadline for a bucket); a failure becomes one line that names
+    the file and the reason."""
+    try:
+        within(WRITE_WAIT_SECONDS, write) if is_remote(target) else write()
+    except Exception as e:  # noqa: BLE001 (a bucket's client raises more than OSError)
+        if not (is_remote(target) or isinstance(e, OSError)):
+            raise
+        raise StorageWriteError(
+            f"{target} could not be written ({reason(e)}): check the storage (space, "
+            "permissions, network), then rerun the same command to resume from the last "
+            "checkpoint."
+        ) from e
+
+
 def write_bytes(target: epath.Path, data: bytes) -> None:
     """Writes a whole file that readers never see half-written: locally through a temporary
     file and a rename; a GCS object only appears once its upload is complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if is_remote(target):
-        target.write_bytes(data)
-        return
-    tmp = target.parent / f"{target.name}.tmp"
-    tmp.write_bytes(data)
-    tmp.replace(target)
+
+    def write():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if is_remote(target):
+            target.write_bytes(data)
+            return
+        tmp = target.parent / f"{target.name}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(target)
+
+    _write(target, write)
 
 
 def write_text(target: epath.Path, text: str) -> None:
@@ -128,11 +196,14 @@ class GrowingFile:
 
     def flush(self) -> None:
         if self._remote:
-            self.path.write_bytes(bytes(self._content))
+            _write(self.path, lambda: self.path.write_bytes(bytes(self._content)))
         elif self._content:
-            with self.path.open("ab") as f:
-                f.write(bytes(self._content))
-            self._content.clear()
+            _write(self.path, self._append_local)
+
+    def _append_local(self) -> None:
+        with self.path.open("ab") as f:
+            f.write(bytes(self._content))
+        self._content.clear()
 
 
 def check_workdir(workdir: str) -> None:

@@ -13,6 +13,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -160,6 +161,58 @@ def _agree(local: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(local)))
 
 
+class LostProcessError(errors.UserError, RuntimeError):
+    """Another process of a multi-process run is gone (its host stopped or was preempted):
+    this one cannot go on alone. ``exit_at_once``: the command exits without waiting for
+    collectives or exit handlers that would wait for the lost process."""
+
+    exit_at_once = True
+
+
+# What a collective or the coordination service says when a peer process is gone.
+_LOST_PROCESS_WORDS = (
+    "Connection reset by peer",
+    "Connection refused",
+    "Broken pipe",
+    "Socket closed",
+    "heartbeat",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "Gloo",
+    "NCCL",
+)
+
+
+@contextlib.contextmanager
+def _lost_process_ends_run(ckpt: checkpointing.Checkpointer):
+    """In a multi-process run, turns a collective that failed because another process is
+    gone into :class:`LostProcessError` (one line, and how to resume)."""
+    try:
+        yield
+    except Exception as e:
+        # A save that failed on a collective (Orbax's barriers) is a lost process too.
+        cause = e.__cause__ if isinstance(e, checkpointing.CheckpointWriteError) else e
+        text = str(cause)
+        if (
+            jax.process_count() == 1
+            or isinstance(cause, errors.UserError)
+            or not any(w in text for w in _LOST_PROCESS_WORDS)
+        ):
+            raise
+        written = ckpt.last_written
+        resume = (
+            f"from the newest checkpoint (step {written} or later)"
+            if written is not None
+            else "(no checkpoint was written yet: it starts again)"
+        )
+        reason = " ".join(text.split())[:300]
+        raise LostProcessError(
+            f"Process {jax.process_index()} of {jax.process_count()} stopped: another "
+            f"process is gone (its host stopped or was preempted) - {type(cause).__name__}: "
+            f"{reason}. Rerun the same command on every host to resume {resume}."
+        ) from e
+
+
 def _check_finite(step_metrics: list[tuple[int, dict]]) -> None:
     for step, m in step_metrics:
         if not math.isfinite(float(m["train/loss"])):
@@ -234,7 +287,7 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
                 "runs only; skipped."
             )
     pending, time_limit = [], config.train.time_limit_minutes * 60
-    with checkpointing.preemption_notice() as preempted:
+    with checkpointing.preemption_notice() as preempted, _lost_process_ends_run(ckpt):
         for step in range(start_step + 1, num_steps + 1):
             images = sharding_lib.model_inputs(next(batches), mesh)
             state, step_metrics = train_step(state, images)
@@ -250,6 +303,7 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
             if log or save:  # never checkpoint a state that follows a NaN: check first
                 fetched, pending = jax.device_get(pending), []
                 _check_finite(fetched)
+                ckpt.check()  # a failed save ends the run here, not at the next save
                 progress.write(step, fetched)
             if save:
                 state = ckpt.save(step, state, force=stop)

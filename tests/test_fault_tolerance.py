@@ -163,8 +163,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _two_processes(workdir, *args) -> list[tuple[str, str]]:
-    """Runs the command as two processes (jax.distributed over gloo); their (stdout, stderr)."""
+def _start_two_processes(workdir, *args) -> list[subprocess.Popen]:
+    """Starts the command as two processes (jax.distributed over gloo)."""
     port = _free_port()
     env = _env(JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     command = lambda i: _command(
@@ -174,12 +174,17 @@ def _two_processes(workdir, *args) -> list[tuple[str, str]]:
         "--num_processes=2",
         f"--process_id={i}",
     )
-    procs = [
+    return [
         subprocess.Popen(
             command(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
         for i in range(2)
     ]
+
+
+def _two_processes(workdir, *args) -> list[tuple[str, str]]:
+    """Runs the command as two processes; their (stdout, stderr)."""
+    procs = _start_two_processes(workdir, *args)
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -201,6 +206,31 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
     )
     for a, b in zip(_params(tmp_path / "one", 3), _params(tmp_path / "two", 3), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_a_process_killed_the_other_stops_at_once_with_one_line_then_both_resume(tmp_path):
+    """One host of two preempted (SIGKILL) mid-run: the other exits within seconds with one
+    line that says so and how to resume (no traceback, no abort at exit); rerun on both,
+    the run resumes from a checkpoint and finishes."""
+    steps = ["--config.optim.num_steps=30", "--config.train.checkpoint_every=5"]
+    procs = _start_two_processes(tmp_path, *steps)
+    _wait_for_step(tmp_path, 12, procs[0])
+    procs[1].kill()  # SIGKILL: no handler runs
+    killed = time.perf_counter()
+    _, stderr = procs[0].communicate(timeout=120)
+    waited = time.perf_counter() - killed
+    procs[1].communicate()
+    print(f"\nThe survivor exited {waited:.1f} s after the kill with: {stderr.strip()}")
+    assert procs[0].returncode == 2, stderr[-3000:]
+    assert waited < 30, waited
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: Process 0 of 2 stopped"), stderr
+    assert "Rerun the same command on every host to resume" in lines[0]
+    restarted = _two_processes(tmp_path, *steps)
+    assert re.search(r"Resumed from the checkpoint at step (5|10|15)\b", restarted[0][0])
+    assert "30" in os.listdir(tmp_path / "checkpoints")
 
 
 @pytest.mark.slow

@@ -122,3 +122,122 @@ def test_flag_error_for_a_config_file_that_raises(tmp_path):
 )
 def test_flag_error_for_overrides(args, expected):
     assert expected in describe("--config", "configs/default.py", *args)
+
+
+# In-process: each one-line notice once per run, in the words of the mode.
+
+
+def test_a_read_only_restore_does_not_say_resumed(tmp_path, capsys):
+    """``--mode=evaluate|pictures|export`` read the newest checkpoint and name its step in
+    their own words; "Resumed from ..." is training's notice."""
+    import jax
+    import jax.numpy as jnp
+
+    from matching_gap import checkpointing
+
+    writer = checkpointing.Checkpointer(str(tmp_path), every=1)
+    writer.save(3, {"w": jnp.ones(4)}, force=True)
+    writer.close()
+    target = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    capsys.readouterr()
+    reader = checkpointing.Checkpointer(str(tmp_path), read_only=True)
+    assert reader.restore_latest(target) is not None
+    reader.close()
+    assert "Resumed" not in capsys.readouterr().out
+    trainer = checkpointing.Checkpointer(str(tmp_path), every=1)
+    trainer.restore_latest(target)
+    trainer.close()
+    assert (
+        capsys.readouterr().out.count(f"Resumed from the checkpoint at step 3 in {tmp_path}") == 1
+    )
+
+
+def test_the_small_split_notice_of_the_knn_is_printed_once(monkeypatch, capsys):
+    """A run's final evaluation runs the k-NN on the trained, the random-init and the raw-pixel
+    features of one split: its notice that the split is smaller than k comes once."""
+    from types import SimpleNamespace
+
+    from matching_gap import evaluate, evaluators, metrics, schema
+
+    monkeypatch.setattr(metrics, "_said", set())
+    monkeypatch.setattr(evaluators, "knn_accuracy", lambda fit, report, k, temperature: 0.5)
+    config = schema.Config()
+    fit = SimpleNamespace(num_examples=config.eval.knn_k - 1)
+    for _ in range(3):
+        assert evaluate.knn(fit, None, config) == (0.5, config.eval.knn_k - 1)
+    assert capsys.readouterr().out.count("fewer than eval.knn_k") == 1
+
+
+def test_late_callbacks_into_a_closed_event_loop_are_not_reported(capsys, monkeypatch):
+    """The command drops the "Event loop is closed" tracebacks of TensorStore operations that
+    Orbax abandoned after a failure it reported; any other uncatchable exception is shown."""
+
+    class RaisesWhenCollected:
+        def __init__(self, error):
+            self.error = error
+
+        def __del__(self):
+            raise self.error
+
+    monkeypatch.setattr(sys, "unraisablehook", main._unraisable)
+    RaisesWhenCollected(RuntimeError("Event loop is closed"))
+    assert capsys.readouterr().err == ""
+    RaisesWhenCollected(ValueError("a real problem"))
+    assert "ValueError: a real problem" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_each_mode_names_the_checkpoint_in_its_own_words_once(tmp_path):
+    """A short run, then ``--mode=export`` and ``--mode=evaluate`` on it: each prints its
+    notice once, and none of them says it resumed training."""
+    from matching_gap import data
+
+    if not os.path.isdir(data.DEFAULT_FASHION_MNIST_DIR):
+        pytest.skip("needs the Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist)")
+    workdir = tmp_path / "run"
+    small = [
+        "--config=configs/default.py:smoke",
+        "--config.data.source=fashion_mnist_idx",
+        "--config.data.max_examples=64",
+        "--config.train.final_eval=False",
+        "--config.train.knn_every=0",
+    ]
+
+    def run(*args):
+        command = [sys.executable, "-m", "matching_gap.main", f"--workdir={workdir}", *small]
+        out = subprocess.run(
+            command + list(args), cwd=REPO, capture_output=True, text=True, timeout=600
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return [line.split("] ", 1)[-1] for line in out.stdout.strip().splitlines()]
+
+    run()
+    exported = run(
+        "--mode=export", "--config.export.format=timm", f"--config.export.dir={tmp_path}"
+    )
+    assert len(exported) == 1 and exported[0].startswith("Wrote the encoder of step 3 as timm")
+    evaluated = run("--mode=evaluate", "--config.eval.protocols=knn")
+    assert sum(line.startswith("Evaluating the checkpoint at step 3") for line in evaluated) == 1
+    assert not [line for line in exported + evaluated if "Resumed" in line]
+    assert len(set(evaluated)) == len(evaluated), evaluated  # no notice twice
+
+
+def test_tracebacks_logged_by_orbax_and_gcsfs_before_they_raise_are_dropped():
+    """The command reports a failed save or write in one line: the tracebacks Orbax and
+    gcsfs log on the way are dropped; their other records, and other libraries', are kept."""
+    import logging as std_logging
+
+    try:
+        raise OSError("refused")
+    except OSError:
+        exc_info = sys.exc_info()
+
+    def kept(path, exc_info):
+        record = std_logging.LogRecord("x", std_logging.ERROR, path, 1, "m", None, exc_info)
+        return main._drop_reported_tracebacks(record)
+
+    site = os.path.join(os.sep, "venv", "site-packages")
+    assert not kept(os.path.join(site, "orbax", "checkpoint", "checkpoint_manager.py"), exc_info)
+    assert not kept(os.path.join(site, "gcsfs", "retry.py"), exc_info)
+    assert kept(os.path.join(site, "gcsfs", "retry.py"), None)
+    assert kept(os.path.join(site, "jax", "_src", "compiler.py"), exc_info)

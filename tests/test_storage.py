@@ -8,6 +8,8 @@ first: it sends no ``x-goog-generation`` header on downloads, and tensorstore (O
 writes) then fails the second checkpoint with "Malformed StorageGeneration".
 """
 
+import http.client
+import http.server
 import io
 import json
 import os
@@ -15,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -98,6 +101,76 @@ def emulator(emulator_url, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(storage.EMULATOR_VARIABLE, emulator_url)
     return emulator_url
+
+
+class Gate(http.server.ThreadingHTTPServer):
+    """A proxy in front of the emulator that passes every request until told to refuse
+    the uploads of checkpoints (403, as a bucket that lost its write permission does) or to
+    hold them unanswered (a bucket that stopped answering); everything else passes."""
+
+    daemon_threads = True
+    HOLD_SECONDS = 30  # the longest an upload is held (so that a test ends anyway)
+
+    def __init__(self, emulator: str):
+        self.target = urllib.parse.urlsplit(emulator).netloc
+        self.mode = "pass"  # or "refuse", "hold"
+        self.uploads = "checkpoints"  # what an upload refused or held names
+        self.released = threading.Event()
+        super().__init__(("127.0.0.1", 0), _GateHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def handle_error(self, request, client_address):
+        pass  # a client that gave up on a held request: nothing to report
+
+    def close(self):
+        self.released.set()
+        self.shutdown()
+        self.server_close()
+
+
+class _GateHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _forward(self):
+        gate = self.server
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        upload = self.command in ("POST", "PUT") and gate.uploads in urllib.parse.unquote(self.path)
+        if upload and gate.mode == "hold":
+            gate.released.wait(gate.HOLD_SECONDS)
+        if upload and gate.mode == "refuse":
+            status, headers = 403, [("Content-Type", "application/json")]
+            data = json.dumps({"error": {"code": 403, "message": "refused by the test"}}).encode()
+        else:
+            connection = http.client.HTTPConnection(gate.target, timeout=60)
+            forwarded = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+            connection.request(self.command, self.path, body=body or None, headers=forwarded)
+            response = connection.getresponse()
+            status, headers, data = response.status, response.getheaders(), response.read()
+            connection.close()
+        self.send_response(status)
+        for name, value in headers:
+            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+
+@pytest.fixture
+def gate(emulator_url, monkeypatch):
+    """This process uses the emulator through a :class:`Gate`."""
+    proxy = Gate(emulator_url)
+    for name in _SET_BY_CONFIGURE:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(storage.EMULATOR_VARIABLE, proxy.url)
+    yield proxy
+    proxy.close()
 
 
 def list_objects(url: str, prefix: str = "") -> list[str]:
@@ -199,6 +272,82 @@ def test_checkpoints_restore_and_quarantine_in_the_bucket(emulator, monkeypatch)
     assert not [n for n in names if n.startswith("ckpt_run/checkpoints/2/")], names
     moved = {n.split("/")[2] for n in names if n.startswith("ckpt_run/corrupt_checkpoints/")}
     assert len(moved) == 1 and moved.pop().startswith("2-"), names  # moved, not deleted
+
+
+def test_a_checkpoint_the_bucket_refuses_is_one_line_and_the_last_one_is_kept(gate):
+    workdir = f"gs://{BUCKET}/refused_run"
+    target = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    ckpt = checkpointing.Checkpointer(workdir, every=1)
+    ckpt.save(1, {"w": jnp.full((4,), 1.0)}, force=True)
+    ckpt.finish()
+    gate.mode = "refuse"
+    with pytest.raises(checkpointing.CheckpointWriteError) as e:
+        ckpt.save(2, {"w": jnp.full((4,), 2.0)}, force=True)
+        deadline = time.time() + 30
+        while time.time() < deadline:  # the loop's check at each log step: it does not wait
+            ckpt.check()
+            time.sleep(0.05)
+    message = str(e.value)
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(f"The checkpoint at step 2 in {workdir}/checkpoints could not be ")
+    assert "refused by the test" in message  # the storage's own words
+    assert "the checkpoint at step 1 is kept" in message and "rerun the same command" in message
+    gate.mode = "pass"
+    restored = checkpointing.Checkpointer(workdir, every=1).restore_latest(target)
+    np.testing.assert_array_equal(restored["w"], np.full(4, 1.0))
+
+
+def test_a_metrics_record_the_bucket_refuses_is_one_line_and_the_others_are_kept(gate):
+    workdir = f"gs://{BUCKET}/refused_metrics"
+    writer = metrics.create_writer(workdir)
+    writer.write_scalars(1, {"train/loss": 1.0})
+    gate.mode, gate.uploads = "refuse", "refused_metrics/metrics.jsonl"
+    with pytest.raises(storage.StorageWriteError) as e:
+        writer.write_scalars(2, {"train/loss": 0.5})
+    message = str(e.value)
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(f"gs://{BUCKET}/refused_metrics/metrics.jsonl could not be written (")
+    assert "refused by the test" in message and "rerun the same command" in message
+    gate.mode = "pass"
+    assert [r["step"] for r in metrics.read_metrics(workdir)] == [1]
+
+
+def test_a_metrics_record_the_bucket_does_not_answer_for_is_one_line_in_bounded_time(
+    gate, monkeypatch
+):
+    monkeypatch.setattr(storage, "WRITE_WAIT_SECONDS", 1.0)
+    workdir = f"gs://{BUCKET}/held_metrics"
+    writer = metrics.create_writer(workdir)
+    gate.mode, gate.uploads = "hold", "held_metrics/metrics.jsonl"
+    start = time.perf_counter()
+    with pytest.raises(storage.StorageWriteError) as e:
+        writer.write_scalars(1, {"train/loss": 1.0})
+    assert time.perf_counter() - start < 5
+    assert str(e.value).startswith(
+        f"gs://{BUCKET}/held_metrics/metrics.jsonl could not be written (NoAnswerError: no "
+        "answer within 1 s): check the storage"
+    )
+
+
+def test_a_bucket_that_stops_answering_ends_the_run_after_a_bounded_wait(gate, monkeypatch):
+    monkeypatch.setattr(checkpointing, "SAVE_WAIT_SECONDS", 2.0)
+    ckpt = checkpointing.Checkpointer(f"gs://{BUCKET}/held_run", every=1)
+    ckpt.save(1, {"w": jnp.full((4,), 1.0)}, force=True)
+    ckpt.finish()
+    gate.mode = "hold"
+    ckpt.save(2, {"w": jnp.full((4,), 2.0)}, force=True)
+    start = time.perf_counter()
+    with pytest.raises(checkpointing.CheckpointWriteError) as e:
+        ckpt.save(3, {"w": jnp.full((4,), 3.0)}, force=True)  # waits for step 2: held
+    waited = time.perf_counter() - start
+    assert 2.0 <= waited < 10.0, waited
+    message = str(e.value)
+    assert message.startswith(f"The checkpoint at step 2 in gs://{BUCKET}/held_run/checkpoints")
+    assert "still not written after 2 s: the storage does not answer (or too" in message
+    assert "the checkpoint at step 1 is kept" in message
+    gate.mode = "pass"
+    gate.released.set()
+    ckpt.close()  # the held write goes through
 
 
 # -------------------------------------------------------------- the command, subprocesses
@@ -321,6 +470,63 @@ def test_the_demo_in_a_bucket_killed_resumed_evaluated_and_drawn(emulator, tmp_p
     assert len(straight) == len(resumed) > 0
     for a, b in zip(straight, resumed, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_a_bucket_that_refuses_a_checkpoint_stops_the_command_with_one_line(gate, tmp_path):
+    """The bucket refuses the checkpoint at step 10: the run stops within seconds with one
+    line on stderr and status 2, at the latest at the next save (step 15, not saved); the
+    checkpoint at step 5 is kept, and once the bucket accepts writes again the rerun
+    resumes from it."""
+    workdir = f"gs://{BUCKET}/refused_command"
+    command = [
+        sys.executable,
+        "-m",
+        "matching_gap.main",
+        f"--config={os.path.join(ROOT, 'configs', 'default.py')}:smoke",
+        f"--workdir={workdir}",
+        "--config.train.final_eval=False",
+        "--config.train.knn_every=0",
+        "--config.data.source=fashion_mnist_idx",
+        "--config.data.max_examples=64",
+        "--config.optim.num_steps=20",
+        "--config.train.checkpoint_every=5",
+    ]
+    env = _env(STORAGE_EMULATOR_HOST=gate.url)
+    gate.mode, gate.uploads = "refuse", "refused_command/checkpoints/10/"
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    deadline = time.time() + 300
+    while not any(r["step"] >= 10 for r in metrics.read_metrics(workdir)):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    refused = time.perf_counter()  # the save at step 10 starts after the step's record
+    _, stderr = proc.communicate(timeout=120)
+    waited = time.perf_counter() - refused
+    print(f"\nStopped {waited:.1f} s after step 10's record, with: {stderr.strip()}")
+    assert proc.returncode == 2, stderr[-3000:]
+    assert waited < 60, waited
+    assert max(r["step"] for r in metrics.read_metrics(workdir)) <= 15
+    # Emulator only: tensorstore logs that it finds no credentials (a real bucket needs them).
+    lines = [x for x in stderr.strip().splitlines() if "google_auth_provider" not in x]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(
+        f"error: The checkpoint at step 10 in {workdir}/checkpoints could not be written ("
+    ), stderr
+    assert "refused by the test" in lines[0] and "the checkpoint at step 5 is kept" in lines[0]
+    names = list_objects(gate.url, "refused_command/checkpoints/")
+    assert "refused_command/checkpoints/5/commit_success.txt" in names, names
+    assert not [n for n in names if n.startswith("refused_command/checkpoints/15/")], names
+    gate.mode = "pass"
+    out = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"Resumed from the checkpoint at step 5 in {workdir}" in out.stdout
+    names = list_objects(gate.url, "refused_command/")
+    assert "refused_command/checkpoints/20/commit_success.txt" in names, names
 
 
 # ------------------------------------------------------- one restore decision, two processes
