@@ -80,6 +80,7 @@ _IDX_LABELS_MAGIC = 2049
 # How many unreadable image-folder files the warning names one by one.
 _SKIPPED_NAMED = 10
 _REPORTED_SKIPS: set = set()  # (folder, unreadable files) already reported by this process
+_REPORTED_BAD: set = set()  # streamed files already named as unreadable by this process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -575,22 +576,21 @@ def _finish_fn(data_config: DataConfig, aug: AugmentConfig | None, base_seed: in
 
 def _report_bad_rows(batches: Iterator[dict], split_dir: str, total: int) -> Iterator[dict]:
     """Drops the ``ok`` / ``path`` bookkeeping of folder batches; names each unreadable file
-    once, in one warning, the first ``_SKIPPED_NAMED`` of them."""
-    seen: set[str] = set()
+    once per process (however many times its split is read), the first ``_SKIPPED_NAMED``."""
     for batch in batches:
         ok, paths = batch.pop("ok"), batch.pop("path")
         for path in paths[~ok]:
             name = path.decode()
-            if name in seen:
+            if name in _REPORTED_BAD:
                 continue
-            seen.add(name)
-            if len(seen) <= _SKIPPED_NAMED:
+            _REPORTED_BAD.add(name)
+            if len(_REPORTED_BAD) <= _SKIPPED_NAMED:
                 logging.warning(
                     "image_folder: %s cannot be read and is replaced by a black image "
                     "(delete or re-encode it)%s",
                     name,
                     f"; further unreadable files under {split_dir} (of {total}) are not named"
-                    if len(seen) == _SKIPPED_NAMED
+                    if len(_REPORTED_BAD) == _SKIPPED_NAMED
                     else "",
                 )
         yield batch

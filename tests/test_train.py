@@ -341,8 +341,9 @@ def test_image_folder_config_trains_on_a_folder_of_images(tmp_path):
 
 @pytest.mark.slow
 def test_sixteen_images_run_the_whole_command(tmp_path, capsys, caplog):
-    """Small data is not an error: a folder of 16 training images (one unreadable) trains,
-    evaluates (k-NN with every training image as neighbours) and draws the pictures."""
+    """Small data is not an error: a streamed folder of 16 training images (one unreadable,
+    a black image in its place, named once) trains, evaluates (k-NN with every training
+    image as neighbours) and draws the pictures."""
     write_image_folder(tmp_path / "images", 8)
     truncated = tmp_path / "images" / "train" / "circle" / "0.jpg"
     truncated.write_bytes(truncated.read_bytes()[:200])
@@ -353,7 +354,7 @@ def test_sixteen_images_run_the_whole_command(tmp_path, capsys, caplog):
     outcome = train.train_and_evaluate(config, str(workdir))
     assert {"eval/knn_top1", "eval/linear_probe_top1"} <= set(outcome.results)
     out = capsys.readouterr().out
-    assert "fewer than eval.knn_k = 20; voting with all 15" in out
+    assert "fewer than eval.knn_k = 20; voting with all 16" in out
     skips = [r for r in caplog.records if "cannot be read" in r.getMessage()]
     assert len(skips) == 1, [r.getMessage() for r in skips]
     assert sorted(os.listdir(workdir / "pictures")) == ["embedding.png", "neighbours.png"]
