@@ -146,16 +146,7 @@ def measure(args) -> dict:
             max_examples=0,
             shuffle_buffer=256,
         )
-        batches = data.iterate_tfds(
-            cfg,
-            "train",
-            batch_size=args.batch,
-            seed=0,
-            start_step=0,
-            process_index=0,
-            process_count=1,
-            augment=aug,
-        )
+        iterate = data.iterate_tfds
     else:
         cfg = dataclasses.replace(
             config.data,
@@ -164,16 +155,9 @@ def measure(args) -> dict:
             in_memory=False,
             max_examples=0,
         )
-        batches = data.iterate_folder(
-            cfg,
-            "train",
-            batch_size=args.batch,
-            seed=0,
-            start_step=0,
-            process_index=0,
-            process_count=1,
-            augment=aug,
-        )
+        iterate = data.iterate_folder
+    where = dict(seed=0, start_step=0, process_index=0, process_count=1)
+    batches = iterate(cfg, "train", batch_size=args.batch, augment=aug, **where)
     for _ in range(args.warmup):
         next(batches)
     tic = time.perf_counter()

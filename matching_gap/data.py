@@ -11,7 +11,7 @@ Three sources are supported, chosen by ``DataConfig.source``:
 The settings are the ``data`` section of a config (``schema.DataConfig``). A split is
 
 * held in memory (``data.in_memory``, :func:`load_split`): every image brought to
-  ``image_size x image_size x channels`` uint8 once (:func:`_tf_prepare_image`: colour to
+  ``image_size x image_size x channels`` uint8 once (:func:`_prepare_fn`: colour to
   grey with the weights ``augment.LUMA``, shorter side resized to ``image_size``, bicubic,
   antialiased, then the centre square); the device cuts the training views from these
   (``augment.make_views``). For sets whose images have one size (Fashion-MNIST, CIFAR).
@@ -126,19 +126,6 @@ def _import_tfds():
     return tfds
 
 
-def _tf_prepare_image(image, *, encoded: bool, image_size: int, channels: int):
-    """TF op: encoded bytes or uint8 [h, w, c] -> uint8 [image_size, image_size, channels].
-
-    Colour becomes grey with the weights ``LUMA``, grey becomes colour by repetition; then
-    the shorter side is resized to ``image_size`` (bicubic, antialiased) and the centre
-    square is kept (``crops.tf_eval_view``). An image already at that size is kept as it is.
-    """
-    if encoded:
-        image = _tf_decode(image)
-    image = crops.tf_to_channels(image, channels)
-    return crops.tf_eval_view(image, image_size, image_size)
-
-
 def _plain_tf(fn):
     """``fn`` for tf.data as it is written: its TF ops already are graph ops (``tf.cond``,
     ``tf.where``), and AutoGraph's attempt to rewrite it only adds a warning."""
@@ -155,16 +142,9 @@ def _tf_decode(contents):
 
 
 def _prepare_fn(*, encoded: bool, image_size: int, channels: int):
-    """``{"image", "label"}`` -> ``{"image": uint8 [S, S, channels], "label": int32}``."""
-    tf = import_tensorflow()
-
-    def prepare(example):
-        image = _tf_prepare_image(
-            example["image"], encoded=encoded, image_size=image_size, channels=channels
-        )
-        return {"image": image, "label": tf.cast(example["label"], tf.int32)}
-
-    return _plain_tf(prepare)
+    """``{"image", "label"}`` -> ``{"image": uint8 [S, S, channels], "label": int32}``: the
+    images held in memory, the evaluation view of their whole square (``S = image_size``)."""
+    return _eval_view_fn(encoded=encoded, resize=image_size, crop=image_size, channels=channels)
 
 
 def _eval_view_fn(*, encoded: bool, resize: int, crop: int, channels: int):
@@ -326,7 +306,7 @@ def _read_image_files(files: list[tuple[str, int]], skipped: list[str]) -> Itera
         try:
             with Image.open(path) as pil:
                 # RGB even for grey files, so that every image has 3 channels here and
-                # the one grey conversion (LUMA) happens in _tf_prepare_image.
+                # the one grey conversion (LUMA) happens in crops.tf_to_channels.
                 image = np.asarray(pil.convert("RGB"))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             skipped.append(f"{path} ({type(e).__name__}: {e})")
