@@ -15,10 +15,12 @@ a failure during a run that the user can act on: a checkpoint the storage refuse
 not answer for, a process of a multi-host run that is gone (one line, what is kept, how to
 resume); the command then exits at once, without waiting for what cannot finish.
 
-Several hosts: run the same command on every host. ``jax.distributed`` is initialised
-automatically on TPU pods and SLURM/Open MPI clusters; elsewhere pass
-``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``. The workdir must be
-on storage that every host sees (a bucket or a shared file system).
+Several hosts: run the same command on every host. ``jax.distributed`` is started from what
+launched the processes (``matching_gap.launch``: a Cloud TPU VM slice's metadata server, GKE,
+SLURM, Open MPI), or from ``--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I``; a launcher of one process starts none. The first line of every run says
+which launcher was recognised and ``process i of n, d local devices of D``. The workdir must
+be on storage that every host sees (a bucket or a shared file system).
 """
 
 import os
@@ -56,8 +58,8 @@ _TOPOLOGY = flags.DEFINE_string(
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address",
     None,
-    "HOST:PORT of process 0, for multi-host runs outside "
-    "TPU pods and SLURM (which are detected automatically).",
+    "HOST:PORT of process 0, for multi-host runs that no launcher describes (Cloud TPU "
+    "VM slices, GKE, SLURM and Open MPI are recognised by themselves).",
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
@@ -65,7 +67,14 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed",
     "auto",
     ["auto", "on", "off"],
-    "auto: initialise jax.distributed when flags or a cluster environment ask for it.",
+    "auto: start jax.distributed when the flags above or a launcher (Cloud TPU VM slice, "
+    "GKE, SLURM, Open MPI) say this is one of several processes; on: also for one process; "
+    "off: never (this host runs alone).",
+)
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout",
+    300,
+    "Seconds to wait for every process of a multi-host run to join before stopping.",
 )
 flags.mark_flags_as_required(["config"])
 
@@ -145,28 +154,23 @@ def parse_flags(argv: list[str]) -> list[str]:
     return remaining
 
 
-def _cluster_environment() -> bool:
-    """Whether a launcher that jax.distributed recognises started several processes."""
-    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    mpi = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
-    return slurm or mpi or tpu_pod
+def start_processes() -> None:
+    """Joins this process to the others of its run (``matching_gap.launch``), before any JAX
+    computation, and prints who started it and where it stands."""
+    from matching_gap import launch
 
-
-def initialize_distributed() -> None:
-    """``jax.distributed.initialize`` for multi-process runs (before any JAX computation)."""
-    explicit = _COORDINATOR.value is not None
-    if _DISTRIBUTED.value == "off" or (
-        _DISTRIBUTED.value == "auto" and not explicit and not _cluster_environment()
-    ):
-        return
-    if explicit and (_NUM_PROCESSES.value is None or _PROCESS_ID.value is None):
-        _exit_with("--coordinator_address needs --num_processes and --process_id.")
-    jax.distributed.initialize(
-        coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
-    )
+    try:
+        found = launch.detect(
+            mode=_DISTRIBUTED.value,
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+            timeout_s=_DISTRIBUTED_TIMEOUT.value,
+        )
+    except errors.UserError as e:
+        _exit_with(str(e))
+    launch.initialize(found, _DISTRIBUTED_TIMEOUT.value)
+    print(launch.describe(found), flush=True)
 
 
 # Libraries that log a failure with its traceback and then raise it to the run, which
@@ -250,7 +254,7 @@ def main(argv):
         return
     if not workdir:
         _exit_with(f"--workdir is required.\n{_USAGE}")
-    initialize_distributed()
+    start_processes()
     try:
         storage.check_workdir(workdir)  # a gs:// bucket that is missing or out of reach
         # Imported here, so that command-line mistakes are reported without the wait.

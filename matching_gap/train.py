@@ -325,10 +325,17 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
 
     results = {}
     if final_step < num_steps:
-        metrics.log(
-            f"Stopped at step {final_step} of {num_steps} with a checkpoint; rerun "
-            "the same command to resume."
+        stopped = (
+            f"at step {final_step} of {num_steps} with a checkpoint; rerun the same command "
+            "to resume."
         )
+        if jax.process_count() == 1:
+            metrics.log(f"Stopped {stopped}")
+        else:  # every host's log shows the step it saved
+            print(
+                f"Process {jax.process_index()} of {jax.process_count()} stopped {stopped}",
+                flush=True,
+            )
         writer.close()
         return TrainResult(final_step, num_steps, results)
     random_params = None

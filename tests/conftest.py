@@ -35,7 +35,7 @@ def pytest_configure(config):
         "filterwarnings",
         "ignore:(?s).*RuntimeError. Event loop is closed:pytest.PytestUnraisableExceptionWarning",
     )
-    default_suite = config.getoption("markexpr", "") == "not slow"
+    default_suite = config.getoption("markexpr", "") == "not slow and not slice"
     flags = os.environ.get("XLA_FLAGS", "")
     if default_suite and "xla_backend_optimization_level" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()

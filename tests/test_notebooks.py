@@ -61,26 +61,86 @@ def test_train_demo_notebook(tmp_path):
     assert os.path.isdir(tmp_path / "run" / "checkpoints")
 
 
-@pytest.mark.parametrize(
-    "name,extra", [("toy_matching_gap.ipynb", ""), ("train_demo.ipynb", "[train]")]
-)
-def test_first_cell_installs_the_checkout_or_repo_url(name, extra, tmp_path, monkeypatch):
+def _first_cell(name: str) -> str:
+    return nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4).cells[1].source
+
+
+@pytest.mark.parametrize("name", ["toy_matching_gap.ipynb", "train_demo.ipynb"])
+def test_first_cell_installs_the_checkout_or_repo_url(name, tmp_path, monkeypatch):
     """In a fresh Colab kernel (nothing installed) the first cell installs the checkout around
     the notebook, else the repository at REPO_URL, else says to set REPO_URL."""
-    nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
-    cell = nb.cells[1].source
+    cell = _first_cell(name)
     assert 'REPO_URL = ""' in cell
     installed = []
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
-    monkeypatch.setattr(subprocess, "run", lambda argv, check: installed.append(argv[-1]))
+    monkeypatch.setattr(subprocess, "run", lambda argv, check: installed.append(argv[3:]))
 
     monkeypatch.chdir(NOTEBOOKS)  # Jupyter's working directory: the notebook's folder
     exec(cell, {})
-    assert installed == [f"{os.path.dirname(NOTEBOOKS)}{extra}"]
+    assert installed[-1][:2] == ["install", "-q"]
+    assert installed[-1][2].startswith(os.path.dirname(NOTEBOOKS))
 
     monkeypatch.chdir(tmp_path)  # Colab: no checkout around the notebook
     with pytest.raises(RuntimeError, match="set REPO_URL"):
         exec(cell, {})
     url = "https://git.example.org/someone/matching-gap"
     exec(cell.replace('REPO_URL = ""', f"REPO_URL = {url!r}"), {})
-    assert installed[-1] == f"matching-gap{extra} @ git+{url}"
+    assert installed[-1][2].startswith("matching-gap") and installed[-1][2].endswith(f"@ git+{url}")
+
+
+# What each runtime has installed (distribution: version) before the first cell runs.
+FRESH_VENV = {}
+COLAB_CPU = {"tensorflow": "2.19.0", "jax": "0.7.1", "jaxlib": "0.7.1"}
+COLAB_GPU = {**COLAB_CPU, "jax-cuda12-plugin": "0.7.1", "jax-cuda12-pjrt": "0.7.1"}
+COLAB_TPU = {"tensorflow-cpu": "2.19.0", "jax": "0.7.1", "jaxlib": "0.7.1", "libtpu": "0.0.21"}
+CPU_JAX_ON_A_TPU_VM = {"jax": "0.7.1", "jaxlib": "0.7.1"}
+PINS = ["jax==0.7.1", "jaxlib==0.7.1"]
+
+
+@pytest.mark.parametrize(
+    "have,machine,train,expected",
+    [
+        # A plain machine: the extra as the README installs it; JAX's CPU build comes with it.
+        (FRESH_VENV, "cpu", True, ["SRC[train]"]),
+        (FRESH_VENV, "cpu", False, ["SRC"]),
+        # Colab and Kaggle: their TensorFlow and JAX builds stay (no tensorflow-cpu, no plain
+        # jax over a CUDA or TPU build), whatever the accelerator.
+        (COLAB_CPU, "cpu", True, ["SRC[hosted]", *PINS]),
+        (COLAB_GPU, "gpu", True, ["SRC[hosted]", *PINS]),
+        (COLAB_TPU, "tpu", True, ["SRC[hosted]", *PINS]),
+        (COLAB_GPU, "gpu", False, ["SRC", *PINS]),
+        # An accelerator without JAX, or with JAX's CPU build: what the accelerator needs.
+        (FRESH_VENV, "tpu", True, ["SRC[train]", "jax[tpu]"]),
+        (FRESH_VENV, "gpu", False, ["SRC", "jax[cuda12]"]),
+        (CPU_JAX_ON_A_TPU_VM, "tpu", False, ["SRC", "jax[tpu]==0.7.1", "jaxlib==0.7.1"]),
+    ],
+)
+def test_first_cell_keeps_what_the_runtime_brings(have, machine, train, expected, monkeypatch):
+    namespace = {}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: object())
+    exec(_first_cell("train_demo.ipynb"), namespace)  # everything installed: defines only
+    arguments = namespace["pip_arguments"]("SRC", train, machine, have.get)
+    assert arguments == ["install", "-q", *expected]
+    git = namespace["pip_arguments"]("git+https://h/r", train, machine, have.get)
+    assert git[2] == "matching-gap" + expected[0][3:] + " @ git+https://h/r"
+    # The loss-only notebook decides with the same function.
+    toy = {}
+    exec(_first_cell("toy_matching_gap.ipynb"), toy)
+    assert toy["pip_arguments"]("SRC", train, machine, have.get) == arguments
+
+
+@pytest.mark.parametrize(
+    "devices,nvidia_smi,expected",
+    [(["/dev/accel0"], None, "tpu"), ([], "/usr/bin/nvidia-smi", "gpu"), ([], None, "cpu")],
+)
+def test_first_cell_tells_the_accelerator(devices, nvidia_smi, expected, monkeypatch):
+    import glob
+    import shutil
+
+    namespace = {}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: object())
+    exec(_first_cell("train_demo.ipynb"), namespace)
+    monkeypatch.setattr(glob, "glob", lambda pattern: devices if "accel" in pattern else [])
+    monkeypatch.setattr(shutil, "which", lambda name: nvidia_smi)
+    monkeypatch.setattr(os.path, "exists", lambda path: False)
+    assert namespace["accelerator"]() == expected

@@ -173,14 +173,14 @@ def gate(emulator_url, monkeypatch):
     proxy.close()
 
 
-def list_objects(url: str, prefix: str = "") -> list[str]:
-    """Every object's name under ``prefix`` in ``BUCKET``, through the emulator's JSON API."""
+def list_objects(url: str, prefix: str = "", bucket: str = BUCKET) -> list[str]:
+    """Every object's name under ``prefix`` in ``bucket``, through the emulator's JSON API."""
     names, token = [], None
     while True:
         query = {"prefix": prefix, **({"pageToken": token} if token else {})}
         page = json.loads(
             urllib.request.urlopen(
-                f"{url}/storage/v1/b/{BUCKET}/o?{urllib.parse.urlencode(query)}"
+                f"{url}/storage/v1/b/{bucket}/o?{urllib.parse.urlencode(query)}"
             ).read()
         )
         names += [item["name"] for item in page.get("items", [])]

@@ -1,0 +1,244 @@
+"""How this process was started, and ``jax.distributed`` from it, before any JAX computation.
+
+The processes of a multi-host run find each other through whatever started them:
+
+- a Cloud TPU VM slice (``gcloud compute tpus tpu-vm create``, a queued resource): each
+  worker's GCE metadata server (``agent-worker-number``, ``worker-network-endpoints``,
+  ``tpu-env``); nothing in the environment of the shell ``tpu-vm ssh --worker=all`` opens
+  says so;
+- GKE: ``TPU_WORKER_HOSTNAMES`` (or ``TPU_PROCESS_ADDRESSES``) and ``TPU_WORKER_ID``;
+- SLURM and Open MPI: their variables;
+- anything else: ``--coordinator_address``, ``--num_processes`` and ``--process_id``.
+
+JAX knows the first three: ``jax.distributed.initialize()`` without arguments asks the
+cluster classes of ``jax._src.clusters``. :func:`detect` asks the same classes, in JAX's
+order, with JAX's code, and adds one decision: a launcher of a single process (a single-host
+TPU VM, a Colab or Kaggle runtime, one SLURM task) starts no coordinator and waits on none.
+``jax._src.clusters`` is private: ``tests/test_launch.py`` pins what is used of it.
+
+:func:`initialize` joins the processes within a bounded time: a process that cannot reach
+the coordinator (a firewall, a worker not started) stops with one line that names the
+address and what to check, where JAX would abort with a C++ stack trace.
+
+``python -m matching_gap.launch`` runs the same start-up as the training command and
+prints what it found: the check of ``docs/tpu.md`` before a launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+import sys
+import threading
+import warnings
+
+import jax
+
+from matching_gap import errors
+
+DEFAULT_TIMEOUT_S = 300  # JAX's own initialization_timeout
+
+# JAX's cluster names, in words; another (a newer JAX's) is shown by its class name.
+_LAUNCHERS = {
+    "gcetpu": "Cloud TPU VM slice (GCE metadata server)",
+    "gketpu": "GKE TPU slice (TPU_WORKER_HOSTNAMES)",
+    "slurm": "SLURM",
+    "ompi": "Open MPI",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """What started this process. ``coordinator`` (``HOST:PORT`` of process 0) is None
+    when no ``jax.distributed`` is started: one process."""
+
+    launcher: str
+    num_processes: int = 1
+    process_id: int = 0
+    coordinator: str | None = None
+
+
+def _cluster_types() -> list:
+    """JAX's cluster environments in the order ``jax.distributed.initialize()`` tries them
+    (the opt-in ones, such as mpi4py, are never tried without being named)."""
+    from jax._src import clusters
+
+    return [c for c in clusters.ClusterEnv._cluster_types if not c.opt_in_only_method]
+
+
+def _present(cluster) -> bool:
+    """``is_env_present``, with a failure to ask (a metadata server that does not answer,
+    a missing optional package) read as 'not this one', as a warning-free no."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return bool(cluster.is_env_present())
+        except Exception:  # noqa: BLE001 (requests, kubernetes, ... each raise their own)
+            return False
+
+
+def _launcher_name(cluster) -> str:
+    return _LAUNCHERS.get(cluster.name, cluster.__name__)
+
+
+def detect(
+    *,
+    mode: str = "auto",
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout_s: int = DEFAULT_TIMEOUT_S,
+) -> Launch:
+    """What started this process, and whether it is one of several.
+
+    ``mode``: ``auto`` starts ``jax.distributed`` for several processes; ``on`` also for a
+    launcher of one process (or fails when none is recognised); ``off`` never.
+    Raises :class:`errors.ConfigError` for flags that do not fit, and for a launcher that was
+    recognised but could not say how many processes there are.
+    """
+    if mode == "off":
+        return Launch("none (--distributed=off)")
+    if coordinator_address is not None:
+        if num_processes is None or process_id is None:
+            raise errors.ConfigError(
+                "--coordinator_address needs --num_processes and --process_id."
+            )
+        if not 0 <= process_id < num_processes:
+            raise errors.ConfigError(
+                f"--process_id={process_id} must be in 0..{num_processes - 1} "
+                f"(--num_processes={num_processes})."
+            )
+        return Launch(
+            "--coordinator_address flags",
+            num_processes,
+            process_id,
+            coordinator_address,
+        )
+    cluster = next((c for c in _cluster_types() if _present(c)), None)
+    if cluster is None:
+        if mode == "on":
+            raise errors.ConfigError(
+                "--distributed=on, but no launcher that JAX recognises started this process "
+                "(Cloud TPU VM, GKE, SLURM, Open MPI): pass --coordinator_address=HOST:PORT "
+                "--num_processes=N --process_id=I."
+            )
+        return Launch("none (one process)")
+    name = _launcher_name(cluster)
+    try:
+        count = cluster.get_process_count()
+        if count == 1 and mode == "auto":
+            return Launch(name)
+        index = cluster.get_process_id()
+        port = os.environ.get("JAX_COORDINATOR_PORT")
+        address = cluster.get_coordinator_address(
+            timeout_secs=timeout_s, override_coordinator_port=port
+        )
+    except Exception as e:  # noqa: BLE001 (metadata, environment: whatever the launcher gave)
+        raise errors.ConfigError(
+            f"Started by {name}, but could not read the processes of the run from it: "
+            f"{type(e).__name__}: {' '.join(str(e).split())[:300]}. Pass "
+            "--coordinator_address=HOST:PORT --num_processes=N --process_id=I instead."
+        ) from e
+    return Launch(name, count, index, address)
+
+
+def _reachable(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+            return True
+    except OSError:
+        return False
+
+
+def _not_joined_message(launch: Launch, timeout_s: int) -> str:
+    i, n, address = launch.process_id, launch.num_processes, launch.coordinator
+    port = address.rpartition(":")[2]
+    start = (
+        f"process {i} of {n} (launcher: {launch.launcher}) waited {timeout_s} s for the other "
+        f"processes at the coordinator {address}"
+    )
+    if i != 0 and not _reachable(address):
+        start = (
+            f"process {i} of {n} (launcher: {launch.launcher}) could not reach the coordinator at "
+            f"{address} (process 0) within {timeout_s} s"
+        )
+    return (
+        f"{start}. Check that the same command was started on every worker (all {n}: "
+        f"--worker=all), that process 0 is up, and that the workers reach each other on "
+        f"TCP port {port} (the network's firewall). --distributed_timeout=S waits longer."
+    )
+
+
+def initialize(launch: Launch, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
+    """``jax.distributed.initialize`` for a run of several processes (nothing for one).
+
+    JAX aborts the process (a C++ check failure) when the processes do not all join within
+    its timeout; a watchdog stops it first, with one line and exit status 2."""
+    if launch.coordinator is None:
+        return
+
+    def give_up():
+        print(f"error: {_not_joined_message(launch, timeout_s)}", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    watchdog = threading.Timer(timeout_s, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(
+            coordinator_address=launch.coordinator,
+            num_processes=launch.num_processes,
+            process_id=launch.process_id,
+            initialization_timeout=timeout_s + 60,  # the watchdog speaks first
+        )
+    finally:
+        watchdog.cancel()
+
+
+def describe(launch: Launch) -> str:
+    """The run's first line: who started it and where this process stands in it."""
+    return (
+        f"Launcher: {launch.launcher}; process {jax.process_index()} of "
+        f"{jax.process_count()}, {jax.local_device_count()} local devices of "
+        f"{jax.device_count()}."
+    )
+
+
+def main(argv: list[str]) -> int:
+    """The training command's start-up alone, then one gather over every process to show
+    that they form one run."""
+    parser = argparse.ArgumentParser(
+        prog="python -m matching_gap.launch", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--distributed", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--distributed_timeout", type=int, default=DEFAULT_TIMEOUT_S)
+    parser.add_argument("--coordinator_address")
+    parser.add_argument("--num_processes", type=int)
+    parser.add_argument("--process_id", type=int)
+    args = parser.parse_args(argv)
+    try:
+        launch = detect(
+            mode=args.distributed,
+            coordinator_address=args.coordinator_address,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            timeout_s=args.distributed_timeout,
+        )
+    except errors.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    initialize(launch, args.distributed_timeout)
+    print(describe(launch), flush=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        indices = multihost_utils.process_allgather(jax.numpy.int32(jax.process_index()))
+        print(f"Processes {sorted(int(i) for i in indices)} answered.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
