@@ -12,9 +12,11 @@ import optax
 import pytest
 from flax import nnx
 
-from matching_gap import augment, augmented_probe, config_lib, evaluators, schema
+from matching_gap import augment, config_lib, schema
 from matching_gap import sharding as sharding_lib
 from matching_gap import state as state_lib
+from matching_gap.evaluation import augmented_probe
+from matching_gap.evaluation import linear_probe as probe_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 NUM_STEPS, BATCH, CLASSES = 10, 16, 3
@@ -147,7 +149,7 @@ def test_the_heads_learn_a_separable_task(setup):
     aug = schema.parse(config).augment
     x = nnx.merge(graphdef, params).encode(augment.center_view(jnp.asarray(images), aug), "pooled")
     mean, std = augmented_probe._normaliser(state, True, x.shape[-1])
-    correct = evaluators.head_correct(
+    correct = probe_lib.head_correct(
         state["heads"], x[None], jnp.asarray(labels)[None], jnp.ones((1, BATCH)), mean, std
     )
     assert np.all(np.asarray(correct) == BATCH), correct

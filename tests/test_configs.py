@@ -241,14 +241,16 @@ def test_every_field_is_settable_from_the_command_line():
 def test_base_config_is_derived_from_the_schema():
     """One default per field: base_config() parses back into the schema's defaults, and the
     modules that take a section use the schema's class (no second set of defaults)."""
-    from matching_gap import augment, augmented_probe, data, evaluate, evaluators
+    from matching_gap import augment, data
+    from matching_gap.evaluation import augmented_probe
+    from matching_gap.evaluation import linear_probe as probe_lib
 
     assert schema.parse(config_lib.base_config()) == schema.Config()
     assert config_lib.base_config().to_dict() == schema.Config().to_dict()
     assert augment.AugmentConfig is schema.AugmentConfig
     assert models.ModelConfig is schema.ModelConfig
     assert data.DataConfig is schema.DataConfig
-    assert evaluators.ProbeSettings() == evaluate.probe_settings(schema.Config())
+    assert probe_lib.ProbeSettings() == probe_lib.probe_settings(schema.Config())
     required = [
         f.default is dataclasses.MISSING
         for f in dataclasses.fields(augmented_probe.AugmentedSettings)

@@ -10,9 +10,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from matching_gap import config_lib, data, errors, evaluate, evaluators, metrics, schema, train
+from matching_gap import config_lib, data, errors, metrics, schema, train
 from matching_gap import sharding as sharding_lib
 from matching_gap import state as state_lib
+from matching_gap.evaluation import evaluate
+from matching_gap.evaluation import features as features_lib
+from matching_gap.evaluation import knn as knn_lib
+from matching_gap.evaluation import linear_probe as probe_lib
+from matching_gap.evaluation import suite as suite_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -58,10 +63,10 @@ def test_streamed_and_in_memory_splits_give_the_same_features_and_results(traine
         config.data.in_memory = in_memory
         with mocked():
             parsed = schema.parse(config)
-            evaluator = evaluate.SplitFeatures(parsed, graphdef, mesh, whole_splits=True)
+            evaluator = features_lib.SplitFeatures(parsed, graphdef, mesh, whole_splits=True)
             fit, report = evaluator.features(params)
-            knn = evaluators.knn_accuracy(fit, report, k=5)
-            probe = evaluators.linear_probe(fit, report, evaluate.probe_settings(config))
+            knn = knn_lib.knn_accuracy(fit, report, k=5)
+            probe = probe_lib.linear_probe(fit, report, probe_lib.probe_settings(config))
         out[in_memory] = (fit, report, knn, probe.top1)
     for a, b in zip(out[True][:2], out[False][:2], strict=True):
         np.testing.assert_array_equal(np.asarray(a.ids), np.asarray(b.ids))
@@ -140,16 +145,16 @@ def test_the_knn_votes_on_its_own_features_and_the_probe_on_eval_features(traine
 
         return fn
 
-    monkeypatch.setattr(evaluate, "knn", record("knn", (0.5, 5)))
-    monkeypatch.setattr(evaluate, "linear_probe", record("probe", None))
+    monkeypatch.setattr(knn_lib, "configured_knn", record("knn", (0.5, 5)))
+    monkeypatch.setattr(probe_lib, "configured_probe", record("probe", None))
     mesh = sharding_lib.make_mesh()
     with mocked():
-        features = evaluate.SplitFeatures(config, graphdef, mesh, whole_splits=True)
+        features = features_lib.SplitFeatures(config, graphdef, mesh, whole_splits=True)
         suite = [
-            evaluate.KnnEvaluator(config, features),
-            evaluate.LinearProbeEvaluator(config, features),
+            knn_lib.KnnEvaluator(config, features),
+            probe_lib.LinearProbeEvaluator(config, features),
         ]
-        assert evaluate.run(suite, params) == {"eval/knn_top1": 0.5}
+        assert suite_lib.run(suite, params) == {"eval/knn_top1": 0.5}
         batches = list(features.splits()[0].batches())
     images = np.concatenate([b["image"] for b in batches])
     real = np.concatenate([b["mask"] for b in batches]).astype(bool)
@@ -157,7 +162,7 @@ def test_the_knn_votes_on_its_own_features_and_the_probe_on_eval_features(traine
     model = nnx.merge(graphdef, params)
     for name, kind in (("knn", "cls"), ("probe", "cls_avgpool")):
         fit = seen[name][0]
-        got = evaluators.to_host(fit.features).reshape(len(images), -1)
+        got = features_lib.to_host(fit.features).reshape(len(images), -1)
         want = np.asarray(model.encode(view, kind))
         assert got.shape == want.shape, name
         np.testing.assert_allclose(got[real], want[real], rtol=1e-4, atol=1e-5, err_msg=name)
@@ -288,14 +293,14 @@ def test_features_probe_matches_scikit_learn_on_a_demo_model(tmp_path):
     mesh = sharding_lib.make_mesh(one_device)
     config = schema.parse(config)
     graphdef, params, _ = state_lib.restore_encoder(config, str(tmp_path), mesh)
-    evaluator = evaluate.SplitFeatures(config, graphdef, mesh, whole_splits=True)
+    evaluator = features_lib.SplitFeatures(config, graphdef, mesh, whole_splits=True)
     fit, report = evaluator.features(params)
-    ours = evaluators.linear_probe(fit, report, evaluate.probe_settings(config)).top1
+    ours = probe_lib.linear_probe(fit, report, probe_lib.probe_settings(config)).top1
 
     def host(f):
-        mask = evaluators.to_host(f.mask).reshape(-1)
-        x = evaluators.to_host(f.features).reshape(mask.size, -1)[mask]
-        return x, evaluators.to_host(f.labels).reshape(-1)[mask]
+        mask = features_lib.to_host(f.mask).reshape(-1)
+        x = features_lib.to_host(f.features).reshape(mask.size, -1)[mask]
+        return x, features_lib.to_host(f.labels).reshape(-1)[mask]
 
     (x, y), (xt, yt) = host(fit), host(report)
     assert len(y) == 60_000 and len(yt) == 10_000

@@ -191,7 +191,7 @@ def test_the_recipe_trains_and_probes_on_a_streamed_folder(tmp_path):
     outcome = train.train_and_evaluate(c, str(tmp_path / "run"))
     assert outcome.finished
     assert outcome.results["eval/knn_top1"] >= 0.5
-    from matching_gap import evaluate
+    from matching_gap.evaluation import evaluate
 
     entries = evaluate.evaluate_workdir(c, str(tmp_path / "run"))
     assert entries["augmented"]["top1"] >= 0.5

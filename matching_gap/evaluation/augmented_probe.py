@@ -25,12 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from matching_gap import augment, checkpointing, data, errors, evaluators, metrics, schema, storage
+from matching_gap import augment, checkpointing, data, errors, metrics, schema, storage
 from matching_gap import sharding as sharding_lib
+from matching_gap.evaluation.features import Features, SplitFeatures
+from matching_gap.evaluation.linear_probe import head_correct, head_loss
 
 BATCHNORM_EPS = 1e-6  # MAE's BatchNorm1d(affine=False, eps=1e-6)
 BATCHNORM_MOMENTUM = 0.1  # PyTorch's default: running = 0.9 running + 0.1 batch
 SGD_MOMENTUM = 0.9
+PROBE_DIR = "linear_eval"  # the pretraining dataset's augmented probe, in the workdir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +64,10 @@ def run(
     config,
     graphdef,
     params,
-    test: evaluators.Features,
+    test: Features,
     workdir: str,
     *,
-    folder: str = "linear_eval",
+    folder: str = PROBE_DIR,
 ) -> dict:
     """Trains the heads (resuming from ``<workdir>/<folder>``: one folder per evaluated
     dataset) and, when done, scores them on ``test`` (centre-crop features of the
@@ -160,7 +163,7 @@ def run(
         )
         return summary
     mean, std = _normaliser(state, settings.batchnorm, dim)
-    correct = evaluators.head_correct(
+    correct = head_correct(
         state["heads"], test.features, test.labels, test.mask.astype(jnp.float32), mean, std
     )
     top1 = np.asarray(correct) / test.num_examples
@@ -175,6 +178,27 @@ def run(
         ],
     )
     return summary
+
+
+class AugmentedProbeEvaluator:
+    """The ``augmented`` probe (``matching_gap.augmented_probe``, resumable in ``workdir``):
+    yields ``augmented_probe_top1`` once it has finished."""
+
+    def __init__(
+        self, config, features: SplitFeatures, graphdef, workdir: str, *, folder: str = PROBE_DIR
+    ):
+        self.config, self.features = config, features
+        self._graphdef, self._workdir, self._folder = graphdef, workdir, folder
+        self.summary = None
+
+    def run(self, params):
+        report = self.features.report(params)
+        self.features.clear(fit_only=True)  # not needed here: freed before the long probe
+        self.summary = run(
+            self.config, self._graphdef, params, report, self._workdir, folder=self._folder
+        )
+        if self.summary["finished"]:
+            yield "augmented_probe_top1", self.summary["top1"]
 
 
 def _check_settings(directory, settings: AugmentedSettings) -> None:
@@ -254,7 +278,7 @@ def _make_step(config, graphdef, settings: AugmentedSettings, num_steps: int, me
             bn_mean = (1 - BATCHNORM_MOMENTUM) * bn_mean + BATCHNORM_MOMENTUM * mean
             bn_var = (1 - BATCHNORM_MOMENTUM) * bn_var + BATCHNORM_MOMENTUM * var * n / (n - 1)
         heads = state["heads"]
-        loss, grads = jax.value_and_grad(evaluators.head_loss)(heads, x, labels)
+        loss, grads = jax.value_and_grad(head_loss)(heads, x, labels)
         # PyTorch's SGD: buf = momentum * buf + (grad + wd * w); w -= lr * buf.
         grads = {"w": grads["w"] + settings.weight_decay * heads["w"], "b": grads["b"]}
         buf = jax.tree.map(lambda m, g: SGD_MOMENTUM * m + g, state["momentum"], grads)
