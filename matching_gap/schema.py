@@ -458,6 +458,10 @@ HOLDOUT: Rule = (
 class EvalConfig(_Section):
     section: ClassVar[str] = "eval"
     batch_size: int = _field(1024, POSITIVE_INT)  # feature extraction (a multiple of devices)
+    # The encoder's compute dtype whenever it is evaluated (k-NN, probes, load_encoder,
+    # pictures), whatever model.dtype it trained in: DINO's eval_knn.py and eval_linear.py
+    # run it in float32.
+    dtype: str = _field("float32", one_of(DTYPES))
     features: str = _field("cls_avgpool", one_of(FEATURES))  # the probes'
     # The k-NN's features; "" = eval.features (what every run before this field used, so a
     # saved config without it evaluates unchanged). DINO's eval_knn.py: "cls".

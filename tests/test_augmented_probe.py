@@ -96,6 +96,31 @@ def test_two_steps_equal_optax_sgd_with_momentum_per_head(setup):
         np.testing.assert_allclose(state["heads"]["b"][h], head["b"], rtol=1e-5, atol=1e-6)
 
 
+def test_the_step_encodes_in_eval_dtype_whatever_the_model_trained_in(setup):
+    """DINO's eval_linear.py trains its head on float32 features of the frozen encoder.
+    Catches: the probe's forward pass in the model's compute dtype (bfloat16): one step from
+    a bfloat16-trained config equals the float32 model's step, and differs in bfloat16."""
+    config, mesh, graphdef, params = setup
+    settings = _settings()
+    images, labels = _batches(config, 1)
+
+    def one_step(cfg):
+        graph = nnx.graphdef(nnx.eval_shape(lambda: state_lib.create_model(cfg)))
+        step_fn = augmented_probe._make_step(cfg, graph, settings, NUM_STEPS, mesh)
+        state = _random_state(settings, config.model.width)  # donated: a fresh one each
+        state, loss = step_fn(state, params, jnp.asarray(images[0]), jnp.asarray(labels[0]))
+        return np.asarray(state["heads"]["w"]), float(loss)
+
+    want = one_step(config)
+    bf16 = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype="bfloat16"))
+    assert bf16.eval.dtype == "float32"
+    got = one_step(bf16)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+    low = one_step(dataclasses.replace(bf16, eval=dataclasses.replace(bf16.eval, dtype="bfloat16")))
+    assert not np.allclose(low[0], want[0], rtol=1e-4, atol=1e-6)
+
+
 def test_batchnorm_is_maes_batchnorm1d(setup):
     config, mesh, graphdef, params = setup
     settings = _settings(batchnorm=True)

@@ -152,6 +152,7 @@ BAD_VALUES = [
     ("train.run_steps", -1),
     ("train.plan_every", -1),
     ("eval.batch_size", 0),
+    ("eval.dtype", "float16"),
     ("eval.features", "last4"),
     ("eval.knn_features", "patch"),
     ("eval.knn_k", 0),
@@ -278,6 +279,7 @@ def test_config_lib_imports_only_the_schema():
         ("loss.multiview_mode", "all"),
         ("eval.features", "last4"),
         ("eval.knn_features", "patch"),
+        ("eval.dtype", "float16"),
         ("data.source", "csv"),
         ("export.format", "onnx"),
     ],
@@ -445,6 +447,16 @@ def test_parse_rejects_unknown_sections_and_fields_and_fills_missing_ones():
     assert schema.parse({"model": model}).model.layer_norm_eps == 1e-6
     config = schema.parse(load("default.py"))
     assert schema.parse(config) is config  # parsed once: a Config passes through
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n, args in VARIANTS.items() for a in args])
+def test_every_config_evaluates_the_encoder_in_float32_as_dino(name, arg):
+    """DINO's eval_knn.py and eval_linear.py run the encoder in float32 (the ImageNet recipes
+    train in bfloat16): no config evaluates in its training dtype."""
+    c = load(name, arg)
+    if name == "image_folder.py" and "smoke" not in arg:
+        c.data.data_dir = "/path/to/images"
+    assert config_lib.validate(c).eval.dtype == "float32"
 
 
 def test_the_recipes_evaluate_on_dinos_features_and_the_demo_on_its_own():

@@ -13,7 +13,7 @@ import pytest
 from matching_gap import config_lib, data, errors, metrics, schema, train
 from matching_gap import sharding as sharding_lib
 from matching_gap import state as state_lib
-from matching_gap.evaluation import evaluate
+from matching_gap.evaluation import encoder, evaluate
 from matching_gap.evaluation import features as features_lib
 from matching_gap.evaluation import knn as knn_lib
 from matching_gap.evaluation import linear_probe as probe_lib
@@ -261,6 +261,58 @@ def test_augmented_probe_interrupted_resumes_to_the_same_heads(trained, tmp_path
     with mocked(), pytest.raises(errors.WorkdirError, match="other settings"):
         evaluate.evaluate_workdir(config, resumed)
     assert os.path.isdir(os.path.join(resumed, "linear_eval", "checkpoints", "8"))
+
+
+def test_the_encoder_is_evaluated_in_float32_whatever_it_trained_in(trained):
+    """DINO's eval_knn.py and eval_linear.py run the encoder in float32 (no autocast), while
+    the ImageNet recipes train in bfloat16. Catches: features computed in the model's compute
+    dtype (the reference is the float32 model on the same parameters; bfloat16 differs)."""
+    from flax import nnx
+
+    from matching_gap import augment
+
+    config = smoke_config()
+    reference_config = schema.parse(config)
+    graphdef, params, _ = state_lib.restore_encoder(reference_config, str(trained))
+    config.model.dtype = "bfloat16"  # trained so: the same float32 parameters
+    trained_bf16 = schema.parse(config)
+    graphdef_bf16 = nnx.graphdef(nnx.eval_shape(lambda: state_lib.create_model(trained_bf16)))
+    size, channels = trained_bf16.data.image_size, trained_bf16.data.channels
+    images = np.random.default_rng(0).integers(0, 256, (8, size, size, channels), np.uint8)
+    view = augment.center_view(jax.numpy.asarray(images), reference_config.augment)
+    kind = reference_config.eval.features
+    want = np.asarray(nnx.merge(graphdef, params).encode(view, kind))  # float32 throughout
+
+    got = np.asarray(encoder.make_encode(trained_bf16, graphdef_bf16)(params, images))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    config.eval.dtype = "bfloat16"  # the model's compute dtype: what this rule replaces
+    low = encoder.make_encode(schema.parse(config), graphdef_bf16)(params, images)
+    assert not np.allclose(np.asarray(low), want, rtol=1e-3, atol=1e-4)
+
+
+def test_a_probe_begun_before_eval_dtype_resumes_in_its_dtype_or_is_refused(trained, tmp_path):
+    """A ``linear_eval/`` written before ``eval.dtype`` has no dtype in its settings: its heads
+    saw the model's compute dtype. Catches: refusing a float32 model's probe (the features
+    are the same), or resuming a bfloat16 model's heads on float32 features."""
+    workdir = copy_of(trained, tmp_path)
+    config = smoke_config()
+    config.eval.protocols = "augmented"
+    config.eval.augmented_run_steps = 3
+    with mocked():
+        evaluate.evaluate_workdir(config, workdir)
+    path = os.path.join(workdir, "linear_eval", "settings.json")
+    with open(path) as f:
+        before = {k: v for k, v in json.load(f).items() if k != "dtype"}
+    with open(path, "w") as f:
+        json.dump(before, f)  # as the probe wrote it before eval.dtype
+    config.eval.augmented_run_steps = 0
+    config.model.dtype = "bfloat16"  # trained in bfloat16: its heads saw bfloat16 features
+    refused = r"other settings \(dtype: 'bfloat16' -> 'float32'\)\. Delete that folder"
+    with mocked(), pytest.raises(errors.WorkdirError, match=refused):
+        evaluate.evaluate_workdir(config, workdir)
+    config.model.dtype = "float32"
+    with mocked():
+        assert evaluate.evaluate_workdir(config, workdir)["augmented"]["finished"]
 
 
 def test_evaluate_mode_without_a_checkpoint_says_where_to_train(tmp_path):

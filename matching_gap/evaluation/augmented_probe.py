@@ -27,6 +27,7 @@ from flax import nnx
 
 from matching_gap import augment, checkpointing, data, errors, metrics, schema, storage
 from matching_gap import sharding as sharding_lib
+from matching_gap.evaluation.encoder import evaluated_graphdef
 from matching_gap.evaluation.features import Features, SplitFeatures
 from matching_gap.evaluation.linear_probe import head_correct, head_loss
 
@@ -93,7 +94,7 @@ def run(
             "eval.augmented_batch_size"
         )
     num_steps = settings.epochs * steps_per_epoch
-    _check_settings(directory, settings)
+    _check_settings(directory, settings, config)
     ckpt = checkpointing.Checkpointer(directory, every=settings.checkpoint_every, keep=2)
     dim = test.features.shape[-1]
     fresh = jax.jit(
@@ -201,12 +202,14 @@ class AugmentedProbeEvaluator:
             yield "augmented_probe_top1", self.summary["top1"]
 
 
-def _check_settings(directory, settings: AugmentedSettings) -> None:
-    """Refuses to resume heads trained with other settings; records them for a fresh start."""
+def _check_settings(directory, settings: AugmentedSettings, config) -> None:
+    """Refuses to resume heads trained with other settings (the probe's, and ``eval.dtype``
+    the encoder ran in); records them for a fresh start."""
     path = storage.path(directory, "settings.json")
-    wanted = json.loads(json.dumps(settings.resumable_fields()))
+    wanted = json.loads(json.dumps({**settings.resumable_fields(), "dtype": config.eval.dtype}))
     if path.exists():
-        saved = json.loads(path.read_text())
+        # A folder written before eval.dtype existed ran the encoder in model.dtype.
+        saved = {"dtype": config.model.dtype, **json.loads(path.read_text())}
         if saved != wanted and checkpointing.has_checkpoints(directory):
             changed = [
                 f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in wanted.items() if saved.get(k) != v
@@ -264,6 +267,7 @@ def _make_step(config, graphdef, settings: AugmentedSettings, num_steps: int, me
     lrs = jnp.array(settings.learning_rates, jnp.float32) * settings.batch_size / 256
     key = jax.random.key(config.seed)
     features_kind = config.eval.features
+    graphdef = evaluated_graphdef(config, graphdef)  # eval.dtype, as the test features
 
     def step_fn(state, params, images, labels):
         step = state["step"] + 1

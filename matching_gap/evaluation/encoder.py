@@ -1,6 +1,7 @@
 """The encoder as the evaluation sees it: the evaluation view (centre crop,
-normalisation), then the configured features (:func:`make_encode`); :func:`load_encoder`,
-the newest checkpoint of a training run as such a frozen feature extractor.
+normalisation), then the configured features, computed in ``eval.dtype``
+(:func:`make_encode`); :func:`load_encoder`, the newest checkpoint of a training run as such
+a frozen feature extractor.
 """
 
 from __future__ import annotations
@@ -14,8 +15,29 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from matching_gap import augment, errors, schema, state, storage
+from matching_gap import augment, errors, models, schema, state, storage
 from matching_gap import sharding as sharding_lib
+
+
+def evaluated_model(config) -> schema.ModelConfig:
+    """The ``model`` section the evaluation builds the encoder from: ``eval.dtype`` as its
+    compute dtype (DINO's ``eval_knn.py`` and ``eval_linear.py`` run the encoder in float32,
+    whatever it trained in), and XLA's attention where cuDNN's cannot run (it needs bfloat16
+    on a GPU), the same function of the same parameters."""
+    model = dataclasses.replace(config.model, dtype=config.eval.dtype)
+    if model.attention == "cudnn" and (model.dtype != "bfloat16" or jax.default_backend() != "gpu"):
+        model = dataclasses.replace(model, attention="xla")
+    return model
+
+
+def evaluated_graphdef(config, graphdef):
+    """``graphdef`` (of ``config.model``) as :func:`evaluated_model` computes. The parameters
+    are float32 whatever ``model.dtype`` says (a compute dtype), so the same ones merge into
+    either."""
+    model = evaluated_model(config)
+    if graphdef is None or model == config.model:
+        return graphdef
+    return nnx.graphdef(nnx.eval_shape(lambda: models.create_model(model, rngs=nnx.Rngs(0))))
 
 
 def make_encode(
@@ -23,10 +45,12 @@ def make_encode(
 ) -> Callable[[Any, jax.Array], jax.Array]:
     """Jitted ``encode(params, images) -> features``: the evaluation view (centre crop,
     normalisation), then ``features`` of the encoder (default ``config.eval.features``, see
-    ``schema.FEATURES``); with ``raw_pixels``, the view's pixels flattened (``params``
-    unused: the bar a learned encoder should clear). With a ``mesh``, the features stay
-    split over the devices like the images."""
+    ``schema.FEATURES``) computed in ``eval.dtype`` (:func:`evaluated_graphdef`); with
+    ``raw_pixels``, the view's pixels flattened (``params`` unused: the bar a learned encoder
+    should clear). With a ``mesh``, the features stay split over the devices like the
+    images."""
     kind = config.eval.features if features is None else features
+    graphdef = None if raw_pixels else evaluated_graphdef(config, graphdef)
 
     def encode(params, images):
         view = augment.center_view(images, config.augment)
@@ -48,8 +72,9 @@ def load_encoder(workdir: str) -> tuple[Callable[[Any], jax.Array], schema.Confi
     ``[N, H, W, C]`` (uint8, or floats in [0, 1]) of the stored size
     ``config.data.image_size`` to features ``[N, D]``: the evaluation view (centre crop,
     normalisation), then ``config.eval.features`` of the encoder (the EMA teacher's when the
-    run had one), as the k-NN and linear-probe evaluators see them. A run trained with
-    ``model.attention='cudnn'`` is read with XLA's attention on a machine without a GPU.
+    run had one) computed in ``eval.dtype``, as the k-NN and linear-probe evaluators see
+    them. A run trained with ``model.attention='cudnn'`` is read with XLA's attention on a
+    machine without a GPU.
     """
     path = storage.path(workdir, "config.json")
     if not path.exists():

@@ -106,6 +106,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
         "train_split": config.data.eval_train_split,
         "eval_split": config.data.eval_split,
         "features": config.eval.features,
+        "dtype": config.eval.dtype,
         "train_examples": fit_split.num_examples,
         "eval_examples": report_split.num_examples,
     }
@@ -124,8 +125,8 @@ def evaluate_workdir(config, workdir: str) -> dict:
 
 
 def _features_note(config, protocols) -> str:
-    """``"cls_avgpool features"``, or ``"cls_avgpool features, k-NN on cls"``."""
-    note = f"{config.eval.features} features"
+    """``"cls_avgpool features in float32"``, or ``"..., k-NN on cls"``."""
+    note = f"{config.eval.features} features in {config.eval.dtype}"
     knn_kind = config.eval.knn_feature_name()
     if "knn" in protocols and knn_kind != config.eval.features:
         note += f", k-NN on {knn_kind}"
