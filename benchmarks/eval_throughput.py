@@ -89,7 +89,9 @@ def main(argv):
     settings = dataclasses.replace(settings, batch_size=batch)
     step = augmented_probe._make_step(config, graphdef, settings, 10 * n, mesh)
     init = jax.jit(
-        lambda: augmented_probe._init_state(len(settings.learning_rates), dim, 10),
+        lambda: augmented_probe._init_state(
+            len(settings.learning_rates), dim, 10, augmented_probe.init_key(0)
+        ),
         out_shardings=sharding_lib.replicated(mesh),
     )
     device_labels = sharding_lib.global_batch(labels, mesh)

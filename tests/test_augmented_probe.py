@@ -48,7 +48,8 @@ def _features(config, graphdef, params, settings, images, step):
 
 
 def _random_state(settings, dim, seed=0):
-    state = augmented_probe._init_state(len(settings.learning_rates), dim, CLASSES)
+    key = augmented_probe.init_key(0)
+    state = augmented_probe._init_state(len(settings.learning_rates), dim, CLASSES, key)
     rng = np.random.default_rng(seed)
     state["heads"] = jax.tree.map(
         lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), state["heads"]
@@ -62,6 +63,28 @@ def _batches(config, count, seed=1):
     images = rng.integers(0, 256, (count, BATCH, size, size, 1), dtype=np.uint8)
     labels = rng.integers(0, CLASSES, (count, BATCH)).astype(np.int32)
     return images, labels
+
+
+def test_the_heads_start_as_dinos_linear_classifier():
+    """DINO's ``LinearClassifier``: ``weight.data.normal_(mean=0.0, std=0.01)``,
+    ``bias.data.zero_()``, here from the run's seed. Catches: heads that start at zero (as they
+    did), from a truncated normal (``truncated_normal(0.01)`` cuts at 2 sigma: std 0.0088, no
+    tails), or from a key that is not the run's seed."""
+    from scipy import stats
+
+    heads, dim, classes = 4, 96, 100  # 38,400 weights
+    state = augmented_probe._init_state(heads, dim, classes, augmented_probe.init_key(0))
+    w, b = np.asarray(state["heads"]["w"]), np.asarray(state["heads"]["b"])
+    # DINO's rule transcribed: as many draws of N(0, 0.01^2) (torch's normal_), a zero bias.
+    dino_w = np.random.default_rng(0).normal(0.0, 0.01, size=w.size)
+    assert stats.ks_2samp(w.ravel(), dino_w).pvalue > 1e-3
+    np.testing.assert_allclose(w.std(), dino_w.std(), rtol=0.03)
+    assert 0.035 < np.mean(np.abs(w) > 0.02) < 0.056  # a normal's two-sigma tails: 4.55%
+    np.testing.assert_array_equal(b, np.zeros((heads, classes)))
+    again = augmented_probe._init_state(heads, dim, classes, augmented_probe.init_key(0))
+    other = augmented_probe._init_state(heads, dim, classes, augmented_probe.init_key(1))
+    np.testing.assert_array_equal(np.asarray(again["heads"]["w"]), w)
+    assert not np.allclose(np.asarray(other["heads"]["w"]), w)
 
 
 def test_two_steps_equal_optax_sgd_with_momentum_per_head(setup):
@@ -165,7 +188,9 @@ def test_the_heads_learn_a_separable_task(setup):
     levels = np.array([30, 225])[labels]
     noise = rng.integers(-20, 21, (BATCH, size, size, 1))
     images = np.clip(levels[:, None, None, None] + noise, 0, 255).astype(np.uint8)
-    state = augmented_probe._init_state(len(settings.learning_rates), config.model.width, classes)
+    state = augmented_probe._init_state(
+        len(settings.learning_rates), config.model.width, classes, augmented_probe.init_key(0)
+    )
     losses = []
     for _ in range(steps):
         state, loss = step_fn(state, params, jnp.asarray(images), jnp.asarray(labels))

@@ -165,7 +165,9 @@ def test_augmented_probe_step_divides_its_work():
     def compile_fn(mesh):
         graphdef, params = _encoder(config, mesh)
         step = augmented_probe._make_step(config, graphdef, settings, 100, mesh)
-        init = lambda: augmented_probe._init_state(len(settings.learning_rates), dim, 10)
+        init = lambda: augmented_probe._init_state(
+            len(settings.learning_rates), dim, 10, augmented_probe.init_key(0)
+        )
         state = jax.tree.map(
             lambda x: abstract(x.shape, x.dtype, sharding_lib.replicated(mesh)),
             jax.eval_shape(init),

@@ -4,6 +4,7 @@ Every epoch streams random-resized-crop + flip views of the whole labelled train
 through the frozen encoder and trains linear heads on the features: SGD with momentum 0.9,
 a cosine schedule to 0, weight decay 0 by default, learning rate ``base * batch / 256``,
 one head per base learning rate, all in the same pass (the encoder runs once per view).
+Each head starts as DINO's ``LinearClassifier`` (weights N(0, 0.01^2), zero bias).
 MAE's BatchNorm without affine parameters before the head is an option. DINO reports the
 best head on the evaluation split; so does this (the summary lists every head).
 
@@ -34,6 +35,7 @@ from matching_gap.evaluation.linear_probe import head_correct, head_loss
 BATCHNORM_EPS = 1e-6  # MAE's BatchNorm1d(affine=False, eps=1e-6)
 BATCHNORM_MOMENTUM = 0.1  # PyTorch's default: running = 0.9 running + 0.1 batch
 SGD_MOMENTUM = 0.9
+HEAD_INIT_STD = 0.01  # DINO's LinearClassifier: weight.normal_(mean=0, std=0.01), bias.zero_()
 PROBE_DIR = "linear_eval"  # the pretraining dataset's augmented probe, in the workdir
 
 
@@ -98,16 +100,16 @@ def run(
     ckpt = checkpointing.Checkpointer(directory, every=settings.checkpoint_every, keep=2)
     dim = test.features.shape[-1]
     fresh = jax.jit(
-        lambda: _init_state(len(settings.learning_rates), dim, test.num_classes),
+        lambda key: _init_state(len(settings.learning_rates), dim, test.num_classes, key),
         out_shardings=sharding_lib.replicated(mesh),
     )
-    abstract = jax.eval_shape(fresh)
+    abstract = jax.eval_shape(fresh, init_key(config.seed))
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_lib.replicated(mesh)),
         abstract,
     )
     state = ckpt.restore_latest(abstract)
-    state = fresh() if state is None else state
+    state = fresh(init_key(config.seed)) if state is None else state
     start = int(state["step"])
     step_fn = _make_step(config, graphdef, settings, num_steps, mesh)
     batches = data.train_iterator(
@@ -223,9 +225,17 @@ def _check_settings(directory, settings: AugmentedSettings, config) -> None:
         storage.write_text(path, json.dumps(wanted, indent=2))
 
 
-def _init_state(num_heads: int, dim: int, num_classes: int) -> dict:
+def init_key(seed: int) -> jax.Array:
+    """The key the heads start from: step 0 of the probe's stream (its steps' views are
+    ``fold_in(key(seed), step)`` from step 1), so a function of the run's seed only."""
+    return jax.random.fold_in(jax.random.key(seed), 0)
+
+
+def _init_state(num_heads: int, dim: int, num_classes: int, key: jax.Array) -> dict:
+    """Fresh heads as DINO's ``LinearClassifier`` starts (weights N(0, 0.01^2), each drawn,
+    zero bias), a zero momentum, PyTorch's BatchNorm start and step 0."""
     heads = {
-        "w": jnp.zeros((num_heads, dim, num_classes)),
+        "w": HEAD_INIT_STD * jax.random.normal(key, (num_heads, dim, num_classes), jnp.float32),
         "b": jnp.zeros((num_heads, num_classes)),
     }
     return {
