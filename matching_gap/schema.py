@@ -485,6 +485,10 @@ class EvalConfig(_Section):
     augmented_crop_scale: tuple[float, ...] = _field((0.35, 1.0), SCALE)  # ImageNet: (0.08, 1)
     augmented_checkpoint_every: int = _field(500, POSITIVE_INT)
     augmented_run_steps: int = _field(0, (COUNT[0], "an integer >= 0 (0 = no limit)"))
+    # DINO's --val_freq: N > 0 also scores the heads on eval_split after every N-th epoch and
+    # the last (eval_linear.py's rule) and reports the best of those, DINO's best_acc, as
+    # augmented_probe_top1_best_epoch beside the final epoch's augmented_probe_top1.
+    augmented_val_freq: int = _field(0, (COUNT[0], "an integer >= 0 (0 = the final epoch only)"))
 
     def check(self) -> None:
         self.protocol_names()

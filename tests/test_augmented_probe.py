@@ -87,6 +87,41 @@ def test_the_heads_start_as_dinos_linear_classifier():
     assert not np.allclose(np.asarray(other["heads"]["w"]), w)
 
 
+def dino_best_acc(acc1, epochs, val_freq):
+    """DINO's eval_linear.py, its loop transcribed: ``acc1[epoch]`` is the head's validation
+    accuracy after training epoch ``epoch`` (counted from 0)."""
+    best_acc = 0.0
+    for epoch in range(0, epochs):
+        # train(...); scheduler.step()
+        if epoch % val_freq == 0 or epoch == epochs - 1:
+            best_acc = max(best_acc, acc1[epoch])
+    return best_acc
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 5, 7, 10])
+@pytest.mark.parametrize("val_freq", [1, 2, 3, 4, 10])
+def test_the_best_epoch_is_dinos_best_acc(epochs, val_freq):
+    """DINO scores its head after epochs 0, val_freq, 2 val_freq, ... and the last (from 0)
+    and reports the best. Catches: scoring epochs DINO skips (a peak it never sees), missing
+    the last epoch, counting epochs from 1 in DINO's rule, or reporting the final epoch."""
+    rng = np.random.default_rng(epochs * 100 + val_freq)
+    for trial in range(20):
+        acc1 = rng.uniform(0.0, 1.0, epochs)
+        if trial == 0 and epochs > 2:
+            acc1[1] = 2.0  # a peak after epoch 1 (from 0): DINO sees it only with val_freq 1
+        validated = augmented_probe.validated_epochs(epochs, val_freq)
+        history = {e: [acc1[e - 1]] for e in validated}  # epochs counted from 1 here
+        epoch, head, top1 = augmented_probe.best_epoch(history)
+        assert top1 == dino_best_acc(acc1, epochs, val_freq)
+        assert head == 0 and acc1[epoch - 1] == top1 and epoch in validated
+    assert augmented_probe.validated_epochs(epochs, 0) == []  # the final epoch's figure only
+
+
+def test_the_best_epoch_is_the_best_over_heads_and_the_first_to_reach_it():
+    history = {1: [0.2, 0.5], 3: [0.7, 0.6], 5: [0.4, 0.7]}
+    assert augmented_probe.best_epoch(history) == (3, 0, 0.7)
+
+
 def test_two_steps_equal_optax_sgd_with_momentum_per_head(setup):
     config, mesh, graphdef, params = setup
     settings = _settings()

@@ -169,6 +169,7 @@ BAD_VALUES = [
     ("eval.augmented_crop_scale", (0.5, 0.2)),
     ("eval.augmented_checkpoint_every", 0),
     ("eval.augmented_run_steps", -1),
+    ("eval.augmented_val_freq", -1),
     ("export.format", "onnx"),
 ]
 

@@ -290,10 +290,55 @@ def test_the_encoder_is_evaluated_in_float32_whatever_it_trained_in(trained):
     assert not np.allclose(np.asarray(low), want, rtol=1e-3, atol=1e-4)
 
 
+def test_the_best_epoch_is_scored_after_each_epoch_and_kept_across_a_resume(trained, tmp_path):
+    """``eval.augmented_val_freq=1`` (DINO's ``--val_freq 1``): every head is scored after each
+    epoch, and the best epoch is reported beside the final epoch's figure. Catches: a score
+    taken at another step than the epoch's end (checked on the heads checkpointed there),
+    scores lost to a resume, and a best-epoch figure that is not the best score."""
+    straight, resumed = copy_of(trained, tmp_path / "a"), copy_of(trained, tmp_path / "b")
+    config = smoke_config()  # 2 epochs of 4 steps
+    config.eval.protocols = "augmented"
+    config.eval.augmented_val_freq = 1
+    with mocked():
+        whole = evaluate.evaluate_workdir(config, straight)["augmented"]
+    scores = {v["epoch"]: v["top1"] for v in whole["validation"]}
+    assert sorted(scores) == [1, 2]
+    assert scores[2] == [h["top1"] for h in whole["heads"]]  # the final epoch's figure
+    assert whole["top1_best_epoch"] == max(max(s) for s in scores.values())
+    assert scores[whole["best_epoch"]].count(whole["top1_best_epoch"])
+    written = metrics.read_metrics(straight)[-1]
+    assert written["eval/augmented_probe_top1_best_epoch"] == pytest.approx(
+        whole["top1_best_epoch"]
+    )
+    assert written["eval/augmented_probe_top1"] == pytest.approx(whole["top1"])
+
+    config.eval.augmented_run_steps = 4  # stopped at the end of epoch 1 ...
+    with mocked():
+        assert evaluate.evaluate_workdir(config, resumed)["augmented"]["step"] == 4
+        parsed = schema.parse(config)
+        graphdef, params, _ = state_lib.restore_encoder(parsed, resumed)
+        mesh = sharding_lib.make_mesh()
+        report = features_lib.SplitFeatures(parsed, graphdef, mesh, whole_splits=True)
+        report = report.report(params)
+    dim = report.features.shape[-1]
+    mask = report.mask.astype(np.float32)
+    correct = probe_lib.head_correct(
+        heads_at(resumed, 4), report.features, report.labels, mask, np.zeros(dim), np.ones(dim)
+    )
+    with open(os.path.join(resumed, "linear_eval", "validation.json")) as f:
+        np.testing.assert_allclose(json.load(f)["1"], np.asarray(correct) / report.num_examples)
+    config.eval.augmented_run_steps = 0  # ... then resumed: the same scores and figures
+    with mocked():
+        again = evaluate.evaluate_workdir(config, resumed)["augmented"]
+    assert again == whole
+
+
 def test_a_probe_begun_before_eval_dtype_resumes_in_its_dtype_or_is_refused(trained, tmp_path):
-    """A ``linear_eval/`` written before ``eval.dtype`` has no dtype in its settings: its heads
-    saw the model's compute dtype. Catches: refusing a float32 model's probe (the features
-    are the same), or resuming a bfloat16 model's heads on float32 features."""
+    """A ``linear_eval/`` written before ``eval.dtype`` and ``eval.augmented_val_freq`` has
+    neither in its settings: its heads saw the model's compute dtype and were scored after
+    the final epoch only. Catches: refusing a float32 model's probe (the features are the
+    same), resuming a bfloat16 model's heads on float32 features, or reporting a best epoch
+    without the scores of the epochs before the resume."""
     workdir = copy_of(trained, tmp_path)
     config = smoke_config()
     config.eval.protocols = "augmented"
@@ -302,7 +347,7 @@ def test_a_probe_begun_before_eval_dtype_resumes_in_its_dtype_or_is_refused(trai
         evaluate.evaluate_workdir(config, workdir)
     path = os.path.join(workdir, "linear_eval", "settings.json")
     with open(path) as f:
-        before = {k: v for k, v in json.load(f).items() if k != "dtype"}
+        before = {k: v for k, v in json.load(f).items() if k not in ("dtype", "val_freq")}
     with open(path, "w") as f:
         json.dump(before, f)  # as the probe wrote it before eval.dtype
     config.eval.augmented_run_steps = 0
@@ -311,6 +356,11 @@ def test_a_probe_begun_before_eval_dtype_resumes_in_its_dtype_or_is_refused(trai
     with mocked(), pytest.raises(errors.WorkdirError, match=refused):
         evaluate.evaluate_workdir(config, workdir)
     config.model.dtype = "float32"
+    config.eval.augmented_val_freq = 1
+    refused = r"other settings \(val_freq: 0 -> 1\)\. Delete that folder"
+    with mocked(), pytest.raises(errors.WorkdirError, match=refused):
+        evaluate.evaluate_workdir(config, workdir)
+    config.eval.augmented_val_freq = 0
     with mocked():
         assert evaluate.evaluate_workdir(config, workdir)["augmented"]["finished"]
 

@@ -54,13 +54,14 @@ def run(suite: list, params, *, prefix: str = "eval/") -> dict:
 
 def print_summary(results: dict, prefix: str = "eval/") -> None:
     lines = ["", "Linear probe and k-NN top-1 on the evaluation split:"]
-    for kind in ("linear_probe_top1", "knn_top1", "augmented_probe_top1"):
-        trained = results.get(f"{prefix}{kind}")
+    kinds = ("linear_probe_top1", "knn_top1", "augmented_probe_top1")
+    kinds = [k for k in (*kinds, "augmented_probe_top1_best_epoch") if prefix + k in results]
+    width = max([20, *map(len, kinds)])
+    for kind in kinds:
+        trained = results[f"{prefix}{kind}"]
         random_init = results.get(f"{prefix}random_init_{kind}")
         raw_pixels = results.get(f"{prefix}raw_pixels_{kind}")
-        if trained is None:
-            continue
-        line = f"  {kind:<20} trained {100 * trained:6.2f}%"
+        line = f"  {kind:<{width}} trained {100 * trained:6.2f}%"
         if random_init is not None:
             line += f" | random init {100 * random_init:6.2f}%"
         if raw_pixels is not None:
