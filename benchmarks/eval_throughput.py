@@ -14,7 +14,7 @@ initialisation (the speed does not depend on their values).
 * ``forward``: ``encode(params, images)`` (centre crop + the configured features) on images
   already on the devices.
 * ``extraction``: what ``--mode=evaluate`` does per batch: host images to the devices
-  (sharded), encode, write into the sharded feature buffer (``evaluators.extract``).
+  (sharded), encode, write into the sharded feature buffer (``evaluation.features.extract``).
 * ``augmented step``: one step of the ``augmented`` probe (random-resized crop + flip view,
   frozen forward, every head's SGD update), batch ``eval.augmented_batch_size`` unless
   ``--batch`` is given.
@@ -29,9 +29,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from matching_gap import augmented_probe, evaluate, evaluators, schema
+from matching_gap import schema
 from matching_gap import sharding as sharding_lib
 from matching_gap import state as state_lib
+from matching_gap.evaluation import augmented_probe, encoder
+from matching_gap.evaluation import features as features_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch (0: eval.batch_size).")
@@ -58,7 +60,7 @@ def main(argv):
     )
     params = state_lib.encoder_params(config, state)
     params = jax.device_put(params, sharding_lib.replicated(mesh))
-    encode = evaluate.make_encode(config, graphdef, mesh)
+    encode = encoder.make_encode(config, graphdef, mesh)
     on_device = sharding_lib.global_batch(host, mesh)
 
     def forward():
@@ -77,7 +79,7 @@ def main(argv):
             }
             for _ in range(n)
         )
-        feats = evaluators.extract(
+        feats = features_lib.extract(
             lambda x: encode(params, x), batches, num_batches=n, num_classes=10, mesh=mesh
         )
         feats.features.block_until_ready()
@@ -87,7 +89,9 @@ def main(argv):
     settings = dataclasses.replace(settings, batch_size=batch)
     step = augmented_probe._make_step(config, graphdef, settings, 10 * n, mesh)
     init = jax.jit(
-        lambda: augmented_probe._init_state(len(settings.learning_rates), dim, 10),
+        lambda: augmented_probe._init_state(
+            len(settings.learning_rates), dim, 10, augmented_probe.init_key(0)
+        ),
         out_shardings=sharding_lib.replicated(mesh),
     )
     device_labels = sharding_lib.global_batch(labels, mesh)

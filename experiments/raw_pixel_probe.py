@@ -7,8 +7,11 @@ python experiments/raw_pixel_probe.py
 
 import numpy as np
 
-from matching_gap import data, evaluators
+from matching_gap import data
 from matching_gap import sharding as sharding_lib
+from matching_gap.evaluation import features as features_lib
+from matching_gap.evaluation import knn as knn_lib
+from matching_gap.evaluation import linear_probe as probe_lib
 
 cfg = data.DataConfig(source="fashion_mnist_idx", image_size=28, channels=1)
 tr, te = data.load_split(cfg, "train"), data.load_split(cfg, "test")
@@ -17,12 +20,12 @@ mesh = sharding_lib.make_mesh()
 
 def pixels(split):
     x = split.images.reshape(len(split), -1).astype(np.float32) / 255
-    return evaluators.from_numpy(x, split.labels, split.num_classes, mesh=mesh, batch_size=1024)
+    return features_lib.from_numpy(x, split.labels, split.num_classes, mesh=mesh, batch_size=1024)
 
 
 fit, report = pixels(tr), pixels(te)
-probe = evaluators.linear_probe(fit, report, evaluators.ProbeSettings())
-knn = evaluators.knn_accuracy(fit, report, k=20, temperature=0.07)
+probe = probe_lib.linear_probe(fit, report, probe_lib.ProbeSettings())
+knn = knn_lib.knn_accuracy(fit, report, k=20, temperature=0.07)
 print(
     f"raw-pixel linear probe top-1: {100 * probe.top1:.2f}% (lr {probe.learning_rate}, "
     f"weight decay {probe.weight_decay}, chosen on the held-out 5%)"

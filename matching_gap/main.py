@@ -259,7 +259,7 @@ def main(argv):
         storage.check_workdir(workdir)  # a gs:// bucket that is missing or out of reach
         # Imported here, so that command-line mistakes are reported without the wait.
         if _MODE.value == "evaluate":
-            from matching_gap import evaluate
+            from matching_gap.evaluation import evaluate
 
             evaluate.evaluate_workdir(config, workdir)
         elif _MODE.value == "pictures":
@@ -267,9 +267,9 @@ def main(argv):
 
             pictures.write_workdir_pictures(config, workdir)
         elif _MODE.value == "export":
-            from matching_gap import evaluate
+            from matching_gap import export_run
 
-            evaluate.export_workdir(config, workdir)
+            export_run.export_workdir(config, workdir)
         else:
             from matching_gap import train
 

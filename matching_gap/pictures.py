@@ -25,7 +25,8 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-from matching_gap import augment, data, errors, evaluate, losses, metrics, schema, state, storage
+from matching_gap import augment, data, errors, losses, metrics, schema, state, storage
+from matching_gap.evaluation.encoder import make_encode
 
 # Fashion-MNIST's classes in label order (the IDX files carry no names).
 FASHION_MNIST_CLASSES = (
@@ -417,7 +418,7 @@ def write_pictures(
     paths. Process 0 writes; other processes return ``[]``."""
     if jax.process_index() != 0:
         return []
-    encode = evaluate.make_encode(config, graphdef)
+    encode = make_encode(config, graphdef)
     train_images, train_labels, num_classes = _load(
         config, config.data.eval_train_split, train_examples
     )

@@ -458,6 +458,10 @@ HOLDOUT: Rule = (
 class EvalConfig(_Section):
     section: ClassVar[str] = "eval"
     batch_size: int = _field(1024, POSITIVE_INT)  # feature extraction (a multiple of devices)
+    # The encoder's compute dtype whenever it is evaluated (k-NN, probes, load_encoder,
+    # pictures), whatever model.dtype it trained in: DINO's eval_knn.py and eval_linear.py
+    # run it in float32.
+    dtype: str = _field("float32", one_of(DTYPES))
     features: str = _field("cls_avgpool", one_of(FEATURES))  # the probes'
     # The k-NN's features; "" = eval.features (what every run before this field used, so a
     # saved config without it evaluates unchanged). DINO's eval_knn.py: "cls".
@@ -481,6 +485,10 @@ class EvalConfig(_Section):
     augmented_crop_scale: tuple[float, ...] = _field((0.35, 1.0), SCALE)  # ImageNet: (0.08, 1)
     augmented_checkpoint_every: int = _field(500, POSITIVE_INT)
     augmented_run_steps: int = _field(0, (COUNT[0], "an integer >= 0 (0 = no limit)"))
+    # DINO's --val_freq: N > 0 also scores the heads on eval_split after every N-th epoch and
+    # the last (eval_linear.py's rule) and reports the best of those, DINO's best_acc, as
+    # augmented_probe_top1_best_epoch beside the final epoch's augmented_probe_top1.
+    augmented_val_freq: int = _field(0, (COUNT[0], "an integer >= 0 (0 = the final epoch only)"))
 
     def check(self) -> None:
         self.protocol_names()

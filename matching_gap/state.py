@@ -2,7 +2,7 @@
 random-init or imported start, its layout on the mesh, and the evaluated encoder of a
 checkpoint (:func:`restore_encoder`).
 
-``matching_gap.train``, ``matching_gap.evaluate``, ``matching_gap.pictures`` and
+``matching_gap.train``, ``matching_gap.evaluation``, ``matching_gap.pictures`` and
 ``matching_gap.plan`` build on this module; it imports none of them.
 """
 

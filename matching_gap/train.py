@@ -3,7 +3,7 @@ the optimiser are built by ``matching_gap.state``).
 
 ``train_and_evaluate(config, workdir)`` builds the model, optimiser and data, resumes from the
 newest checkpoint in ``workdir`` if any, trains, checkpoints, logs metrics and finally runs
-the evaluators (``matching_gap.evaluate``). The objective (which views meet which) lives in
+the evaluators (``matching_gap.evaluation``). The objective (which views meet which) lives in
 ``matching_gap.objectives``, checkpoint policy in ``matching_gap.checkpointing``.
 
 Randomness is a function of ``(config.seed, step)`` and the data order of
@@ -28,7 +28,6 @@ from matching_gap import (
     checkpointing,
     data,
     errors,
-    evaluate,
     metrics,
     objectives,
     pictures,
@@ -36,6 +35,8 @@ from matching_gap import (
 )
 from matching_gap import sharding as sharding_lib
 from matching_gap import state as state_lib
+from matching_gap.evaluation import features as features_lib
+from matching_gap.evaluation import knn, suite
 
 
 class NonFiniteLossError(errors.UserError, RuntimeError):
@@ -243,10 +244,10 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
     graphdef, abstract_state, state_sharding = state_lib.abstract_train_state(
         config, optimizer, mesh
     )
-    features = evaluate.SplitFeatures(config, graphdef, mesh)
+    features = features_lib.SplitFeatures(config, graphdef, mesh)
     if config.train.final_eval or config.train.knn_every:
         features.splits()  # missing evaluation data fails now, not after training
-    knn_suite = [evaluate.KnnEvaluator(config, features)]  # every train.knn_every steps
+    knn_suite = [knn.KnnEvaluator(config, features)]  # every train.knn_every steps
     checkpointing.check_workdir(workdir, config)
     encoder = None  # a resumed run continues from its checkpoint, whatever model.init_from says
     if config.model.init_from and not checkpointing.has_checkpoints(workdir):
@@ -310,7 +311,7 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
             if stop:
                 break
             if config.train.knn_every and step % config.train.knn_every == 0:
-                results = evaluate.run(knn_suite, state_lib.encoder_params(config, state))
+                results = suite.run(knn_suite, state_lib.encoder_params(config, state))
                 writer.write_scalars(step, results)
                 metrics.log(f"step {step} | {metrics.format_results(results)}")
             if plan_batch is not None and step % config.train.plan_every == 0:
@@ -343,16 +344,16 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
         init = state_lib.init_train_state(config, optimizer, state_sharding)
         random_params = state_lib.encoder_params(config, init)
     if config.train.final_eval:
-        suite = evaluate.monitor(config, features)
-        results = evaluate.run(suite, state_lib.encoder_params(config, state))
+        monitor = suite.monitor(config, features)
+        results = suite.run(monitor, state_lib.encoder_params(config, state))
         if random_params is not None:
-            results.update(evaluate.run(suite, random_params, prefix="eval/random_init_"))
+            results.update(suite.run(monitor, random_params, prefix="eval/random_init_"))
         if config.train.compare_raw_pixels:
-            pixels = evaluate.SplitFeatures(config, graphdef, mesh, raw_pixels=True)
-            pixels_suite = evaluate.monitor(config, pixels)
-            results.update(evaluate.run(pixels_suite, None, prefix="eval/raw_pixels_"))
+            pixels = features_lib.SplitFeatures(config, graphdef, mesh, raw_pixels=True)
+            pixels_suite = suite.monitor(config, pixels)
+            results.update(suite.run(pixels_suite, None, prefix="eval/raw_pixels_"))
         writer.write_scalars(final_step, results)
-        evaluate.print_summary(results)
+        suite.print_summary(results)
     if config.train.pictures:
         if jax.process_count() == 1:
             pictures.write_pictures(

@@ -152,6 +152,7 @@ BAD_VALUES = [
     ("train.run_steps", -1),
     ("train.plan_every", -1),
     ("eval.batch_size", 0),
+    ("eval.dtype", "float16"),
     ("eval.features", "last4"),
     ("eval.knn_features", "patch"),
     ("eval.knn_k", 0),
@@ -168,6 +169,7 @@ BAD_VALUES = [
     ("eval.augmented_crop_scale", (0.5, 0.2)),
     ("eval.augmented_checkpoint_every", 0),
     ("eval.augmented_run_steps", -1),
+    ("eval.augmented_val_freq", -1),
     ("export.format", "onnx"),
 ]
 
@@ -241,14 +243,16 @@ def test_every_field_is_settable_from_the_command_line():
 def test_base_config_is_derived_from_the_schema():
     """One default per field: base_config() parses back into the schema's defaults, and the
     modules that take a section use the schema's class (no second set of defaults)."""
-    from matching_gap import augment, augmented_probe, data, evaluate, evaluators
+    from matching_gap import augment, data
+    from matching_gap.evaluation import augmented_probe
+    from matching_gap.evaluation import linear_probe as probe_lib
 
     assert schema.parse(config_lib.base_config()) == schema.Config()
     assert config_lib.base_config().to_dict() == schema.Config().to_dict()
     assert augment.AugmentConfig is schema.AugmentConfig
     assert models.ModelConfig is schema.ModelConfig
     assert data.DataConfig is schema.DataConfig
-    assert evaluators.ProbeSettings() == evaluate.probe_settings(schema.Config())
+    assert probe_lib.ProbeSettings() == probe_lib.probe_settings(schema.Config())
     required = [
         f.default is dataclasses.MISSING
         for f in dataclasses.fields(augmented_probe.AugmentedSettings)
@@ -276,6 +280,7 @@ def test_config_lib_imports_only_the_schema():
         ("loss.multiview_mode", "all"),
         ("eval.features", "last4"),
         ("eval.knn_features", "patch"),
+        ("eval.dtype", "float16"),
         ("data.source", "csv"),
         ("export.format", "onnx"),
     ],
@@ -443,6 +448,16 @@ def test_parse_rejects_unknown_sections_and_fields_and_fills_missing_ones():
     assert schema.parse({"model": model}).model.layer_norm_eps == 1e-6
     config = schema.parse(load("default.py"))
     assert schema.parse(config) is config  # parsed once: a Config passes through
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n, args in VARIANTS.items() for a in args])
+def test_every_config_evaluates_the_encoder_in_float32_as_dino(name, arg):
+    """DINO's eval_knn.py and eval_linear.py run the encoder in float32 (the ImageNet recipes
+    train in bfloat16): no config evaluates in its training dtype."""
+    c = load(name, arg)
+    if name == "image_folder.py" and "smoke" not in arg:
+        c.data.data_dir = "/path/to/images"
+    assert config_lib.validate(c).eval.dtype == "float32"
 
 
 def test_the_recipes_evaluate_on_dinos_features_and_the_demo_on_its_own():

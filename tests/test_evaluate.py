@@ -10,9 +10,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from matching_gap import config_lib, data, errors, evaluate, evaluators, metrics, schema, train
+from matching_gap import config_lib, data, errors, metrics, schema, train
 from matching_gap import sharding as sharding_lib
 from matching_gap import state as state_lib
+from matching_gap.evaluation import encoder, evaluate
+from matching_gap.evaluation import features as features_lib
+from matching_gap.evaluation import knn as knn_lib
+from matching_gap.evaluation import linear_probe as probe_lib
+from matching_gap.evaluation import suite as suite_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -58,10 +63,10 @@ def test_streamed_and_in_memory_splits_give_the_same_features_and_results(traine
         config.data.in_memory = in_memory
         with mocked():
             parsed = schema.parse(config)
-            evaluator = evaluate.SplitFeatures(parsed, graphdef, mesh, whole_splits=True)
+            evaluator = features_lib.SplitFeatures(parsed, graphdef, mesh, whole_splits=True)
             fit, report = evaluator.features(params)
-            knn = evaluators.knn_accuracy(fit, report, k=5)
-            probe = evaluators.linear_probe(fit, report, evaluate.probe_settings(config))
+            knn = knn_lib.knn_accuracy(fit, report, k=5)
+            probe = probe_lib.linear_probe(fit, report, probe_lib.probe_settings(config))
         out[in_memory] = (fit, report, knn, probe.top1)
     for a, b in zip(out[True][:2], out[False][:2], strict=True):
         np.testing.assert_array_equal(np.asarray(a.ids), np.asarray(b.ids))
@@ -140,16 +145,16 @@ def test_the_knn_votes_on_its_own_features_and_the_probe_on_eval_features(traine
 
         return fn
 
-    monkeypatch.setattr(evaluate, "knn", record("knn", (0.5, 5)))
-    monkeypatch.setattr(evaluate, "linear_probe", record("probe", None))
+    monkeypatch.setattr(knn_lib, "configured_knn", record("knn", (0.5, 5)))
+    monkeypatch.setattr(probe_lib, "configured_probe", record("probe", None))
     mesh = sharding_lib.make_mesh()
     with mocked():
-        features = evaluate.SplitFeatures(config, graphdef, mesh, whole_splits=True)
+        features = features_lib.SplitFeatures(config, graphdef, mesh, whole_splits=True)
         suite = [
-            evaluate.KnnEvaluator(config, features),
-            evaluate.LinearProbeEvaluator(config, features),
+            knn_lib.KnnEvaluator(config, features),
+            probe_lib.LinearProbeEvaluator(config, features),
         ]
-        assert evaluate.run(suite, params) == {"eval/knn_top1": 0.5}
+        assert suite_lib.run(suite, params) == {"eval/knn_top1": 0.5}
         batches = list(features.splits()[0].batches())
     images = np.concatenate([b["image"] for b in batches])
     real = np.concatenate([b["mask"] for b in batches]).astype(bool)
@@ -157,7 +162,7 @@ def test_the_knn_votes_on_its_own_features_and_the_probe_on_eval_features(traine
     model = nnx.merge(graphdef, params)
     for name, kind in (("knn", "cls"), ("probe", "cls_avgpool")):
         fit = seen[name][0]
-        got = evaluators.to_host(fit.features).reshape(len(images), -1)
+        got = features_lib.to_host(fit.features).reshape(len(images), -1)
         want = np.asarray(model.encode(view, kind))
         assert got.shape == want.shape, name
         np.testing.assert_allclose(got[real], want[real], rtol=1e-4, atol=1e-5, err_msg=name)
@@ -258,6 +263,108 @@ def test_augmented_probe_interrupted_resumes_to_the_same_heads(trained, tmp_path
     assert os.path.isdir(os.path.join(resumed, "linear_eval", "checkpoints", "8"))
 
 
+def test_the_encoder_is_evaluated_in_float32_whatever_it_trained_in(trained):
+    """DINO's eval_knn.py and eval_linear.py run the encoder in float32 (no autocast), while
+    the ImageNet recipes train in bfloat16. Catches: features computed in the model's compute
+    dtype (the reference is the float32 model on the same parameters; bfloat16 differs)."""
+    from flax import nnx
+
+    from matching_gap import augment
+
+    config = smoke_config()
+    reference_config = schema.parse(config)
+    graphdef, params, _ = state_lib.restore_encoder(reference_config, str(trained))
+    config.model.dtype = "bfloat16"  # trained so: the same float32 parameters
+    trained_bf16 = schema.parse(config)
+    graphdef_bf16 = nnx.graphdef(nnx.eval_shape(lambda: state_lib.create_model(trained_bf16)))
+    size, channels = trained_bf16.data.image_size, trained_bf16.data.channels
+    images = np.random.default_rng(0).integers(0, 256, (8, size, size, channels), np.uint8)
+    view = augment.center_view(jax.numpy.asarray(images), reference_config.augment)
+    kind = reference_config.eval.features
+    want = np.asarray(nnx.merge(graphdef, params).encode(view, kind))  # float32 throughout
+
+    got = np.asarray(encoder.make_encode(trained_bf16, graphdef_bf16)(params, images))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    config.eval.dtype = "bfloat16"  # the model's compute dtype: what this rule replaces
+    low = encoder.make_encode(schema.parse(config), graphdef_bf16)(params, images)
+    assert not np.allclose(np.asarray(low), want, rtol=1e-3, atol=1e-4)
+
+
+def test_the_best_epoch_is_scored_after_each_epoch_and_kept_across_a_resume(trained, tmp_path):
+    """``eval.augmented_val_freq=1`` (DINO's ``--val_freq 1``): every head is scored after each
+    epoch, and the best epoch is reported beside the final epoch's figure. Catches: a score
+    taken at another step than the epoch's end (checked on the heads checkpointed there),
+    scores lost to a resume, and a best-epoch figure that is not the best score."""
+    straight, resumed = copy_of(trained, tmp_path / "a"), copy_of(trained, tmp_path / "b")
+    config = smoke_config()  # 2 epochs of 4 steps
+    config.eval.protocols = "augmented"
+    config.eval.augmented_val_freq = 1
+    with mocked():
+        whole = evaluate.evaluate_workdir(config, straight)["augmented"]
+    scores = {v["epoch"]: v["top1"] for v in whole["validation"]}
+    assert sorted(scores) == [1, 2]
+    assert scores[2] == [h["top1"] for h in whole["heads"]]  # the final epoch's figure
+    assert whole["top1_best_epoch"] == max(max(s) for s in scores.values())
+    assert scores[whole["best_epoch"]].count(whole["top1_best_epoch"])
+    written = metrics.read_metrics(straight)[-1]
+    assert written["eval/augmented_probe_top1_best_epoch"] == pytest.approx(
+        whole["top1_best_epoch"]
+    )
+    assert written["eval/augmented_probe_top1"] == pytest.approx(whole["top1"])
+
+    config.eval.augmented_run_steps = 4  # stopped at the end of epoch 1 ...
+    with mocked():
+        assert evaluate.evaluate_workdir(config, resumed)["augmented"]["step"] == 4
+        parsed = schema.parse(config)
+        graphdef, params, _ = state_lib.restore_encoder(parsed, resumed)
+        mesh = sharding_lib.make_mesh()
+        report = features_lib.SplitFeatures(parsed, graphdef, mesh, whole_splits=True)
+        report = report.report(params)
+    dim = report.features.shape[-1]
+    mask = report.mask.astype(np.float32)
+    correct = probe_lib.head_correct(
+        heads_at(resumed, 4), report.features, report.labels, mask, np.zeros(dim), np.ones(dim)
+    )
+    with open(os.path.join(resumed, "linear_eval", "validation.json")) as f:
+        np.testing.assert_allclose(json.load(f)["1"], np.asarray(correct) / report.num_examples)
+    config.eval.augmented_run_steps = 0  # ... then resumed: the same scores and figures
+    with mocked():
+        again = evaluate.evaluate_workdir(config, resumed)["augmented"]
+    assert again == whole
+
+
+def test_a_probe_begun_before_eval_dtype_resumes_in_its_dtype_or_is_refused(trained, tmp_path):
+    """A ``linear_eval/`` written before ``eval.dtype`` and ``eval.augmented_val_freq`` has
+    neither in its settings: its heads saw the model's compute dtype and were scored after
+    the final epoch only. Catches: refusing a float32 model's probe (the features are the
+    same), resuming a bfloat16 model's heads on float32 features, or reporting a best epoch
+    without the scores of the epochs before the resume."""
+    workdir = copy_of(trained, tmp_path)
+    config = smoke_config()
+    config.eval.protocols = "augmented"
+    config.eval.augmented_run_steps = 3
+    with mocked():
+        evaluate.evaluate_workdir(config, workdir)
+    path = os.path.join(workdir, "linear_eval", "settings.json")
+    with open(path) as f:
+        before = {k: v for k, v in json.load(f).items() if k not in ("dtype", "val_freq")}
+    with open(path, "w") as f:
+        json.dump(before, f)  # as the probe wrote it before eval.dtype
+    config.eval.augmented_run_steps = 0
+    config.model.dtype = "bfloat16"  # trained in bfloat16: its heads saw bfloat16 features
+    refused = r"other settings \(dtype: 'bfloat16' -> 'float32'\)\. Delete that folder"
+    with mocked(), pytest.raises(errors.WorkdirError, match=refused):
+        evaluate.evaluate_workdir(config, workdir)
+    config.model.dtype = "float32"
+    config.eval.augmented_val_freq = 1
+    refused = r"other settings \(val_freq: 0 -> 1\)\. Delete that folder"
+    with mocked(), pytest.raises(errors.WorkdirError, match=refused):
+        evaluate.evaluate_workdir(config, workdir)
+    config.eval.augmented_val_freq = 0
+    with mocked():
+        assert evaluate.evaluate_workdir(config, workdir)["augmented"]["finished"]
+
+
 def test_evaluate_mode_without_a_checkpoint_says_where_to_train(tmp_path):
     with pytest.raises(errors.WorkdirError, match="No checkpoint"):
         evaluate.evaluate_workdir(smoke_config(), str(tmp_path))
@@ -288,14 +395,14 @@ def test_features_probe_matches_scikit_learn_on_a_demo_model(tmp_path):
     mesh = sharding_lib.make_mesh(one_device)
     config = schema.parse(config)
     graphdef, params, _ = state_lib.restore_encoder(config, str(tmp_path), mesh)
-    evaluator = evaluate.SplitFeatures(config, graphdef, mesh, whole_splits=True)
+    evaluator = features_lib.SplitFeatures(config, graphdef, mesh, whole_splits=True)
     fit, report = evaluator.features(params)
-    ours = evaluators.linear_probe(fit, report, evaluate.probe_settings(config)).top1
+    ours = probe_lib.linear_probe(fit, report, probe_lib.probe_settings(config)).top1
 
     def host(f):
-        mask = evaluators.to_host(f.mask).reshape(-1)
-        x = evaluators.to_host(f.features).reshape(mask.size, -1)[mask]
-        return x, evaluators.to_host(f.labels).reshape(-1)[mask]
+        mask = features_lib.to_host(f.mask).reshape(-1)
+        x = features_lib.to_host(f.features).reshape(mask.size, -1)[mask]
+        return x, features_lib.to_host(f.labels).reshape(-1)[mask]
 
     (x, y), (xt, yt) = host(fit), host(report)
     assert len(y) == 60_000 and len(yt) == 10_000

@@ -5,8 +5,11 @@ import jax
 import numpy as np
 import pytest
 
-from matching_gap import data, evaluators
+from matching_gap import data
 from matching_gap import sharding as sharding_lib
+from matching_gap.evaluation import features as features_lib
+from matching_gap.evaluation import knn as knn_lib
+from matching_gap.evaluation import linear_probe as probe_lib
 
 needs_fashion_mnist = pytest.mark.skipif(
     not __import__("os").path.isdir(data.DEFAULT_FASHION_MNIST_DIR),
@@ -22,7 +25,7 @@ def meshes():
 
 
 def features(x, y, num_classes, mesh, batch_size=64):
-    return evaluators.from_numpy(x, y, num_classes, mesh=mesh, batch_size=batch_size)
+    return features_lib.from_numpy(x, y, num_classes, mesh=mesh, batch_size=batch_size)
 
 
 def brute_force_knn(x, y, xt, yt, k, temperature, num_classes):
@@ -53,12 +56,12 @@ def test_knn_equals_a_brute_force_numpy_vote_on_any_number_of_devices(k):
         fit = features(x, y, 6, mesh)
         # Padding rows hold what an encoder makes of a blank image: here, a test point.
         padded = jax.numpy.where(fit.mask[..., None], fit.features, xt[0])
-        fit = fit._replace(features=jax.device_put(padded, evaluators.stacked_sharding(mesh)))
-        got = evaluators.knn_accuracy(fit, features(xt, yt, 6, mesh), k=k)
+        fit = fit._replace(features=jax.device_put(padded, features_lib.stacked_sharding(mesh)))
+        got = knn_lib.knn_accuracy(fit, features(xt, yt, 6, mesh), k=k)
         assert got == pytest.approx(expected, abs=1e-9), name
     # Query chunks smaller than the batch give the same answer.
     mesh = meshes()["4 devices"]
-    chunked = evaluators.knn_accuracy(
+    chunked = knn_lib.knn_accuracy(
         features(x, y, 6, mesh), features(xt, yt, 6, mesh), k=k, query_chunk=24
     )
     assert chunked == pytest.approx(expected, abs=1e-9)
@@ -72,17 +75,17 @@ def test_knn_weights_overturn_the_majority():
     test = np.array([[1, 0]], np.float32)
     mesh = meshes()["4 devices"]
     fit = features(train, labels, 2, mesh, batch_size=4)
-    assert evaluators.knn_accuracy(fit, features(test, [0], 2, mesh, 4), k=3) == 1.0
+    assert knn_lib.knn_accuracy(fit, features(test, [0], 2, mesh, 4), k=3) == 1.0
     assert brute_force_knn(train, labels, test, np.array([0]), 3, 0.07, 2) == 1.0
     # With a very high temperature the weights are nearly equal and the majority wins.
-    flat = evaluators.knn_accuracy(fit, features(test, [1], 2, mesh, 4), k=3, temperature=1e3)
+    flat = knn_lib.knn_accuracy(fit, features(test, [1], 2, mesh, 4), k=3, temperature=1e3)
     assert flat == 1.0
 
 
 def test_knn_needs_k_points():
     mesh = meshes()["1 device"]
     with pytest.raises(ValueError, match="at least k"):
-        evaluators.knn_accuracy(
+        knn_lib.knn_accuracy(
             features(np.ones((3, 2)), np.zeros(3), 2, mesh),
             features(np.ones((1, 2)), np.zeros(1), 2, mesh),
             k=5,
@@ -92,8 +95,8 @@ def test_knn_needs_k_points():
 def test_linear_probe_learns_a_linear_rule_and_fails_on_noise():
     x, y, xt, yt = noisy_linear_task(2000, 500, 6, 3, seed=0, noise=0.0)
     mesh = meshes()["4 devices"]
-    settings = evaluators.ProbeSettings(epochs=30, batch_size=256)
-    result = evaluators.linear_probe(features(x, y, 3, mesh), features(xt, yt, 3, mesh), settings)
+    settings = probe_lib.ProbeSettings(epochs=30, batch_size=256)
+    result = probe_lib.linear_probe(features(x, y, 3, mesh), features(xt, yt, 3, mesh), settings)
     assert result.top1 > 0.95
     assert len(result.grid) == len(settings.learning_rates) * len(settings.weight_decays)
     best = max(result.grid, key=lambda row: row["holdout_top1"])
@@ -102,19 +105,19 @@ def test_linear_probe_learns_a_linear_rule_and_fails_on_noise():
         best["weight_decay"],
     )
     shuffled = np.random.default_rng(0).permutation(yt)
-    noise = evaluators.linear_probe(
+    noise = probe_lib.linear_probe(
         features(x, y, 3, mesh),
         features(xt, shuffled, 3, mesh),
-        evaluators.ProbeSettings(epochs=5, batch_size=256),
+        probe_lib.ProbeSettings(epochs=5, batch_size=256),
     )
     assert noise.top1 < 0.5
 
 
 def test_linear_probe_gives_the_same_result_on_1_and_4_devices():
     x, y, xt, yt = noisy_linear_task(1500, 400, 10, 5, seed=1)
-    settings = evaluators.ProbeSettings(epochs=10, batch_size=128)
+    settings = probe_lib.ProbeSettings(epochs=10, batch_size=128)
     results = [
-        evaluators.linear_probe(features(x, y, 5, m, 96), features(xt, yt, 5, m, 96), settings)
+        probe_lib.linear_probe(features(x, y, 5, m, 96), features(xt, yt, 5, m, 96), settings)
         for m in meshes().values()
     ]
     (lr1, wd1, top1), (lr4, wd4, top4) = [
@@ -128,12 +131,12 @@ def test_linear_probe_gives_the_same_result_on_1_and_4_devices():
 
 def test_the_held_out_slice_is_a_fixed_fraction_of_the_split():
     ids = np.arange(100_000, dtype=np.int32)
-    held = evaluators.holdout_mask(ids, 0.05)
+    held = probe_lib.holdout_mask(ids, 0.05)
     assert 0.045 < held.mean() < 0.055
     # Pseudo-random, not a block: both halves of the split contribute.
     assert 0.04 < held[:50_000].mean() < 0.06 and 0.04 < held[50_000:].mean() < 0.06
     # The same rule on the devices and on the host; padding is never held out.
-    on_device = evaluators.holdout_mask(jax.numpy.asarray(np.append(ids, -1)), 0.05)
+    on_device = probe_lib.holdout_mask(jax.numpy.asarray(np.append(ids, -1)), 0.05)
     np.testing.assert_array_equal(np.asarray(on_device), np.append(held, False))
 
 
@@ -157,10 +160,10 @@ def test_linear_probe_is_within_half_a_point_of_scikit_learn():
     reference = LogisticRegression(max_iter=2000).fit(scaler.transform(x), y)
     expected = reference.score(scaler.transform(xt), yt)
     mesh = meshes()["4 devices"]
-    got = evaluators.linear_probe(
+    got = probe_lib.linear_probe(
         features(x, y, 10, mesh, 512),
         features(xt, yt, 10, mesh, 512),
-        evaluators.ProbeSettings(epochs=100, batch_size=512),
+        probe_lib.ProbeSettings(epochs=100, batch_size=512),
     )
     assert abs(got.top1 - expected) <= 0.005, (got.top1, expected)
 
@@ -180,11 +183,11 @@ def test_extraction_writes_each_batch_in_order_and_masks_padding():
         lambda images: images.reshape(images.shape[0], -1).astype(np.float32),
         out_shardings=sharding_lib.batch_sharding(mesh),
     )
-    got = evaluators.extract(
+    got = features_lib.extract(
         encode, split.batches(), num_batches=split.num_batches, num_classes=3, mesh=mesh
     )
     assert got.features.shape == (3, 32, 16) and got.num_examples == 70
-    assert got.features.sharding.spec == evaluators.stacked_sharding(mesh).spec
+    assert got.features.sharding.spec == features_lib.stacked_sharding(mesh).spec
     mask = np.asarray(got.mask).reshape(-1)
     np.testing.assert_array_equal(
         np.asarray(got.features).reshape(-1, 16)[mask], dataset.images.reshape(70, -1)

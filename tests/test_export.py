@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from matching_gap import config_lib, errors, evaluate, export, models, schema, train
+from matching_gap import config_lib, errors, export, export_run, models, schema, train
 from matching_gap import state as state_lib
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
@@ -461,7 +461,7 @@ def test_export_mode_writes_the_ema_teacher(workdir, fmt, tmp_path):
     config, directory, teacher = workdir
     config = config.copy_and_resolve_references()
     config.export.update(format=fmt, dir=str(tmp_path / "out"))
-    paths = evaluate.export_workdir(config, directory)
+    paths = export_run.export_workdir(config, directory)
     names = sorted(os.path.basename(p) for p in paths)
     expected = ["config.json", "model.safetensors"]
     assert names == (expected + ["preprocessor_config.json"] if fmt == "hf" else expected)
@@ -475,7 +475,7 @@ def test_evaluate_starts_from_init_from_without_a_checkpoint(workdir, tmp_path):
     config, directory, teacher = workdir
     config = config.copy_and_resolve_references()
     config.export.update(format="timm", dir=str(tmp_path / "out"))
-    evaluate.export_workdir(config, directory)
+    export_run.export_workdir(config, directory)
     config.model.init_from = str(tmp_path / "out")
     config = schema.parse(config)
     _, params, step = state_lib.restore_encoder(config, str(tmp_path / "empty"))
@@ -526,7 +526,7 @@ def test_a_run_starts_from_init_from_in_student_and_teacher(workdir, tmp_path):
     config, directory, teacher = workdir
     config = config.copy_and_resolve_references()
     config.export.update(format="hf", dir=str(tmp_path / "out"))
-    evaluate.export_workdir(config, directory)
+    export_run.export_workdir(config, directory)
     config.model.init_from = str(tmp_path / "out")
     config = schema.parse(config)
     optimizer, _ = state_lib.make_optimizer(config, 2, 1)
@@ -595,7 +595,7 @@ def test_training_starts_from_init_from(workdir, tmp_path, capsys):
     config, directory, teacher = workdir
     config = config.copy_and_resolve_references()
     config.export.update(format="hf", dir=str(tmp_path / "hf"))
-    evaluate.export_workdir(config, directory)
+    export_run.export_workdir(config, directory)
     config.model.init_from = str(tmp_path / "hf")
     config.teacher.ema = False
     config.optim.update(num_steps=1, base_lr=1e-30, min_lr=0.0)

@@ -157,14 +157,15 @@ def test_the_small_split_notice_of_the_knn_is_printed_once(monkeypatch, capsys):
     features of one split: its notice that the split is smaller than k comes once."""
     from types import SimpleNamespace
 
-    from matching_gap import evaluate, evaluators, metrics, schema
+    from matching_gap import metrics, schema
+    from matching_gap.evaluation import knn as knn_lib
 
     monkeypatch.setattr(metrics, "_said", set())
-    monkeypatch.setattr(evaluators, "knn_accuracy", lambda fit, report, k, temperature: 0.5)
+    monkeypatch.setattr(knn_lib, "knn_accuracy", lambda fit, report, k, temperature: 0.5)
     config = schema.Config()
     fit = SimpleNamespace(num_examples=config.eval.knn_k - 1)
     for _ in range(3):
-        assert evaluate.knn(fit, None, config) == (0.5, config.eval.knn_k - 1)
+        assert knn_lib.configured_knn(fit, None, config) == (0.5, config.eval.knn_k - 1)
     assert capsys.readouterr().out.count("fewer than eval.knn_k") == 1
 
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from matching_gap import data, errors, schema
+from matching_gap.data import image_folder
 
 AUG = schema.AugmentConfig(
     crop_size=16,
@@ -84,7 +85,7 @@ def test_processes_read_disjoint_shares_of_each_global_batch(tmp_path):
     root = write_jpeg_folder(tmp_path, 8, sizes=[(20, 20)])
     cfg = folder_config(root)
     # Mark each image by its file index in its top-left pixel block.
-    listing = data._list_image_folder(cfg, "train", 0)
+    listing = image_folder.list_files(cfg, "train", 0)
     for i, path in enumerate(listing.paths):
         Image.fromarray(np.full((20, 20, 3), i * 10, np.uint8)).save(path, format="PNG")
     seen = []
@@ -190,7 +191,7 @@ def test_the_recipe_trains_and_probes_on_a_streamed_folder(tmp_path):
     outcome = train.train_and_evaluate(c, str(tmp_path / "run"))
     assert outcome.finished
     assert outcome.results["eval/knn_top1"] >= 0.5
-    from matching_gap import evaluate
+    from matching_gap.evaluation import evaluate
 
     entries = evaluate.evaluate_workdir(c, str(tmp_path / "run"))
     assert entries["augmented"]["top1"] >= 0.5

@@ -9,9 +9,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from matching_gap import checkpointing, config_lib, data, errors, evaluate, metrics, schema, train
+from matching_gap import checkpointing, config_lib, data, errors, metrics, schema, train
 from matching_gap import sharding as sharding_lib
 from matching_gap import state as state_lib
+from matching_gap.evaluation import encoder, evaluate
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -102,7 +103,7 @@ def test_final_knn_equals_a_brute_force_vote_on_the_saved_encoder_and_on_pixels(
     config.train.compare_random_init = False
     config.train.compare_raw_pixels = True
     outcome = run(config, tmp_path)
-    encode, _ = evaluate.load_encoder(str(tmp_path))
+    encode, _ = encoder.load_encoder(str(tmp_path))
     with mocked():
         data_config = schema.parse(config).data
         fit = data.load_split(data_config, config.data.eval_train_split)
@@ -123,7 +124,7 @@ def test_final_knn_equals_a_brute_force_vote_on_the_saved_encoder_and_on_pixels(
     )
     assert outcome.results["eval/raw_pixels_knn_top1"] == pytest.approx(expected, abs=1e-9)
     # (Random mock labels make that accuracy coarse: the features themselves, exactly.)
-    encode_pixels = evaluate.make_encode(schema.parse(config), None, raw_pixels=True)
+    encode_pixels = encoder.make_encode(schema.parse(config), None, raw_pixels=True)
     np.testing.assert_allclose(
         encode_pixels(None, fit.images[:8]), pixels(fit.images[:8]), rtol=1e-6, atol=1e-6
     )
@@ -281,7 +282,7 @@ def test_load_encoder_gives_the_features_of_the_saved_parameters(tmp_path):
     config = quiet_smoke()
     config.optim.num_steps = 2
     run(config, tmp_path)
-    encode, saved_config = evaluate.load_encoder(str(tmp_path))
+    encode, saved_config = encoder.load_encoder(str(tmp_path))
     config = schema.parse(config)
     assert saved_config == config
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
@@ -300,12 +301,12 @@ def test_load_encoder_gives_the_features_of_the_saved_parameters(tmp_path):
     with pytest.raises(ValueError, match=r"images \[N, 28, 28, 1\]"):
         encode(images[:, :14])
     with pytest.raises(errors.WorkdirError, match="--workdir of a training run"):
-        evaluate.load_encoder(str(tmp_path / "nothing"))
+        encoder.load_encoder(str(tmp_path / "nothing"))
     if jax.default_backend() != "gpu":  # a run trained with cuDNN attention, read on a CPU
         saved = json.loads((tmp_path / "config.json").read_text())
         saved["model"]["attention"] = "cudnn"
         (tmp_path / "config.json").write_text(json.dumps(saved))
-        encode, _ = evaluate.load_encoder(str(tmp_path))
+        encode, _ = encoder.load_encoder(str(tmp_path))
         np.testing.assert_array_equal(encode(images), features)
 
 

@@ -17,9 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from matching_gap import augmented_probe, config_lib, evaluate, evaluators, plan, schema
+from matching_gap import config_lib, plan, schema
 from matching_gap import sharding as sharding_lib
 from matching_gap import state as state_lib
+from matching_gap.evaluation import augmented_probe, encoder
+from matching_gap.evaluation import features as features_lib
+from matching_gap.evaluation import knn as knn_lib
+from matching_gap.evaluation import linear_probe as probe_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TOLERANCE = 0.10
@@ -141,7 +145,7 @@ def test_feature_extraction_divides_its_work():
 
     def compile_fn(mesh):
         graphdef, params = _encoder(config, mesh)
-        encode = evaluate.make_encode(config, graphdef, mesh)
+        encode = encoder.make_encode(config, graphdef, mesh)
         return encode.lower(params, _images(config, mesh)).compile()
 
     flops_1, flops_4, gathers = per_device_work(compile_fn)
@@ -161,7 +165,9 @@ def test_augmented_probe_step_divides_its_work():
     def compile_fn(mesh):
         graphdef, params = _encoder(config, mesh)
         step = augmented_probe._make_step(config, graphdef, settings, 100, mesh)
-        init = lambda: augmented_probe._init_state(len(settings.learning_rates), dim, 10)
+        init = lambda: augmented_probe._init_state(
+            len(settings.learning_rates), dim, 10, augmented_probe.init_key(0)
+        )
         state = jax.tree.map(
             lambda x: abstract(x.shape, x.dtype, sharding_lib.replicated(mesh)),
             jax.eval_shape(init),
@@ -179,7 +185,7 @@ NUM_BATCHES, ROWS, DIM, CLASSES = 8, 256, 64, 10
 
 
 def _features(mesh):
-    stacked = evaluators.stacked_sharding(mesh)
+    stacked = features_lib.stacked_sharding(mesh)
     return (
         abstract((NUM_BATCHES, ROWS, DIM), jnp.float32, stacked),
         abstract((NUM_BATCHES, ROWS), jnp.int32, stacked),
@@ -191,7 +197,7 @@ def test_knn_divides_its_work():
     k = 20
 
     def compile_fn(mesh):
-        count = evaluators._knn_counter(mesh, k, 0.07, CLASSES, evaluators.QUERY_CHUNK)
+        count = knn_lib._knn_counter(mesh, k, 0.07, CLASSES, knn_lib.QUERY_CHUNK)
         split = _features(mesh)
         index = abstract((), jnp.int32, sharding_lib.replicated(mesh))
         return count.lower(*split, *split, index).compile()
@@ -210,13 +216,13 @@ def test_linear_probe_epoch_divides_its_work():
 
     def compile_fn(mesh):
         rep = sharding_lib.replicated(mesh)
-        epoch = evaluators._probe_epoch(mesh, 100)
+        epoch = probe_lib._probe_epoch(mesh, 100)
         params = {
             "w": abstract((heads, DIM, CLASSES), jnp.float32, rep),
             "b": abstract((heads, CLASSES), jnp.float32, rep),
         }
         opt_state = jax.tree.map(
-            lambda x: abstract(x.shape, x.dtype, rep), jax.eval_shape(evaluators._ADAM.init, params)
+            lambda x: abstract(x.shape, x.dtype, rep), jax.eval_shape(probe_lib._ADAM.init, params)
         )
         features, labels, _ = _features(mesh)
         vector = abstract((DIM,), jnp.float32, rep)

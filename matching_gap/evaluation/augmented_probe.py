@@ -4,11 +4,18 @@ Every epoch streams random-resized-crop + flip views of the whole labelled train
 through the frozen encoder and trains linear heads on the features: SGD with momentum 0.9,
 a cosine schedule to 0, weight decay 0 by default, learning rate ``base * batch / 256``,
 one head per base learning rate, all in the same pass (the encoder runs once per view).
-MAE's BatchNorm without affine parameters before the head is an option. DINO reports the
-best head on the evaluation split; so does this (the summary lists every head).
+Each head starts as DINO's ``LinearClassifier`` (weights N(0, 0.01^2), zero bias).
+MAE's BatchNorm without affine parameters before the head is an option.
+
+Reported: ``top1``, the best head on the evaluation split after the final epoch (the summary
+lists every head). DINO trains one head at one rate and scores it after every ``val_freq``-th
+epoch, reporting the best epoch (``best_acc``): with ``eval.augmented_val_freq`` > 0 the heads
+are scored after the same epochs (:func:`validated_epochs`) and ``top1_best_epoch`` is the
+best of those, which with one learning rate is DINO's figure.
 
 The heads, their optimiser, the BatchNorm statistics and the step are checkpointed in
-``<workdir>/linear_eval/checkpoints``: a run stopped by preemption (SIGTERM), by
+``<workdir>/linear_eval/checkpoints`` (the scores after validated epochs in
+``validation.json`` beside them): a run stopped by preemption (SIGTERM), by
 ``eval.augmented_run_steps`` or by a crash resumes where its last checkpoint was, and
 since the batches and views are functions of ``(seed, step)`` it ends with the same heads.
 """
@@ -25,12 +32,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from matching_gap import augment, checkpointing, data, errors, evaluators, metrics, schema, storage
+from matching_gap import augment, checkpointing, data, errors, metrics, schema, storage
 from matching_gap import sharding as sharding_lib
+from matching_gap.evaluation.encoder import evaluated_graphdef
+from matching_gap.evaluation.features import Features, SplitFeatures
+from matching_gap.evaluation.linear_probe import head_correct, head_loss
 
 BATCHNORM_EPS = 1e-6  # MAE's BatchNorm1d(affine=False, eps=1e-6)
 BATCHNORM_MOMENTUM = 0.1  # PyTorch's default: running = 0.9 running + 0.1 batch
 SGD_MOMENTUM = 0.9
+HEAD_INIT_STD = 0.01  # DINO's LinearClassifier: weight.normal_(mean=0, std=0.01), bias.zero_()
+PROBE_DIR = "linear_eval"  # the pretraining dataset's augmented probe, in the workdir
+VALIDATION_FILE = "validation.json"  # {epoch: every head's top-1 after it}, in the probe's folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +58,7 @@ class AugmentedSettings:
     crop_scale: tuple[float, float]  # DINO's RandomResizedCrop: (0.08, 1)
     checkpoint_every: int
     run_steps: int  # > 0: stop (with a checkpoint) after this many steps in this call
+    val_freq: int  # > 0: score the heads after DINO's validated epochs (validated_epochs)
 
     @classmethod
     def from_eval(cls, e: schema.EvalConfig) -> AugmentedSettings:
@@ -61,17 +75,20 @@ def run(
     config,
     graphdef,
     params,
-    test: evaluators.Features,
+    test: Features,
     workdir: str,
     *,
-    folder: str = "linear_eval",
+    folder: str = PROBE_DIR,
 ) -> dict:
     """Trains the heads (resuming from ``<workdir>/<folder>``: one folder per evaluated
     dataset) and, when done, scores them on ``test`` (centre-crop features of the
     evaluation split).
 
     Returns a summary: ``finished``, ``step``, ``num_steps`` and, when finished, ``top1``
-    (the best head), its ``learning_rate`` and ``heads`` (every head's top-1).
+    (the best head after the final epoch), its ``learning_rate`` and ``heads`` (every head's
+    top-1); with ``eval.augmented_val_freq``, also ``top1_best_epoch`` (:func:`best_epoch`),
+    its ``best_epoch`` and ``learning_rate_best_epoch``, each head's best, and
+    ``validation`` (every head's top-1 after each validated epoch).
     """
     settings = AugmentedSettings.from_eval(config.eval)
     mesh = test.features.sharding.mesh
@@ -90,21 +107,23 @@ def run(
             "eval.augmented_batch_size"
         )
     num_steps = settings.epochs * steps_per_epoch
-    _check_settings(directory, settings)
+    _check_settings(directory, settings, config)
     ckpt = checkpointing.Checkpointer(directory, every=settings.checkpoint_every, keep=2)
     dim = test.features.shape[-1]
     fresh = jax.jit(
-        lambda: _init_state(len(settings.learning_rates), dim, test.num_classes),
+        lambda key: _init_state(len(settings.learning_rates), dim, test.num_classes, key),
         out_shardings=sharding_lib.replicated(mesh),
     )
-    abstract = jax.eval_shape(fresh)
+    abstract = jax.eval_shape(fresh, init_key(config.seed))
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_lib.replicated(mesh)),
         abstract,
     )
     state = ckpt.restore_latest(abstract)
-    state = fresh() if state is None else state
+    state = fresh(init_key(config.seed)) if state is None else state
     start = int(state["step"])
+    validated = validated_epochs(settings.epochs, settings.val_freq)
+    history = _read_validation(directory, start // steps_per_epoch, validated)
     step_fn = _make_step(config, graphdef, settings, num_steps, mesh)
     batches = data.train_iterator(
         data_config,
@@ -142,6 +161,10 @@ def run(
                         "eval.augmented_learning_rates (or set eval.augmented_batchnorm=True); "
                         f"its last good checkpoint in {directory} is kept."
                     )
+            if step % steps_per_epoch == 0 and step // steps_per_epoch in validated:
+                top1 = _heads_top1(state, test, settings.batchnorm, dim)
+                history[step // steps_per_epoch] = top1.tolist()
+                _write_validation(directory, history)
             if stop or ckpt.due(step):
                 state = ckpt.save(step, state, force=stop)
             if stop:
@@ -159,30 +182,111 @@ def run(
             "a checkpoint; rerun the same command to resume."
         )
         return summary
-    mean, std = _normaliser(state, settings.batchnorm, dim)
-    correct = evaluators.head_correct(
-        state["heads"], test.features, test.labels, test.mask.astype(jnp.float32), mean, std
-    )
-    top1 = np.asarray(correct) / test.num_examples
+    top1 = _heads_top1(state, test, settings.batchnorm, dim)
     best = int(np.argmax(top1))
-    scale = settings.batch_size / 256
+    rates = [lr * settings.batch_size / 256 for lr in settings.learning_rates]
     summary.update(
         top1=float(top1[best]),
-        learning_rate=settings.learning_rates[best] * scale,
-        heads=[
-            {"learning_rate": lr * scale, "top1": float(t)}
-            for lr, t in zip(settings.learning_rates, top1, strict=True)
-        ],
+        learning_rate=rates[best],
+        heads=[{"learning_rate": lr, "top1": float(t)} for lr, t in zip(rates, top1, strict=True)],
     )
+    if validated:
+        epoch, head, value = best_epoch(history)
+        summary.update(
+            top1_best_epoch=value, best_epoch=epoch, learning_rate_best_epoch=rates[head]
+        )
+        for h, row in enumerate(summary["heads"]):
+            row["best_epoch"], _, row["top1_best_epoch"] = best_epoch(
+                {e: [scores[h]] for e, scores in history.items()}
+            )
+        summary["validation"] = [{"epoch": e, "top1": history[e]} for e in validated]
     return summary
 
 
-def _check_settings(directory, settings: AugmentedSettings) -> None:
-    """Refuses to resume heads trained with other settings; records them for a fresh start."""
+def validated_epochs(epochs: int, val_freq: int) -> list[int]:
+    """The epochs, counted from 1, after which DINO's ``eval_linear.py`` scores its head: its
+    0-based ``epoch`` with ``epoch % val_freq == 0 or epoch == epochs - 1`` (so the first, every
+    ``val_freq``-th after it, and the last). None when ``val_freq`` is 0."""
+    if not val_freq:
+        return []
+    return [e + 1 for e in range(epochs) if e % val_freq == 0 or e == epochs - 1]
+
+
+def best_epoch(history: dict[int, list[float]]) -> tuple[int, int, float]:
+    """``(epoch, head, top1)`` of the best score in ``history`` (epoch -> every head's top-1):
+    DINO's ``best_acc = max(best_acc, acc1)`` over the validated epochs, here over the heads
+    too; the earliest epoch (and head) that reached it."""
+    best = None
+    for epoch in sorted(history):
+        for head, top1 in enumerate(history[epoch]):
+            if best is None or top1 > best[2]:
+                best = epoch, head, top1
+    return best
+
+
+def _heads_top1(state, test: Features, batchnorm: bool, dim: int) -> np.ndarray:
+    """Every head's top-1 on ``test`` (the evaluation split's centre-crop features)."""
+    mean, std = _normaliser(state, batchnorm, dim)
+    correct = head_correct(
+        state["heads"], test.features, test.labels, test.mask.astype(jnp.float32), mean, std
+    )
+    return np.asarray(correct) / test.num_examples
+
+
+def _read_validation(directory, done: int, validated: list[int]) -> dict[int, list[float]]:
+    """The scores after the validated epochs up to ``done`` of a resumed probe (a later one,
+    from a run that went past its last checkpoint, is scored again)."""
+    path = storage.path(directory, VALIDATION_FILE)
+    history = {}
+    if validated and path.exists():
+        history = {int(e): v for e, v in json.loads(path.read_text()).items() if int(e) <= done}
+    missing = [e for e in validated if e <= done and e not in history]
+    if missing:
+        raise errors.WorkdirError(
+            f"{path} lacks the scores after epochs {missing} of the augmented probe resumed "
+            f"from {directory}: delete that folder to start the probe again."
+        )
+    return history
+
+
+def _write_validation(directory, history: dict[int, list[float]]) -> None:
+    if jax.process_index() == 0:
+        path = storage.path(directory, VALIDATION_FILE)
+        storage.write_text(path, json.dumps({str(e): v for e, v in sorted(history.items())}))
+
+
+class AugmentedProbeEvaluator:
+    """The ``augmented`` probe (``matching_gap.augmented_probe``, resumable in ``workdir``):
+    yields ``augmented_probe_top1`` once it has finished."""
+
+    def __init__(
+        self, config, features: SplitFeatures, graphdef, workdir: str, *, folder: str = PROBE_DIR
+    ):
+        self.config, self.features = config, features
+        self._graphdef, self._workdir, self._folder = graphdef, workdir, folder
+        self.summary = None
+
+    def run(self, params):
+        report = self.features.report(params)
+        self.features.clear(fit_only=True)  # not needed here: freed before the long probe
+        self.summary = run(
+            self.config, self._graphdef, params, report, self._workdir, folder=self._folder
+        )
+        if self.summary["finished"]:
+            yield "augmented_probe_top1", self.summary["top1"]
+            if "top1_best_epoch" in self.summary:
+                yield "augmented_probe_top1_best_epoch", self.summary["top1_best_epoch"]
+
+
+def _check_settings(directory, settings: AugmentedSettings, config) -> None:
+    """Refuses to resume heads trained with other settings (the probe's, and ``eval.dtype``
+    the encoder ran in); records them for a fresh start."""
     path = storage.path(directory, "settings.json")
-    wanted = json.loads(json.dumps(settings.resumable_fields()))
+    wanted = json.loads(json.dumps({**settings.resumable_fields(), "dtype": config.eval.dtype}))
     if path.exists():
-        saved = json.loads(path.read_text())
+        # A folder written before eval.dtype and augmented_val_freq existed ran the encoder
+        # in model.dtype and scored its heads after the final epoch only.
+        saved = {"dtype": config.model.dtype, "val_freq": 0, **json.loads(path.read_text())}
         if saved != wanted and checkpointing.has_checkpoints(directory):
             changed = [
                 f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in wanted.items() if saved.get(k) != v
@@ -196,9 +300,17 @@ def _check_settings(directory, settings: AugmentedSettings) -> None:
         storage.write_text(path, json.dumps(wanted, indent=2))
 
 
-def _init_state(num_heads: int, dim: int, num_classes: int) -> dict:
+def init_key(seed: int) -> jax.Array:
+    """The key the heads start from: step 0 of the probe's stream (its steps' views are
+    ``fold_in(key(seed), step)`` from step 1), so a function of the run's seed only."""
+    return jax.random.fold_in(jax.random.key(seed), 0)
+
+
+def _init_state(num_heads: int, dim: int, num_classes: int, key: jax.Array) -> dict:
+    """Fresh heads as DINO's ``LinearClassifier`` starts (weights N(0, 0.01^2), each drawn,
+    zero bias), a zero momentum, PyTorch's BatchNorm start and step 0."""
     heads = {
-        "w": jnp.zeros((num_heads, dim, num_classes)),
+        "w": HEAD_INIT_STD * jax.random.normal(key, (num_heads, dim, num_classes), jnp.float32),
         "b": jnp.zeros((num_heads, num_classes)),
     }
     return {
@@ -218,8 +330,10 @@ def _normaliser(state, batchnorm: bool, dim: int):
 
 
 def probe_view_config(config, settings: AugmentedSettings) -> augment.AugmentConfig:
-    """The probe's training view: one random-resized crop + flip of the run's size and
-    normalisation, nothing else (DINO's linear-evaluation transform)."""
+    """The probe's training view: one random-resized crop (``eval.augmented_crop_scale``) +
+    flip of the run's size and normalisation, nothing else: DINO's linear-evaluation
+    transform, but for its scale (DINO's: 0.08 to 1) and its resample (torchvision's
+    bilinear; the project resamples every view bicubic)."""
     return dataclasses.replace(
         config.augment,
         num_views=1,
@@ -240,6 +354,7 @@ def _make_step(config, graphdef, settings: AugmentedSettings, num_steps: int, me
     lrs = jnp.array(settings.learning_rates, jnp.float32) * settings.batch_size / 256
     key = jax.random.key(config.seed)
     features_kind = config.eval.features
+    graphdef = evaluated_graphdef(config, graphdef)  # eval.dtype, as the test features
 
     def step_fn(state, params, images, labels):
         step = state["step"] + 1
@@ -254,7 +369,7 @@ def _make_step(config, graphdef, settings: AugmentedSettings, num_steps: int, me
             bn_mean = (1 - BATCHNORM_MOMENTUM) * bn_mean + BATCHNORM_MOMENTUM * mean
             bn_var = (1 - BATCHNORM_MOMENTUM) * bn_var + BATCHNORM_MOMENTUM * var * n / (n - 1)
         heads = state["heads"]
-        loss, grads = jax.value_and_grad(evaluators.head_loss)(heads, x, labels)
+        loss, grads = jax.value_and_grad(head_loss)(heads, x, labels)
         # PyTorch's SGD: buf = momentum * buf + (grad + wd * w); w -= lr * buf.
         grads = {"w": grads["w"] + settings.weight_decay * heads["w"], "b": grads["b"]}
         buf = jax.tree.map(lambda m, g: SGD_MOMENTUM * m + g, state["momentum"], grads)
