@@ -318,9 +318,12 @@ def test_tfds_missing_data_fails_fast_with_fixes(tmp_path):
     with pytest.raises(data.DataNotFoundError) as info:
         data.load_split(_tfds_config("fashion_mnist", data_dir=str(tmp_path)), "train")
     message = str(info.value)
-    assert "tfds build fashion_mnist" in message and "--config.data.data_dir" in message
+    assert (
+        "tfds.builder('fashion_mnist', data_dir='DIR').download_and_prepare()" in message
+        and "--config.data.data_dir" in message
+    )
     assert "--config.data.source=fashion_mnist_idx" in message
-    with pytest.raises(data.DataNotFoundError, match="tfds build imagenet2012"):
+    with pytest.raises(data.DataNotFoundError, match=r"tfds\.builder\('imagenet2012'"):
         data.iterate_tfds(
             _tfds_config("imagenet2012", data_dir=str(tmp_path), image_size=32, channels=3),
             "train",

@@ -71,7 +71,9 @@ def test_missing_data_says_how_to_get_it(tmp_path):
 def test_missing_tfds_data_without_tensorflow_start_up_lines(tmp_path):
     workdir = tmp_path / "run"
     result = run_cli(workdir, "--config.data.source=tfds", "--config.data.data_dir=/nonexistent")
-    assert_user_error(result, "tfds build fashion_mnist")
+    assert_user_error(
+        result, "tfds.builder('fashion_mnist', data_dir='DIR').download_and_prepare()"
+    )
     assert not any(line in result.stderr for line in TF_START_UP), result.stderr
     assert not workdir.exists()
 

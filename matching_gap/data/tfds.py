@@ -39,10 +39,12 @@ def _tfds_missing(name: str, data_dir: str | None, cause: Exception) -> DataNotF
     )
     return DataNotFoundError(
         f"TFDS dataset {name!r} is not prepared in {where} and this code never downloads "
-        f"(download=False). Fixes: prepare the data_dir (`tfds build {name} "
-        "--data_dir=DIR`, or download_and_prepare on a machine with network and copy DIR "
-        f"here; ImageNet needs its tar files in DIR/downloads/manual), then pass "
-        f"--config.data.data_dir=DIR.{hint} ({type(cause).__name__}: {cause})"
+        "(download=False). Fixes: prepare the data_dir on a machine with network, "
+        f"`python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', "
+        "data_dir='DIR').download_and_prepare()\"` (the `tfds build` command needs "
+        "apache-beam), and copy DIR here; ImageNet needs its tar files in "
+        f"DIR/downloads/manual. Then pass --config.data.data_dir=DIR.{hint} "
+        f"({type(cause).__name__}: {cause})"
     )
 
 
