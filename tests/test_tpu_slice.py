@@ -93,6 +93,18 @@ def doc_blocks() -> dict[str, list[str]]:
     return blocks
 
 
+def doc_quote(section: str, start: str) -> str:
+    """The inline code span of a section's prose that begins with ``start``."""
+    text = DOC.read_text().split(f"\n## {section}. ", 1)[1].split("\n## ", 1)[0]
+    (span,) = re.findall(rf"`({re.escape(start)}[^`]*)`", text.replace("\n", " "))
+    return span
+
+
+def same_shape(doc_line: str, printed: str) -> bool:
+    """Equal up to the numbers (a v4-32's 16 devices in the docs, 4 here)."""
+    return re.sub(r"\d+", "N", doc_line) == re.sub(r"\d+", "N", printed)
+
+
 def substitute(block: str, *pairs: tuple[str, str]) -> str:
     for old, new in pairs:
         assert old in block, f"docs/tpu.md no longer has {old!r} in:\n{block}"
@@ -221,6 +233,8 @@ def test_docs_tpu_md_on_a_simulated_v4_32_slice(tmp_path, emulator):  # noqa: F8
         assert time.perf_counter() - start < 30
         assert all(the_slice.processes(w) for w in range(4))
         assert wait_for_workers(the_slice) == [0, 0, 0, 0], worker_log(the_slice, 0)
+        first_line = worker_log(the_slice, 2).splitlines()[0]
+        assert same_shape(doc_quote("5", "Launcher: "), first_line), first_line
         straight = losses(f"gs://{bucket}/straight")
         assert sorted(straight) == list(range(20, STEPS + 1, 20))
 
@@ -254,11 +268,12 @@ def test_docs_tpu_md_on_a_simulated_v4_32_slice(tmp_path, emulator):  # noqa: F8
         assert wait_for_workers(the_slice) == [0, 0, 0, 0], worker_log(the_slice, 0)
         saved = set()
         for w in range(4):
-            found = re.findall(
-                r"Process (\d) of 4 stopped at step (\d+) of", worker_log(the_slice, w)
-            )
-            assert [p for p, _ in found] == [str(w)], worker_log(the_slice, w)
+            log = worker_log(the_slice, w)
+            found = re.findall(r"Process (\d) of 4 stopped at step (\d+) of", log)
+            assert [p for p, _ in found] == [str(w)], log
             saved.add(int(found[0][1]))
+            last = log.strip().splitlines()[-1]
+            assert same_shape(doc_quote("7", "Process "), last), last  # what section 7 says
         assert len(saved) == 1, saved
         (step,) = saved
         assert CHECKPOINT_EVERY <= step < STEPS
