@@ -272,8 +272,8 @@ def test_docs_tpu_md_on_a_simulated_v4_32_slice(tmp_path, emulator):  # noqa: F8
             found = re.findall(r"Process (\d) of 4 stopped at step (\d+) of", log)
             assert [p for p, _ in found] == [str(w)], log
             saved.add(int(found[0][1]))
-            last = log.strip().splitlines()[-1]
-            assert same_shape(doc_quote("7", "Process "), last), last  # what section 7 says
+            (line,) = [x for x in log.splitlines() if " stopped at step " in x]
+            assert same_shape(doc_quote("7", "Process "), line), line  # what section 7 says
         assert len(saved) == 1, saved
         (step,) = saved
         assert CHECKPOINT_EVERY <= step < STEPS
