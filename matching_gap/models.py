@@ -10,6 +10,8 @@ Contents:
 
 * :class:`ViT`: a standard pre-LayerNorm ViT (as in DINO / timm) returning pooled features.
 * :class:`MLPHead`: ``Linear -> GELU -> ... -> Linear`` projector / predictor.
+* :class:`DINOHead`: DINO's projection head (MLP to a bottleneck, L2 normalisation, a
+  weight-normalised last layer).
 * :class:`SSLModel`: encoder + projector + optional predictor.
 * :func:`create_model` builds an :class:`SSLModel` from the ``model`` section of a config
   (``schema.ModelConfig``; ``schema.VIT_VARIANTS`` names the standard sizes).
@@ -410,6 +412,103 @@ class MLPHead(nnx.Module):
         return x.astype(jnp.float32)
 
 
+def torch_default_uniform(fan_in: int):
+    """torch's default ``nn.Linear`` / ``nn.Conv2d`` initialiser of weights *and* biases:
+    ``kaiming_uniform_(a=sqrt(5))`` is U(-b, b) with ``b = gain * sqrt(3 / fan_in)``,
+    ``gain = sqrt(2 / (1 + 5))``, i.e. ``b = 1 / sqrt(fan_in)``; the bias is U(±1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class WeightNormLinear(nnx.Module):
+    """A bias-free linear layer with torch's ``weight_norm`` (dim 0): ``W = g * v / ||v||``,
+    each output unit's weight vector normalised over its inputs (DINO's ``last_layer``).
+
+    ``v`` (``kernel_v``, [in, out]) starts as torch's ``nn.Linear`` default (U(±1/sqrt(in))),
+    as DINO's head creates its last layer after its ``trunc_normal_`` pass. ``g`` starts at 1
+    (``weight_g.data.fill_(1)``); with ``learn_norm=False`` (DINO's ``norm_last_layer=True``)
+    it stays 1 and is not a parameter. ``g`` is [1, out], 2-D as torch's [out, 1], so that
+    DINO's rule decays it (``get_params_groups`` spares biases and 1-D tensors only).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        learn_norm: bool,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+    ):
+        self.dtype = dtype
+        init = torch_default_uniform(in_features)
+        self.kernel_v = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
+        self.scale_g = nnx.data(None)
+        if learn_norm:
+            self.scale_g = nnx.Param(jnp.ones((1, out_features), param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        v = self.kernel_v[...].astype(jnp.float32)
+        # torch's norm_except_dim has no epsilon; v is never zero in practice.
+        w = v / jnp.sqrt(jnp.sum(v * v, axis=0, keepdims=True))
+        if self.scale_g is not None:
+            w = w * self.scale_g[...].astype(jnp.float32)
+        return (x.astype(self.dtype) @ w.astype(self.dtype)).astype(jnp.float32)
+
+
+class DINOHead(nnx.Module):
+    """DINO's ``DINOHead`` (``vision_transformer.py``): ``mlp`` (``num_layers`` Linear layers
+    with GELU between, the last to ``bottleneck_dim``; BatchNorm with ``batchnorm``), then
+    L2 normalisation (``F.normalize``, eps 1e-12), then :class:`WeightNormLinear` to
+    ``out_dim`` (the ``last_layer`` that ``optim.freeze_last_layer_epochs`` holds still).
+    The MLP's layers are initialised as the rest of the model (DINO: ``trunc_normal_(std=.02)``
+    and zero biases).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_dim: int,
+        bottleneck_dim: int,
+        out_dim: int,
+        num_layers: int = 3,
+        *,
+        norm_last_layer: bool = True,
+        batchnorm: bool = False,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+    ):
+        self.mlp = MLPHead(
+            in_features,
+            hidden_dim,
+            bottleneck_dim,
+            num_layers,
+            batchnorm=batchnorm,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.last_layer = WeightNormLinear(
+            bottleneck_dim,
+            out_dim,
+            learn_norm=not norm_last_layer,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: Array) -> Array:
+        x = self.mlp(x)
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        return self.last_layer(x)
+
+
 class SSLModel(nnx.Module):
     """Encoder + projector + optional predictor, as used by the student and the EMA teacher."""
 
@@ -484,15 +583,28 @@ def create_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> SSLModel:
         layer_norm_eps=cfg.layer_norm_eps,
         rngs=rngs,
     )
-    projector = MLPHead(
-        encoder.num_features,
-        cfg.projector_hidden_dim,
-        cfg.projector_dim,
-        cfg.projector_layers,
-        batchnorm=cfg.head_batchnorm,
-        dtype=dtype,
-        rngs=rngs,
-    )
+    if cfg.head == "dino":
+        projector = DINOHead(
+            encoder.num_features,
+            cfg.projector_hidden_dim,
+            cfg.head_bottleneck_dim,
+            cfg.projector_dim,
+            cfg.projector_layers,
+            norm_last_layer=cfg.norm_last_layer,
+            batchnorm=cfg.head_batchnorm,
+            dtype=dtype,
+            rngs=rngs,
+        )
+    else:
+        projector = MLPHead(
+            encoder.num_features,
+            cfg.projector_hidden_dim,
+            cfg.projector_dim,
+            cfg.projector_layers,
+            batchnorm=cfg.head_batchnorm,
+            dtype=dtype,
+            rngs=rngs,
+        )
     predictor = None
     if cfg.use_predictor:
         predictor = MLPHead(
