@@ -603,7 +603,9 @@ def dino_loss(
     if c.shape != (s.shape[-1],):
         raise ValueError(f"dino_loss: center must have shape [{s.shape[-1]}], got {c.shape}.")
     dtype = _compute_dtype(s, t, c)
-    s, t, c = s.astype(dtype), jax.lax.stop_gradient(t.astype(dtype)), c.astype(dtype)
+    # DINO detaches the targets and keeps the centre a buffer: no gradient reaches either.
+    t, c = jax.lax.stop_gradient(t.astype(dtype)), jax.lax.stop_gradient(c.astype(dtype))
+    s = s.astype(dtype)
     shift = c if centering else jnp.zeros_like(c)
     targets = jax.nn.softmax((t - shift) / teacher_temperature, axis=-1)  # [G, n, K]
     log_probs = jax.nn.log_softmax(s / student_temperature, axis=-1)  # [V, n, K]

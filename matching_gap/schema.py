@@ -47,6 +47,13 @@ EXPORT_FORMATS = ("timm", "hf")
 # The projector: "mlp" (Linear -> GELU -> ... -> Linear, models.MLPHead) or "dino" (DINO's
 # DINOHead: that MLP to a bottleneck, L2 normalisation, a weight-normalised last layer).
 HEADS = ("mlp", "dino")
+# How weights start (models.weight_init): "jax" = JAX's truncated_normal(0.02), cut at +-2
+# std (std 0.0176), LeCun-normal patch embedding (the demo's); "torch" = DINO's
+# trunc_normal_(std=.02) with absolute bounds (in effect N(0, 0.02^2)) and torch's Conv2d
+# default for the patch embedding (the ImageNet recipes').
+INITS = ("jax", "torch")
+JITTER_ORDERS = ("fixed", "random")
+BLUR_SIGMAS = ("scaled", "pixels")
 # "global": one norm over all gradients (optax.clip_by_global_norm); "per_parameter": each
 # parameter tensor's gradient clipped to its own norm (DINO's utils.clip_gradients).
 GRAD_CLIP_MODES = ("global", "per_parameter")
@@ -281,6 +288,12 @@ class AugmentConfig(_Section):
     # (BYOL's asymmetric views: blur (1.0, 0.1), solarize (0.0, 0.2)); () = the same for all.
     view_blur_probs: tuple[float, ...] = _field((), _PROBABILITIES)
     view_solarize_probs: tuple[float, ...] = _field((), _PROBABILITIES)
+    # "fixed": brightness, contrast, saturation, hue in that order (SimCLR's, the demo's);
+    # "random": a fresh order for each view, as torchvision's ColorJitter draws one per call.
+    color_jitter_order: str = _field("fixed", one_of(JITTER_ORDERS))
+    # "scaled": sigma ~ U(0.1, 2) * crop size / 224 (the demo's); "pixels": U(0.1, 2) in each
+    # crop's own pixels whatever its size (DINO's GaussianBlur on every crop).
+    blur_sigma: str = _field("scaled", one_of(BLUR_SIGMAS))
     num_local_crops: int = _field(0, COUNT)
     local_crop_size: int = _field(0, COUNT)
     local_crop_scale: tuple[float, ...] = _field((0.05, 0.2), SCALE)
@@ -348,6 +361,7 @@ class ModelConfig(_Section):
     # weight-normalised last layer to projector_dim (DINO's out_dim, 65536);
     # norm_last_layer=True fixes its norms to 1 (weight_g frozen), False learns them.
     head: str = _field("mlp", one_of(HEADS))
+    init: str = _field("jax", one_of(INITS))
     head_bottleneck_dim: int = _field(256, POSITIVE_INT)
     norm_last_layer: bool = True
 

@@ -26,10 +26,10 @@ class TrainState:
     params: Any  # student parameters (pure dict)
     teacher: Any  # EMA teacher parameters, or None with shared weights
     opt_state: Any
-    # DINO's centre of the teacher's outputs [projector_dim] (loss.name="dino"), else None:
-    # a None leaf adds nothing to the checkpoint, so runs of the other losses save and
-    # restore the same tree as before the field existed.
-    center: Any = None
+    # DINO's centre of the teacher's outputs [projector_dim] (loss.name="dino"), else None.
+    # Left out of the checkpoint while None (checkpointing.OPTIONAL), so runs of the other
+    # losses save and restore the tree they did before the field existed.
+    center: Any = struct.field(default=None, metadata={checkpointing.OPTIONAL: True})
 
 
 def steps_per_epoch(config: schema.Config, num_examples: int) -> int:
