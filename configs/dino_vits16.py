@@ -114,8 +114,12 @@ def get_config(arg: str | None = None):
         )
         c.optim.update(batch_size=64, num_epochs=3.0, warmup_epochs=1.0)
         c.train.update(
-            log_every=20, checkpoint_every=100, knn_every=0, compare_random_init=True,
-            pictures=False, plan_every=0,
+            log_every=20,
+            checkpoint_every=100,
+            knn_every=0,
+            compare_random_init=True,
+            pictures=False,
+            plan_every=0,
         )
         c.eval.update(batch_size=500, probe_epochs=10, protocols="knn,features")
     return config_lib.finalize(c)

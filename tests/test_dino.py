@@ -38,8 +38,17 @@ def _log_softmax(x, axis=-1):
     return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
 
 
-def dino_loss_reference(student_output, teacher_output, center, epoch, *, ncrops, schedule,
-                        student_temp=0.1, center_momentum=0.9):
+def dino_loss_reference(
+    student_output,
+    teacher_output,
+    center,
+    epoch,
+    *,
+    ncrops,
+    schedule,
+    student_temp=0.1,
+    center_momentum=0.9,
+):
     """``DINOLoss.forward`` then ``update_center`` (one process): ``student_output`` is
     [ncrops * B, K] and ``teacher_output`` [2 * B, K], crop-major as ``MultiCropWrapper``
     concatenates them."""
@@ -70,8 +79,9 @@ def teacher_temp_schedule(warmup_teacher_temp, teacher_temp, warmup_epochs, nepo
     )
 
 
-def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0,
-                     start_warmup_value=0):
+def cosine_scheduler(
+    base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0
+):
     """``utils.cosine_scheduler``."""
     warmup_schedule = np.array([])
     warmup_iters = warmup_epochs * niter_per_ep
@@ -166,8 +176,9 @@ def test_the_student_gradient_is_dinolosss_and_the_teacher_gets_none():
     flat = lambda x: x.reshape(-1, x.shape[-1])
 
     def reference(s):
-        return dino_loss_reference(flat(s), flat(teacher), center[None], 0, ncrops=4,
-                                   schedule=schedule)[0]
+        return dino_loss_reference(
+            flat(s), flat(teacher), center[None], 0, ncrops=4, schedule=schedule
+        )[0]
 
     with enable_x64():
         grads = jax.grad(lambda s, t, c: _ours(s, t, c, 0.04)[0], argnums=(0, 1, 2))(
@@ -225,9 +236,7 @@ def test_the_teacher_momentum_and_weight_decay_are_dinos_cosine_scheduler():
 
 
 def _head(norm_last_layer, seed=0):
-    return models.DINOHead(
-        6, 8, 4, 7, 3, norm_last_layer=norm_last_layer, rngs=nnx.Rngs(seed)
-    )
+    return models.DINOHead(6, 8, 4, 7, 3, norm_last_layer=norm_last_layer, rngs=nnx.Rngs(seed))
 
 
 def _torch_layout(head):
@@ -253,8 +262,9 @@ def test_the_head_is_dinohead(norm_last_layer):
         head.last_layer.scale_g[...] = jnp.linspace(0.5, 2.0, 7)[None]
         params, mlp, v, g = _torch_layout(head)
     x = np.random.default_rng(1).normal(size=(5, 6))
-    np.testing.assert_allclose(head(jnp.asarray(x, jnp.float32)), dino_head_reference(x, mlp, v, g),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        head(jnp.asarray(x, jnp.float32)), dino_head_reference(x, mlp, v, g), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_the_heads_last_layer_gradients_are_weight_norms():
@@ -267,17 +277,19 @@ def test_the_heads_last_layer_gradients_are_weight_norms():
     r = np.random.default_rng(3).normal(size=(3, 7))
     with enable_x64():
         state64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state)
-        grads = jax.grad(
-            lambda s: jnp.sum(nnx.merge(graphdef, s)(jnp.asarray(x)) * r)
-        )(state64)
+        grads = jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(jnp.asarray(x)) * r))(state64)
     grads = nnx.to_pure_dict(grads)["last_layer"]
     ref = lambda v_, g_: np.sum(dino_head_reference(x, mlp, v_, g_) * r)
     np.testing.assert_allclose(
-        np.asarray(grads["kernel_v"]).T, _numeric_grad(lambda a: ref(a, g), v), rtol=1e-5,
+        np.asarray(grads["kernel_v"]).T,
+        _numeric_grad(lambda a: ref(a, g), v),
+        rtol=1e-5,
         atol=1e-7,
     )
     np.testing.assert_allclose(
-        np.asarray(grads["scale_g"]).T, _numeric_grad(lambda a: ref(v, a), g), rtol=1e-5,
+        np.asarray(grads["scale_g"]).T,
+        _numeric_grad(lambda a: ref(v, a), g),
+        rtol=1e-5,
         atol=1e-7,
     )
 
@@ -329,15 +341,17 @@ def test_the_last_layer_holds_still_for_the_frozen_epochs_then_moves():
     images = config_lib_images(config)
     first = state.params["projector"]["last_layer"]["kernel_v"]
     others = state.params["projector"]["mlp"]
-    for i in range(epoch_steps):  # the first epoch: frozen
+    for _ in range(epoch_steps):  # the first epoch: frozen
         state, m = step(state, images)
         assert float(m["train/last_layer_frozen"]) == 1.0
         np.testing.assert_array_equal(state.params["projector"]["last_layer"]["kernel_v"], first)
     adam = state.opt_state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
     assert not np.any(np.asarray(adam.mu["projector"]["last_layer"]["kernel_v"]))
     assert any(
-        np.any(a != b) for a, b in zip(jax.tree.leaves(state.params["projector"]["mlp"]),
-                                       jax.tree.leaves(others), strict=True)
+        np.any(a != b)
+        for a, b in zip(
+            jax.tree.leaves(state.params["projector"]["mlp"]), jax.tree.leaves(others), strict=True
+        )
     )
     state, m = step(state, images)  # epoch 1: free
     assert float(m["train/last_layer_frozen"]) == 0.0
@@ -387,8 +401,12 @@ def test_a_checkpoint_without_a_centre_restores_and_a_dino_run_resumes_its_centr
     _, state = state_lib.create_train_state(config, optimizer)
     assert state.center is None
     # The tree a checkpoint of the state before the field held: the four fields alone.
-    before = {"step": state.step, "params": state.params, "teacher": state.teacher,
-              "opt_state": state.opt_state}
+    before = {
+        "step": state.step,
+        "params": state.params,
+        "teacher": state.teacher,
+        "opt_state": state.opt_state,
+    }
     ckpt = checkpointing.Checkpointer(str(tmp_path / "old"))
     ckpt.save(3, before, force=True)
     ckpt.close()
