@@ -41,8 +41,9 @@ ITEM = "default"
 
 # Model fields that change how a model computes, not its parameters: a run may resume with
 # other values.
-# init_from only chooses the start of a run: a resumed run continues from its checkpoint.
-_RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "attention", "init_from")
+# init_from and init only choose the start of a run: a resumed run continues from its
+# checkpoint (the ImageNet recipes' runs from before model.init existed resume under "torch").
+_RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "attention", "init_from", "init")
 
 
 class CheckpointWriteError(errors.UserError, OSError):

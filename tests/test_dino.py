@@ -10,6 +10,8 @@ catches.
 """
 
 import contextlib
+import dataclasses
+import json
 import os
 
 import jax
@@ -442,3 +444,71 @@ def test_dino_needs_a_teacher_and_no_predictor():
     c.model.use_predictor = True
     with pytest.raises(schema.errors.ConfigError, match="no predictor"):
         schema.parse(c)
+
+
+# ---------------------------------------------- the evaluation check: DINO's released ViT-S
+
+
+def test_the_released_vit_s16_check_evaluates_as_dinos_eval_scripts(tmp_path):
+    """``experiments/recipes.md``, "Check the pipeline first", step (a): DINO's released
+    ViT-S/16 as a timm directory through ``model.init_from``, evaluated with
+    ``configs/dino_vits16.py``. On a ViT-S-shaped file (width 384, 6 heads, MLP 1536, patch
+    16 at 224 px; 4 blocks instead of 12 to stay small), every setting that check needs is
+    the one of DINO's ``eval_knn.py`` / ``eval_linear.py``. Catches: a recipe whose
+    features, image size, LayerNorm epsilon or normalisation differ from the file's and
+    DINO's (the check would then report a pipeline bug that is a setting)."""
+    from matching_gap import export, models
+
+    c = config_lib.load_config_file(os.path.join(ROOT, "configs", "dino_vits16.py"))
+    config = schema.parse(c)
+    # eval_knn.py: 20 neighbours, T 0.07, on model(samples) (the last CLS token after the norm).
+    assert (config.eval.knn_features, config.eval.knn_k, config.eval.knn_temperature) == (
+        "cls",
+        20,
+        0.07,
+    )
+    # eval_linear.py for ViT-S: n_last_blocks 4, avgpool_patchtokens False.
+    assert config.eval.features == "last4_cls"
+    # Both: Resize(256, bicubic), CenterCrop(224), ImageNet's mean and std.
+    assert (config.data.image_size, config.augment.crop_size) == (256, 224)
+    assert config.augment.eval_crop_fraction == pytest.approx(224 / 256)
+    assert config.augment.mean == schema.IMAGENET_MEAN
+    assert config.augment.std == schema.IMAGENET_STD
+    # vision_transformer.vit_small: patch 16, 384 wide, 6 heads, MLP 4x, LayerNorm eps 1e-6.
+    assert config.model.encoder_sizes() == dict(
+        width=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=16
+    )
+    assert config.model.layer_norm_eps == 1e-6 and config.model.pooling == "cls"
+
+    # A ViT-S-shaped timm file, with the preprocessing timm records for vit_small_patch16_224.dino.
+    small = dataclasses.replace(config.model, variant="", width=384, depth=4, num_heads=6,
+                                mlp_dim=1536, patch_size=16)  # fmt: skip
+    encoder = models.create_model(small, rngs=nnx.Rngs(0)).encoder
+    params = jax.device_get(nnx.to_pure_dict(nnx.state(encoder, nnx.Param)))
+    dino_preprocessing = {
+        "mean": schema.IMAGENET_MEAN,
+        "std": schema.IMAGENET_STD,
+        "crop_pct": 0.875,
+    }
+    directory = str(tmp_path / "dino_vits16_timm")
+    export.write_encoder(params, small, "timm", directory, preprocessing=dino_preprocessing)
+    with open(os.path.join(directory, export.CONFIG_FILE)) as f:
+        pretrained = json.load(f)["pretrained_cfg"]
+    assert tuple(pretrained["mean"]) == config.augment.mean
+    assert tuple(pretrained["std"]) == config.augment.std
+    assert pretrained["crop_pct"] == pytest.approx(config.augment.eval_crop_fraction)
+    assert pretrained["interpolation"] == "bicubic"
+
+    # The check's path: no checkpoint in the workdir, so the evaluated encoder is the file's.
+    c.model.update(variant="", width=384, depth=4, num_heads=6, mlp_dim=1536, patch_size=16)
+    c.model.init_from = directory
+    config = schema.parse(c)
+    graphdef, restored, step = state_lib.restore_encoder(config, str(tmp_path / "empty"))
+    assert step == 0
+    for a, b in zip(jax.tree.leaves(restored["encoder"]), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    model = nnx.merge(graphdef, restored)
+    assert model.encoder.norm.epsilon == 1e-6
+    images = jnp.zeros((2, 224, 224, 3), jnp.float32)
+    assert model.encode(images, "cls").shape == (2, 384)
+    assert model.encode(images, "last4_cls").shape == (2, 4 * 384)
