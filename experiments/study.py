@@ -1,4 +1,4 @@
-"""The small-scale study: the matching gap against InfoNCE and BYOL on Fashion-MNIST.
+"""The small-scale study: the matching gap against InfoNCE, BYOL and DINO on Fashion-MNIST.
 
     python experiments/study.py                       # run every missing cell, then report
     python experiments/study.py --max_minutes=30      # run for 30 minutes, resume later
@@ -10,9 +10,11 @@ weighted k-NN on the 10k test images. Groups of cells, run in this order:
 
 - ``cropflip`` (the claim: ``--claim_seeds``, 5 by default): matching gap, InfoNCE
   (temperature 0.1), BYOL (EMA teacher and predictor, BatchNorm in the heads, momentum
-  0.95 -> 1), random-resized crop + flip only;
-- ``strong``: the same three with BYOL's colour jitter / blur / solarisation on top
+  0.95 -> 1), DINO (:data:`DINO_OVERRIDES`), random-resized crop + flip only;
+- ``strong``: the same four with BYOL's colour jitter / blur / solarisation on top
   (asymmetric blur 1.0 / 0.1 and solarize 0 / 0.2, as BYOL);
+- ``collapse``: DINO without its centre (``loss.centering=False``), one seed (the first
+  claim seed), against the ``cropflip`` DINO cell of that seed;
 - ``epsilon``: the matching gap at epsilons on the paper's scale (0.8 on this cost is M3G's
   0.2 on the circular variance; the demo's value is shared with ``cropflip``);
 - ``m3g``: the multi-marginal matching gap with k = 2, 3, 4 views (epsilon 0.05 on the
@@ -49,7 +51,27 @@ import numpy as np
 EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(EXPERIMENTS)
 OUT = os.path.join(EXPERIMENTS, "study")
-LOSS_LABELS = {"matching_gap": "matching gap", "info_nce": "InfoNCE", "byol": "BYOL"}
+LOSS_LABELS = {
+    "matching_gap": "matching gap",
+    "info_nce": "InfoNCE",
+    "byol": "BYOL",
+    "dino": "DINO",
+}
+# DINO at the demo's scale: DINO's head (3 layers, bottleneck 256, weight-normalised last
+# layer with its norms fixed) on the demo's hidden width (256, as the other cells' heads),
+# out_dim 4096 (DINO's 65536 would cost this CPU about 17 more minutes a cell), and
+# main_dino.py's defaults otherwise: temperatures 0.1 / 0.04, centre momentum 0.9, EMA
+# momentum 0.996 -> 1, the last layer frozen for the first epoch.
+DINO_OVERRIDES: tuple[tuple[str, object], ...] = (
+    ("loss.name", "dino"),
+    ("teacher.ema", True),
+    ("model.head", "dino"),
+    ("model.projector_layers", 3),
+    ("model.head_bottleneck_dim", 256),
+    ("model.projector_dim", 4096),
+    ("teacher.momentum", 0.996),
+    ("optim.freeze_last_layer_epochs", 1.0),
+)
 EPSILONS = (0.05, 0.2, 0.8, 3.2)  # factors of 4 around the demo's 0.2 (the cropflip cell)
 # M3G reports accuracy flat over epsilon in [0.05, 1] on the circular variance, which for two
 # unit vectors is a quarter of their squared Euclidean distance: [0.2, 4] on this cost.
@@ -58,7 +80,8 @@ M3G_VIEWS = (2, 3, 4)
 # A cost tensor of group^k entries per OT problem: with groups of 16, k = 4 ran at 112
 # images/s here; groups of 8 keep it cheap. Compare the M3G cells with each other.
 M3G_GROUP = 8
-GROUPS = ("cropflip", "strong", "epsilon", "m3g", "cifar10")
+GROUPS = ("cropflip", "strong", "collapse", "epsilon", "m3g", "cifar10")
+NO_CENTRE = "DINO without centre"  # the collapse group's row
 MINUTES_FILE = "study_minutes.txt"  # in a cell's workdir: the minutes of its earlier pieces
 
 
@@ -101,6 +124,8 @@ def _loss_overrides(loss: str) -> tuple[tuple[str, object], ...]:
             ("model.head_batchnorm", True),
             ("teacher.momentum", 0.95),
         )
+    if loss == "dino":
+        return DINO_OVERRIDES
     return (("loss.name", loss),)
 
 
@@ -135,6 +160,11 @@ def make_cells(seeds, groups, cifar10: bool, claim_seeds=None) -> list[Cell]:
                         ("loss.group_size", M3G_GROUP),
                     )
                     cells.append(Cell(group, f"k={k}", seed, overrides, budget=2 / k, curve=True))
+            elif group == "collapse":
+                first = (claim_seeds or seeds)[0]
+                if seed == first:
+                    overrides = DINO_OVERRIDES + (("loss.centering", False),)
+                    cells.append(Cell(group, NO_CENTRE, seed, overrides, curve=True))
             elif group == "epsilon":
                 for eps in EPSILONS:
                     if eps != 0.2:  # the cropflip matching-gap cell
@@ -343,6 +373,8 @@ def _order(label: str) -> tuple:
     losses = list(LOSS_LABELS.values())
     if label in losses:
         return (losses.index(label), 0.0)
+    if "=" not in label:  # the collapse row
+        return (len(losses), 0.0)
     return (len(losses), float(label.split("=")[1]))
 
 
@@ -370,6 +402,7 @@ def summarize(records: dict) -> str:
     titles = {
         "cropflip": "Crop + flip only",
         "strong": "Crop + flip + colour jitter, grayscale, blur, solarisation",
+        "collapse": "DINO without its centre, crop + flip",
         "m3g": "M3G, k views (eps 0.05 on the circular variance, OT groups of 8, 2/k of the steps)",
         "epsilon": "Matching gap, crop + flip, epsilon sweep",
         "cifar10": "CIFAR-10, crop + flip only",
@@ -444,6 +477,15 @@ def _claim(records: dict) -> list[str]:
     out = []
     for group in ("cropflip", "strong", "cifar10"):
         out += _against(group, _rows(records, group), "InfoNCE", _claim_verdict)
+    dino = _rows(records, "cropflip").get("DINO")
+    collapse = _rows(records, "collapse")
+    if dino and collapse:  # without the centre against DINO, same seed
+        out += _against(
+            "collapse",
+            {"DINO": dino, **collapse},
+            "DINO",
+            lambda label, mean, low, high: "one seed" if np.isnan(low) else verdict(low, high),
+        )
     out += _against(
         "epsilon",
         _epsilon_rows(records),
@@ -457,9 +499,11 @@ def _claim(records: dict) -> list[str]:
 
 
 def _claim_verdict(label: str, mean: float, low: float, high: float) -> str:
-    """The claim's verdict for the matching gap; issue 12's 2-point target for BYOL."""
+    """The claim's verdict for the matching gap and DINO; issue 12's 2-point target for BYOL."""
     if label == "matching gap":
         return verdict(low, high)
+    if label == "DINO":
+        return verdict(low, high, "DINO")
     return (
         "within 2 points of InfoNCE"
         if round(mean, 2) >= -2.0

@@ -63,6 +63,14 @@ _U_RATIO = slice(_CROP_TRIES, 2 * _CROP_TRIES)
     _U_SOLARIZE,
 ) = range(2 * _CROP_TRIES, 2 * _CROP_TRIES + 12)
 _U_COUNT = 2 * _CROP_TRIES + 12
+# With color_jitter_order="random" each row has 4 more uniforms, whose ranks order the four
+# jitter operations (a uniformly random permutation, as torch.randperm(4) in ColorJitter).
+# The row grows only then, so that the fixed order draws the same numbers as before.
+_U_ORDER = slice(_U_COUNT, _U_COUNT + 4)
+
+
+def _row_size(cfg: AugmentConfig) -> int:
+    return _U_COUNT + (4 if cfg.color_jitter_order == "random" else 0)
 
 
 # --------------------------------------------------------------------------------------
@@ -162,23 +170,48 @@ def _hsv_to_rgb(x: jax.Array) -> jax.Array:
     return jnp.stack([r, g, b], axis=-1)
 
 
-def _color_jitter(u: jax.Array, x: jax.Array, strength: float) -> jax.Array:
-    """SimCLR/BYOL jitter in a fixed order: brightness, contrast, saturation, hue."""
+def _color_jitter(
+    u: jax.Array, x: jax.Array, strength: float, random_order: bool = False
+) -> jax.Array:
+    """BYOL's jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, times
+    ``strength``), each factor drawn as torchvision's ``ColorJitter.get_params``; in the fixed
+    order brightness, contrast, saturation, hue, or with ``random_order`` in the order of
+    the ranks of ``u[_U_ORDER]`` (torchvision applies them in ``torch.randperm(4)``'s order).
+    Saturation and hue leave a one-channel image as it is (as torchvision's)."""
     colour = x.shape[-1] == 3
 
     def factor(position, amount):
         return _lerp(u[position], max(0.0, 1.0 - amount), 1.0 + amount)
 
-    x = jnp.clip(x * factor(_U_BRIGHT, 0.4 * strength), 0.0, 1.0)
-    mean = jnp.mean(_gray(x) if colour else x)
-    x = jnp.clip((x - mean) * factor(_U_CONTRAST, 0.4 * strength) + mean, 0.0, 1.0)
-    if colour:
+    def brightness(x):
+        return jnp.clip(x * factor(_U_BRIGHT, 0.4 * strength), 0.0, 1.0)
+
+    def contrast(x):
+        mean = jnp.mean(_gray(x) if colour else x)
+        return jnp.clip((x - mean) * factor(_U_CONTRAST, 0.4 * strength) + mean, 0.0, 1.0)
+
+    def saturation(x):
+        if not colour:
+            return x
         gray = _gray(x)
-        x = jnp.clip((x - gray) * factor(_U_SATURATION, 0.2 * strength) + gray, 0.0, 1.0)
+        return jnp.clip((x - gray) * factor(_U_SATURATION, 0.2 * strength) + gray, 0.0, 1.0)
+
+    def hue(x):
+        if not colour:
+            return x
         shift = _lerp(u[_U_HUE], -0.1 * strength, 0.1 * strength)
         hsv = _rgb_to_hsv(x)
         hsv = hsv.at[..., 0].set((hsv[..., 0] + shift) % 1.0)
-        x = jnp.clip(_hsv_to_rgb(hsv), 0.0, 1.0)
+        return jnp.clip(_hsv_to_rgb(hsv), 0.0, 1.0)
+
+    ops = [brightness, contrast, saturation, hue]
+    if not random_order:
+        for op in ops:
+            x = op(x)
+        return x
+    order = jnp.argsort(u[_U_ORDER])
+    for position in range(4):
+        x = jax.lax.switch(order[position], ops, x)
     return x
 
 
@@ -187,10 +220,18 @@ def _blur_kernel_size(size: int) -> int:
     return max(3, int(0.1 * size) // 2 * 2 + 1)
 
 
-def _gaussian_blur(u: jax.Array, x: jax.Array, size: int) -> jax.Array:
-    """Separable gaussian blur, sigma ~ U(0.1, 2.0) * size / 224, edge padding."""
-    sigma = _lerp(u[_U_SIGMA], *_BLUR_SIGMA) * size / 224
-    radius = _blur_kernel_size(size) // 2
+def _gaussian_blur(u: jax.Array, x: jax.Array, size: int, in_pixels: bool = False) -> jax.Array:
+    """Separable gaussian blur with edge padding; sigma ~ U(0.1, 2.0) * size / 224 on a
+    kernel of ~10% of the view, or with ``in_pixels`` (DINO's ``GaussianBlur``: PIL's
+    ``GaussianBlur(radius=sigma)`` on each crop) U(0.1, 2.0) pixels whatever the size, on a
+    kernel of 3 sigma_max = 6 pixels each side (PIL approximates the gaussian by three box
+    blurs; this is the exact one)."""
+    sigma = _lerp(u[_U_SIGMA], *_BLUR_SIGMA)
+    if in_pixels:
+        radius = min(int(math.ceil(3 * _BLUR_SIGMA[1])), size - 1)
+    else:
+        sigma = sigma * size / 224
+        radius = _blur_kernel_size(size) // 2
     offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
     weights = jnp.exp(-(offsets**2) / (2.0 * sigma**2))
     weights = weights / jnp.sum(weights)
@@ -232,13 +273,14 @@ def _finish_view(
     if cfg.flip:
         x = jnp.where(u[_U_FLIP] < 0.5, x[:, ::-1], x)
     if cfg.color_jitter_prob > 0:
-        jittered = _color_jitter(u, x, cfg.color_jitter_strength)
+        random_order = cfg.color_jitter_order == "random"
+        jittered = _color_jitter(u, x, cfg.color_jitter_strength, random_order)
         x = jnp.where(u[_U_JITTER] < cfg.color_jitter_prob, jittered, x)
     if colour and cfg.grayscale_prob > 0:
         gray = jnp.broadcast_to(_gray(x), x.shape)
         x = jnp.where(u[_U_GRAY] < cfg.grayscale_prob, gray, x)
     if max((cfg.blur_prob,) + cfg.view_blur_probs) > 0:
-        blurred = _gaussian_blur(u, x, size)
+        blurred = _gaussian_blur(u, x, size, cfg.blur_sigma == "pixels")
         x = jnp.where(u[_U_BLUR] < blur_prob, blurred, x)
     if max((cfg.solarize_prob,) + cfg.view_solarize_probs) > 0:
         solarized = jnp.where(x > 0.5, 1.0 - x, x)
@@ -288,7 +330,7 @@ def make_views(
     if x.ndim != 4:
         raise ValueError(f"images must be [b, H, W, c], got shape {x.shape}")
     # One draw for all views: independent rows for every (view, image) pair.
-    u = jax.random.uniform(key, (cfg.num_views + cfg.num_local_crops, x.shape[0], _U_COUNT))
+    u = jax.random.uniform(key, (cfg.num_views + cfg.num_local_crops, x.shape[0], _row_size(cfg)))
     views = _views(u[: cfg.num_views], x, cfg, cfg.crop_size, cfg.crop_scale)
     views = _normalise(views, cfg)
     if not cfg.num_local_crops:
@@ -332,7 +374,7 @@ def finish_views(
             f"views must be [b, {cfg.num_views}, S, S, c] (augment.num_views), got {x.shape}"
         )
     count = cfg.num_views + cfg.num_local_crops
-    u = jax.random.uniform(key, (count, x.shape[0], _U_COUNT))
+    u = jax.random.uniform(key, (count, x.shape[0], _row_size(cfg)))
     out = _normalise(_finish(u[: cfg.num_views], x, cfg), cfg)
     if not cfg.num_local_crops:
         return out, None

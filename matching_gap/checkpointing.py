@@ -10,6 +10,7 @@ shardings), so every array lands directly in its final layout, sharded when the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import signal
 import threading
@@ -40,8 +41,9 @@ ITEM = "default"
 
 # Model fields that change how a model computes, not its parameters: a run may resume with
 # other values.
-# init_from only chooses the start of a run: a resumed run continues from its checkpoint.
-_RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "attention", "init_from")
+# init_from and init only choose the start of a run: a resumed run continues from its
+# checkpoint (the ImageNet recipes' runs from before model.init existed resume under "torch").
+_RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "attention", "init_from", "init")
 
 
 class CheckpointWriteError(errors.UserError, OSError):
@@ -98,6 +100,42 @@ def _absl_quiet(quiet: bool):
         absl_logging.set_verbosity(before)
 
 
+# Metadata of a state dataclass's field that the checkpoint holds only when it is set: a None
+# there is left out of the saved tree (and of the restore target), so that adding such a field
+# keeps the checkpoints written before it readable.
+OPTIONAL = "checkpoint_only_if_set"
+
+
+def _unset_optional(state: Any) -> list[str]:
+    """The OPTIONAL fields of a dataclass ``state`` that are None."""
+    if not dataclasses.is_dataclass(state) or isinstance(state, type):
+        return []
+    return [
+        f.name
+        for f in dataclasses.fields(state)
+        if f.metadata.get(OPTIONAL) and getattr(state, f.name) is None
+    ]
+
+
+def _as_saved(state: Any) -> Any:
+    """The tree a checkpoint holds: ``state``, or its fields as a dict without the unset
+    OPTIONAL ones (the same keys Orbax writes for the dataclass itself)."""
+    unset = _unset_optional(state)
+    if not unset:
+        return state
+    return {
+        f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name not in unset
+    }
+
+
+def _from_saved(restored: Any, target: Any) -> Any:
+    """The inverse of :func:`_as_saved` for a restore into ``target``."""
+    unset = _unset_optional(target)
+    if not unset:
+        return restored
+    return type(target)(**restored, **{name: None for name in unset})
+
+
 class Checkpointer:
     """The checkpoints of ``<workdir>/checkpoints``: one every ``every`` steps (Orbax's
     fixed-interval policy) plus the forced ones (end of run, time limit, preemption)."""
@@ -132,7 +170,9 @@ class Checkpointer:
             return state
         self.finish()  # the previous save's failure ends the run before another one starts
         try:
-            saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+            saved = self._manager.save(
+                step, args=ocp.args.StandardSave(_as_saved(state)), force=force
+            )
         except Exception as e:  # noqa: BLE001 (whatever the storage raised: one line)
             raise self._write_error(step, f"could not be written ({storage.reason(e)})") from e
         if not saved:
@@ -266,7 +306,7 @@ class Checkpointer:
             with ocp.Checkpointer(handler, multiprocessing_options=alone) as reader:
                 return reader.restore(path, args=args)
         with ocp.StandardCheckpointer(multiprocessing_options=alone) as reader:
-            return reader.restore(path, target)
+            return _from_saved(reader.restore(path, _as_saved(target)), target)
 
     def _quarantine(self, step: int, error: Exception) -> None:
         """Process 0 moves an unreadable checkpoint aside (keeping its files); the other

@@ -140,6 +140,10 @@ def imagenet_recipe(variant: str = "B/16") -> ml_collections.ConfigDict:
         mean=schema.IMAGENET_MEAN,
         std=schema.IMAGENET_STD,
         eval_crop_fraction=0.875,
+        # DINO's rules for the strong set (used by the :strong variants): torchvision's
+        # ColorJitter order, drawn per view; blur sigma in each crop's own pixels.
+        color_jitter_order="random",
+        blur_sigma="pixels",
     )
     c.model.update(
         variant=variant,
@@ -156,6 +160,7 @@ def imagenet_recipe(variant: str = "B/16") -> ml_collections.ConfigDict:
         # The plan (--mode=plan --topology=v4-32, benchmarks/results/tpu_plan_v4-32.txt):
         # 64 images per v4 chip fit without recomputation or sharded parameters.
         remat=False,
+        init="torch",  # DINO's trunc_normal_(std=.02) and torch's patch-embedding default
     )
     c.train.fsdp = False
     c.loss.update(name="matching_gap", epsilon=0.8, normalize=True, group_size=64)
@@ -192,8 +197,11 @@ def imagenet_recipe(variant: str = "B/16") -> ml_collections.ConfigDict:
 def strong_augmentations(c: ml_collections.ConfigDict) -> None:
     """BYOL's colour / blur / solarisation set on top of crops and flips.
 
-    With two global views they are BYOL's (and DINO's) asymmetric ones: blur 1.0 / 0.1,
-    solarize 0.0 / 0.2; with another number of views every view gets the mean, 0.5 / 0.1.
+    With two global views they are BYOL's (and DINO's ``DataAugmentationDINO``) asymmetric
+    ones: blur 1.0 / 0.1, solarize 0.0 / 0.2; the local crops get DINO's blur 0.5 and no
+    solarisation. With another number of views every view, local crops included, gets the
+    mean, blur 0.5 / solarize 0.1. How the jitter is ordered and the blur's sigma measured are
+    ``augment.color_jitter_order`` and ``augment.blur_sigma`` (the ImageNet recipes: DINO's).
     """
     c.augment.update(
         color_jitter_prob=0.8,
@@ -203,7 +211,10 @@ def strong_augmentations(c: ml_collections.ConfigDict) -> None:
         solarize_prob=0.1,
     )
     if c.augment.num_views == 2:
-        c.augment.update(view_blur_probs=(1.0, 0.1), view_solarize_probs=(0.0, 0.2))
+        # solarize_prob now reaches the local crops only: DINO never solarises them.
+        c.augment.update(
+            view_blur_probs=(1.0, 0.1), view_solarize_probs=(0.0, 0.2), solarize_prob=0.0
+        )
 
 
 def check_override(config: ml_collections.ConfigDict, path: str) -> None:

@@ -17,6 +17,8 @@ References:
     Gap" (M3G), ICML 2024, arXiv:2405.19532.
   * Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations"
     (SimCLR / NT-Xent), 2020; Grill et al., "Bootstrap Your Own Latent" (BYOL), 2020.
+  * Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (DINO), 2021,
+    and its code (github.com/facebookresearch/dino, ``main_dino.py``: ``DINOLoss``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ __all__ = [
     "DEFAULT_SINKHORN_OPTIONS",
     "byol_loss",
     "cost_matrix",
+    "dino_loss",
+    "dino_teacher_temperature",
     "info_nce",
     "l2_normalize",
     "matching_gap",
@@ -537,3 +541,101 @@ def multiview_byol(
     else:
         terms = [byol_loss(p[a], _rest_mean(t, a)) for a in range(k)]
     return _mean_of_terms(terms)
+
+
+def dino_loss(
+    student: ArrayLike,
+    teacher: ArrayLike,
+    center: ArrayLike,
+    *,
+    student_temperature: float = 0.1,
+    teacher_temperature: float | jax.Array = 0.04,
+    center_momentum: float = 0.9,
+    centering: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""DINO's self-distillation loss (``DINOLoss.forward`` and ``update_center``).
+
+    The teacher's outputs of the G global views are centred and sharpened,
+    :math:`q_b = \mathrm{softmax}((t_b - c) / \tau_t)` (no gradient); every student view
+    :math:`a` is scored against every teacher view :math:`b \ne a` by cross-entropy,
+
+    .. math::
+
+        \mathcal L = \frac{1}{|P|} \sum_{(a, b) \in P} \frac1n \sum_i
+          -\sum_k q_{b,ik} \log \mathrm{softmax}(s_{a,i} / \tau_s)_k,
+        \quad P = \{(a, b): a < V, b < G, a \ne b\}.
+
+    The global views are the first G student views (DINO: ``images[:2]`` to the teacher,
+    the same two first in the student's list). The new centre is the EMA of the teacher's
+    batch mean over its G views and n images, ``c' = m c + (1 - m) mean(t)`` (under ``jit``
+    on a mesh the mean is over the global batch, DINO's ``all_reduce``). The gradient flows
+    into the student only: :math:`\partial \mathcal L / \partial s_a = (p_a - \bar q_a) /
+    \tau_s / (n |P|)` with :math:`\bar q_a` the sum of the targets paired with view a.
+
+    Args:
+      student: [V, n, K] student head outputs of all views, the G global views first.
+      teacher: [G, n, K] teacher head outputs of the global views.
+      center: [K] the centre before this step.
+      student_temperature, teacher_temperature: :math:`\tau_s`, :math:`\tau_t` (> 0);
+        the teacher's may be a traced scalar (:func:`dino_teacher_temperature`).
+      center_momentum: the centre's momentum m in [0, 1].
+      centering: False subtracts no centre (and keeps it at its value): the ablation that
+        collapses.
+
+    Returns:
+      ``(value, aux)``; ``aux["center"]`` is the updated centre [K] (state to carry to the
+      next step), ``teacher_entropy`` the mean entropy of the targets :math:`q` and
+      ``target_entropy`` the entropy of their batch mean (both fall to 0 when the teacher
+      collapses to one dimension; a uniform collapse keeps ``teacher_entropy`` at log K).
+    """
+    s, t, c = jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(center)
+    if s.ndim != 3 or t.ndim != 3 or s.shape[1:] != t.shape[1:]:
+        raise ValueError(
+            f"dino_loss: expected student [V, n, K] and teacher [G, n, K] with the same n and "
+            f"K, got {s.shape} and {t.shape}."
+        )
+    num_views, num_global = s.shape[0], t.shape[0]
+    if num_global > num_views or num_views < 2:
+        raise ValueError(
+            f"dino_loss: needs G <= V global views and V >= 2 views, got V = {num_views}, "
+            f"G = {num_global}."
+        )
+    if c.shape != (s.shape[-1],):
+        raise ValueError(f"dino_loss: center must have shape [{s.shape[-1]}], got {c.shape}.")
+    dtype = _compute_dtype(s, t, c)
+    # DINO detaches the targets and keeps the centre a buffer: no gradient reaches either.
+    t, c = jax.lax.stop_gradient(t.astype(dtype)), jax.lax.stop_gradient(c.astype(dtype))
+    s = s.astype(dtype)
+    shift = c if centering else jnp.zeros_like(c)
+    targets = jax.nn.softmax((t - shift) / teacher_temperature, axis=-1)  # [G, n, K]
+    log_probs = jax.nn.log_softmax(s / student_temperature, axis=-1)  # [V, n, K]
+    # cross[a, b] = mean_i -<q_b,i, log p_a,i>, then the pairs a != b.
+    cross = -jnp.einsum("bik,aik->ab", targets, log_probs) / s.shape[1]
+    pairs = ~jnp.eye(num_views, num_global, dtype=bool)
+    value = jnp.sum(jnp.where(pairs, cross, 0.0)) / jnp.sum(pairs)
+    new_center = c
+    if centering:
+        batch_center = jnp.mean(t.reshape(-1, t.shape[-1]), axis=0)
+        new_center = c * center_momentum + batch_center * (1.0 - center_momentum)
+    mean_target = jnp.mean(targets.reshape(-1, t.shape[-1]), axis=0)
+    return value, {
+        "center": jax.lax.stop_gradient(new_center),
+        "teacher_entropy": -jnp.mean(jnp.sum(targets * jnp.log(targets + 1e-30), axis=-1)),
+        "target_entropy": -jnp.sum(mean_target * jnp.log(mean_target + 1e-30)),
+    }
+
+
+def dino_teacher_temperature(
+    step: ArrayLike, epoch_steps: int, *, warmup: float, final: float, warmup_epochs: int
+) -> jax.Array:
+    """DINO's ``teacher_temp_schedule[epoch]``: ``np.linspace(warmup, final, warmup_epochs)``
+    for the first ``warmup_epochs`` epochs, then ``final``; constant within an epoch
+    (``epoch = step // epoch_steps``). The linspace ends on ``final``, so the last warm-up
+    epoch already uses it."""
+    epoch = jnp.asarray(step) // max(int(epoch_steps), 1)
+    if warmup_epochs <= 0:
+        return jnp.asarray(final, jnp.float32)
+    if warmup_epochs == 1:
+        return jnp.where(epoch < 1, warmup, final).astype(jnp.float32)
+    frac = jnp.minimum(epoch / (warmup_epochs - 1), 1.0)
+    return (warmup + (final - warmup) * frac).astype(jnp.float32)

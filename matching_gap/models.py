@@ -10,6 +10,8 @@ Contents:
 
 * :class:`ViT`: a standard pre-LayerNorm ViT (as in DINO / timm) returning pooled features.
 * :class:`MLPHead`: ``Linear -> GELU -> ... -> Linear`` projector / predictor.
+* :class:`DINOHead`: DINO's projection head (MLP to a bottleneck, L2 normalisation, a
+  weight-normalised last layer).
 * :class:`SSLModel`: encoder + projector + optional predictor.
 * :func:`create_model` builds an :class:`SSLModel` from the ``model`` section of a config
   (``schema.ModelConfig``; ``schema.VIT_VARIANTS`` names the standard sizes).
@@ -47,9 +49,42 @@ def _check_cudnn_attention(dtype) -> None:
         )
 
 
-# DINO / timm initialise every linear layer and the learned tokens with a truncated normal of
-# std 0.02; keeping the same scheme keeps published hyper-parameters (lr, wd) meaningful.
+# The weights of every linear layer and the learned tokens (schema.INITS, model.init):
+# "jax": JAX's truncated_normal(0.02), cut at +-2 standard deviations and not rescaled, so its
+# std is 0.0176; what the project trained with before 2026-12 (the demo keeps it).
+# "torch": DINO's trunc_normal_(std=.02), whose bounds a=-2, b=2 are absolute (torch's
+# convention), i.e. +-100 standard deviations: in effect N(0, 0.02^2). The ImageNet recipes
+# take it, with torch's default initialisation of the patch embedding (a Conv2d that DINO's
+# _init_weights does not touch): see _patch_embed_init.
 _trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
+_WEIGHT_INITS = {"jax": _trunc_normal, "torch": nnx.initializers.normal(stddev=0.02)}
+
+
+def weight_init(rule: str = "jax"):
+    """The initialiser of linear weights and learned tokens under ``model.init = rule``."""
+    return _WEIGHT_INITS[rule]
+
+
+def _patch_embed_init(rule: str, fan_in: int) -> tuple[Any, Any]:
+    """``(kernel_init, bias_init)`` of the patch embedding: torch's Conv2d default
+    (:func:`torch_default_uniform`, weights and bias) under ``"torch"``, else LeCun normal
+    weights and a zero bias."""
+    if rule == "torch":
+        return torch_default_uniform(fan_in), torch_default_uniform(fan_in)
+    return nnx.initializers.lecun_normal(), nnx.initializers.zeros_init()
+
+
+def torch_default_uniform(fan_in: int):
+    """torch's default ``nn.Linear`` / ``nn.Conv2d`` initialiser of weights *and* biases:
+    ``kaiming_uniform_(a=sqrt(5))`` is U(-b, b) with ``b = gain * sqrt(3 / fan_in)``,
+    ``gain = sqrt(2 / (1 + 5))``, i.e. ``b = 1 / sqrt(fan_in)``; the bias is U(±1/sqrt(fan_in))
+    (``fan_in``: inputs per output, ``in_channels * k * k`` for a convolution)."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
 
 
 def _drop_path(x: Array, rate: float, key: Array | None) -> Array:
@@ -61,11 +96,13 @@ def _drop_path(x: Array, rate: float, key: Array | None) -> Array:
     return jnp.where(mask, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros((), x.dtype))
 
 
-def _linear(in_features: int, out_features: int, *, dtype, param_dtype, rngs) -> nnx.Linear:
+def _linear(
+    in_features: int, out_features: int, *, dtype, param_dtype, rngs, init: str = "jax"
+) -> nnx.Linear:
     return nnx.Linear(
         in_features,
         out_features,
-        kernel_init=_trunc_normal,
+        kernel_init=weight_init(init),
         bias_init=nnx.initializers.zeros_init(),
         dtype=dtype,
         param_dtype=param_dtype,
@@ -89,13 +126,15 @@ class Attention(nnx.Module):
         param_dtype,
         rngs: nnx.Rngs,
         implementation: str = "xla",
+        init: str = "jax",
     ):
         self.num_heads = num_heads
         self.head_dim = width // num_heads
         self.dtype = dtype
         self.implementation = implementation
-        self.qkv = _linear(width, 3 * width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.proj = _linear(width, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, init=init)
+        self.qkv = _linear(width, 3 * width, **kw)
+        self.proj = _linear(width, width, **kw)
 
     def __call__(self, x: Array) -> Array:
         b, n, _ = x.shape
@@ -112,9 +151,12 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """Transformer feed-forward block: Linear -> GELU -> Linear."""
 
-    def __init__(self, width: int, mlp_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.fc1 = _linear(width, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc2 = _linear(mlp_dim, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(
+        self, width: int, mlp_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, init: str = "jax"
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, init=init)
+        self.fc1 = _linear(width, mlp_dim, **kw)
+        self.fc2 = _linear(mlp_dim, width, **kw)
 
     def __call__(self, x: Array) -> Array:
         # Exact (erf) GELU as in the PyTorch ViT/DINO reference implementations.
@@ -136,6 +178,7 @@ class EncoderBlock(nnx.Module):
         rngs: nnx.Rngs,
         attention: str = "xla",
         layer_norm_eps: float = LAYER_NORM_EPS,
+        init: str = "jax",
     ):
         self.drop_path_rate = float(drop_path_rate)
         norm_kw = dict(epsilon=layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -147,9 +190,10 @@ class EncoderBlock(nnx.Module):
             param_dtype=param_dtype,
             rngs=rngs,
             implementation=attention,
+            init=init,
         )
         self.norm2 = nnx.LayerNorm(width, **norm_kw)
-        self.mlp = MLP(width, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(width, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs, init=init)
 
     def __call__(self, x: Array, key: Array | None = None) -> Array:
         key_attn, key_mlp = (None, None) if key is None else jax.random.split(key)
@@ -180,6 +224,7 @@ class ViT(nnx.Module):
         remat: rematerialise each block in the backward pass (saves activation memory).
         attention: ``"xla"`` or ``"cudnn"`` (flash attention; GPU and bfloat16 only).
         layer_norm_eps: the epsilon of every LayerNorm.
+        init: ``"jax"`` or ``"torch"`` (DINO's): see :func:`weight_init`, :func:`_patch_embed_init`.
         rngs: used for initialisation only.
     """
 
@@ -201,6 +246,7 @@ class ViT(nnx.Module):
         attention: str = "xla",
         stem_channels: int = 0,
         layer_norm_eps: float = LAYER_NORM_EPS,
+        init: str = "jax",
         rngs: nnx.Rngs,
     ):
         sizes = dict(
@@ -246,25 +292,28 @@ class ViT(nnx.Module):
                 param_dtype=param_dtype,
                 rngs=rngs,
             )
+        in_channels = stem_channels or channels
+        kernel_init, bias_init = _patch_embed_init(init, in_channels * patch_size**2)
         self.patch_embed = nnx.Conv(
-            stem_channels or channels,
+            in_channels,
             width,
             kernel_size=(patch_size, patch_size),
             strides=(patch_size, patch_size),
             padding="VALID",
-            kernel_init=nnx.initializers.lecun_normal(),
-            bias_init=nnx.initializers.zeros_init(),
+            kernel_init=kernel_init,
+            bias_init=bias_init,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
         )
         grid = image_size // patch_size
         self.grid_size = grid
-        self.pos_embed = nnx.Param(_trunc_normal(rngs.params(), (grid, grid, width), param_dtype))
+        tokens = weight_init(init)
+        self.pos_embed = nnx.Param(tokens(rngs.params(), (grid, grid, width), param_dtype))
         if pooling == "cls":
-            self.cls_token = nnx.Param(_trunc_normal(rngs.params(), (1, 1, width), param_dtype))
+            self.cls_token = nnx.Param(tokens(rngs.params(), (1, 1, width), param_dtype))
             # The CLS token gets its own position embedding, as in the original ViT.
-            self.cls_pos_embed = nnx.Param(_trunc_normal(rngs.params(), (1, 1, width), param_dtype))
+            self.cls_pos_embed = nnx.Param(tokens(rngs.params(), (1, 1, width), param_dtype))
         rates = np.linspace(0.0, drop_path_rate, depth) if depth else []
         self.blocks = nnx.List(
             [
@@ -278,6 +327,7 @@ class ViT(nnx.Module):
                     rngs=rngs,
                     attention=attention,
                     layer_norm_eps=layer_norm_eps,
+                    init=init,
                 )
                 for rate in rates
             ]
@@ -384,6 +434,7 @@ class MLPHead(nnx.Module):
         batchnorm: bool = False,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
+        init: str = "jax",
     ):
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
@@ -391,7 +442,7 @@ class MLPHead(nnx.Module):
         self.dtype = dtype
         self.layers = nnx.List(
             [
-                _linear(d_in, d_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                _linear(d_in, d_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs, init=init)
                 for d_in, d_out in zip(dims[:-1], dims[1:], strict=True)
             ]
         )
@@ -408,6 +459,93 @@ class MLPHead(nnx.Module):
                 x = jax.nn.gelu(x, approximate=False)
             x = layer(x)
         return x.astype(jnp.float32)
+
+
+class WeightNormLinear(nnx.Module):
+    """A bias-free linear layer with torch's ``weight_norm`` (dim 0): ``W = g * v / ||v||``,
+    each output unit's weight vector normalised over its inputs (DINO's ``last_layer``).
+
+    ``v`` (``kernel_v``, [in, out]) starts as torch's ``nn.Linear`` default (U(±1/sqrt(in))),
+    as DINO's head creates its last layer after its ``trunc_normal_`` pass. ``g`` starts at 1
+    (``weight_g.data.fill_(1)``); with ``learn_norm=False`` (DINO's ``norm_last_layer=True``)
+    it stays 1 and is not a parameter. ``g`` is [1, out], 2-D as torch's [out, 1], so that
+    DINO's rule decays it (``get_params_groups`` spares biases and 1-D tensors only).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        learn_norm: bool,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+    ):
+        self.dtype = dtype
+        init = torch_default_uniform(in_features)
+        self.kernel_v = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
+        self.scale_g = nnx.data(None)
+        if learn_norm:
+            self.scale_g = nnx.Param(jnp.ones((1, out_features), param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        v = self.kernel_v[...].astype(jnp.float32)
+        # torch's norm_except_dim has no epsilon; v is never zero in practice.
+        w = v / jnp.sqrt(jnp.sum(v * v, axis=0, keepdims=True))
+        if self.scale_g is not None:
+            w = w * self.scale_g[...].astype(jnp.float32)
+        return (x.astype(self.dtype) @ w.astype(self.dtype)).astype(jnp.float32)
+
+
+class DINOHead(nnx.Module):
+    """DINO's ``DINOHead`` (``vision_transformer.py``): ``mlp`` (``num_layers`` Linear layers
+    with GELU between, the last to ``bottleneck_dim``; BatchNorm with ``batchnorm``), then
+    L2 normalisation (``F.normalize``, eps 1e-12), then :class:`WeightNormLinear` to
+    ``out_dim`` (the ``last_layer`` that ``optim.freeze_last_layer_epochs`` holds still).
+    The MLP's layers are initialised as the rest of the model (``init``; DINO:
+    ``trunc_normal_(std=.02)`` and zero biases).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_dim: int,
+        bottleneck_dim: int,
+        out_dim: int,
+        num_layers: int = 3,
+        *,
+        norm_last_layer: bool = True,
+        batchnorm: bool = False,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        init: str = "jax",
+    ):
+        self.mlp = MLPHead(
+            in_features,
+            hidden_dim,
+            bottleneck_dim,
+            num_layers,
+            batchnorm=batchnorm,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            init=init,
+        )
+        self.last_layer = WeightNormLinear(
+            bottleneck_dim,
+            out_dim,
+            learn_norm=not norm_last_layer,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: Array) -> Array:
+        x = self.mlp(x)
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        return self.last_layer(x)
 
 
 class SSLModel(nnx.Module):
@@ -482,17 +620,33 @@ def create_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> SSLModel:
         attention=cfg.attention,
         stem_channels=cfg.stem_channels,
         layer_norm_eps=cfg.layer_norm_eps,
+        init=cfg.init,
         rngs=rngs,
     )
-    projector = MLPHead(
-        encoder.num_features,
-        cfg.projector_hidden_dim,
-        cfg.projector_dim,
-        cfg.projector_layers,
-        batchnorm=cfg.head_batchnorm,
-        dtype=dtype,
-        rngs=rngs,
-    )
+    if cfg.head == "dino":
+        projector = DINOHead(
+            encoder.num_features,
+            cfg.projector_hidden_dim,
+            cfg.head_bottleneck_dim,
+            cfg.projector_dim,
+            cfg.projector_layers,
+            norm_last_layer=cfg.norm_last_layer,
+            batchnorm=cfg.head_batchnorm,
+            dtype=dtype,
+            init=cfg.init,
+            rngs=rngs,
+        )
+    else:
+        projector = MLPHead(
+            encoder.num_features,
+            cfg.projector_hidden_dim,
+            cfg.projector_dim,
+            cfg.projector_layers,
+            batchnorm=cfg.head_batchnorm,
+            dtype=dtype,
+            init=cfg.init,
+            rngs=rngs,
+        )
     predictor = None
     if cfg.use_predictor:
         predictor = MLPHead(
@@ -502,6 +656,7 @@ def create_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> SSLModel:
             cfg.predictor_layers,
             batchnorm=cfg.head_batchnorm,
             dtype=dtype,
+            init=cfg.init,
             rngs=rngs,
         )
     return SSLModel(encoder, projector, predictor)

@@ -8,6 +8,11 @@ teacher's projections (gradient stopped here) or, with shared weights, the stude
 The pairing follows DINO: targets are global views only, a view is never paired with
 itself, and with shared weights (no teacher) each unordered pair of global views counts
 once (the symmetric losses already score both directions). :func:`view_pairs` is the table.
+
+DINO (``loss.name="dino"``) carries state from step to step, the centre of the teacher's
+outputs, and its teacher temperature follows a schedule: its objective takes them as
+keywords, ``objective(student, targets, center=..., teacher_temperature=...)``, and returns
+the new centre in ``aux["center"]`` (:func:`losses.dino_loss`).
 """
 
 from __future__ import annotations
@@ -50,7 +55,15 @@ def _vmapped_mean(loss_fn, *stacked: jax.Array) -> tuple[jax.Array, dict]:
     return jnp.mean(values), losses.reduce_aux(aux)
 
 
-def ssl_loss(loss_config, student: jax.Array, targets: jax.Array, *, ema: bool):
+def ssl_loss(
+    loss_config,
+    student: jax.Array,
+    targets: jax.Array,
+    *,
+    ema: bool,
+    center: jax.Array | None = None,
+    teacher_temperature: jax.Array | float | None = None,
+):
     """The configured loss on embeddings, averaged over view pairs.
 
     Args:
@@ -58,6 +71,8 @@ def ssl_loss(loss_config, student: jax.Array, targets: jax.Array, *, ema: bool):
       student: [V, n, d] student embeddings (predictions), the K global views first.
       targets: [K, n, d] target embeddings of the K global views.
       ema: whether targets come from a teacher (their gradient is stopped here).
+      center, teacher_temperature: DINO's centre [d] and this step's teacher temperature
+        (``loss.name="dino"`` only; the new centre comes back in ``aux["center"]``).
 
     Returns:
       ``(value, aux)``.
@@ -66,6 +81,18 @@ def ssl_loss(loss_config, student: jax.Array, targets: jax.Array, *, ema: bool):
     num_views, num_global = student.shape[0], targets.shape[0]
     if ema:
         targets = jax.lax.stop_gradient(targets)
+    if lc.name == "dino":  # DINOLoss: every student view against the teacher's other views
+        if center is None or teacher_temperature is None:
+            raise ValueError("loss.name='dino' needs the centre and the teacher temperature.")
+        return losses.dino_loss(
+            student,
+            targets,
+            center,
+            student_temperature=lc.student_temperature,
+            teacher_temperature=teacher_temperature,
+            center_momentum=lc.center_momentum,
+            centering=lc.centering,
+        )
     pairs = view_pairs(num_views, num_global, directed=ema or lc.name == "byol")
     a_idx = np.array([a for a, _ in pairs])
     b_idx = np.array([b for _, b in pairs])

@@ -29,7 +29,7 @@ from matching_gap import errors
 
 # The choices of the fields that name something.
 SOURCES = ("fashion_mnist_idx", "tfds", "image_folder")
-LOSSES = ("matching_gap", "m3g", "info_nce", "byol")
+LOSSES = ("matching_gap", "m3g", "info_nce", "byol", "dino")
 OT_LOSSES = ("matching_gap", "m3g")  # the losses that solve OT problems (epsilon, groups)
 COSTS = ("sqeuclidean", "cosine")
 RELATIVE_EPSILON = ("", "mean", "std")
@@ -44,6 +44,16 @@ POOLINGS = ("cls", "mean")
 ATTENTIONS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16")  # the compute dtype (parameters stay float32)
 EXPORT_FORMATS = ("timm", "hf")
+# The projector: "mlp" (Linear -> GELU -> ... -> Linear, models.MLPHead) or "dino" (DINO's
+# DINOHead: that MLP to a bottleneck, L2 normalisation, a weight-normalised last layer).
+HEADS = ("mlp", "dino")
+# How weights start (models.weight_init): "jax" = JAX's truncated_normal(0.02), cut at +-2
+# std (std 0.0176), LeCun-normal patch embedding (the demo's); "torch" = DINO's
+# trunc_normal_(std=.02) with absolute bounds (in effect N(0, 0.02^2)) and torch's Conv2d
+# default for the patch embedding (the ImageNet recipes').
+INITS = ("jax", "torch")
+JITTER_ORDERS = ("fixed", "random")
+BLUR_SIGMAS = ("scaled", "pixels")
 # "global": one norm over all gradients (optax.clip_by_global_norm); "per_parameter": each
 # parameter tensor's gradient clipped to its own norm (DINO's utils.clip_gradients).
 GRAD_CLIP_MODES = ("global", "per_parameter")
@@ -278,6 +288,12 @@ class AugmentConfig(_Section):
     # (BYOL's asymmetric views: blur (1.0, 0.1), solarize (0.0, 0.2)); () = the same for all.
     view_blur_probs: tuple[float, ...] = _field((), _PROBABILITIES)
     view_solarize_probs: tuple[float, ...] = _field((), _PROBABILITIES)
+    # "fixed": brightness, contrast, saturation, hue in that order (SimCLR's, the demo's);
+    # "random": a fresh order for each view, as torchvision's ColorJitter draws one per call.
+    color_jitter_order: str = _field("fixed", one_of(JITTER_ORDERS))
+    # "scaled": sigma ~ U(0.1, 2) * crop size / 224 (the demo's); "pixels": U(0.1, 2) in each
+    # crop's own pixels whatever its size (DINO's GaussianBlur on every crop).
+    blur_sigma: str = _field("scaled", one_of(BLUR_SIGMAS))
     num_local_crops: int = _field(0, COUNT)
     local_crop_size: int = _field(0, COUNT)
     local_crop_scale: tuple[float, ...] = _field((0.05, 0.2), SCALE)
@@ -340,6 +356,14 @@ class ModelConfig(_Section):
     predictor_hidden_dim: int = _field(256, POSITIVE_INT)
     predictor_layers: int = _field(2, POSITIVE_INT)
     head_batchnorm: bool = False  # BatchNorm (batch statistics) in the projector / predictor
+    # head="dino": DINO's DINOHead as the projector. projector_layers Linear layers (DINO's
+    # nlayers, 3) map to head_bottleneck_dim (256), then L2 normalisation and a bias-free,
+    # weight-normalised last layer to projector_dim (DINO's out_dim, 65536);
+    # norm_last_layer=True fixes its norms to 1 (weight_g frozen), False learns them.
+    head: str = _field("mlp", one_of(HEADS))
+    init: str = _field("jax", one_of(INITS))
+    head_bottleneck_dim: int = _field(256, POSITIVE_INT)
+    norm_last_layer: bool = True
 
     def check(self) -> None:
         check_encoder(
@@ -381,6 +405,16 @@ class LossConfig(_Section):
     multiview_mode: str = _field("pairwise", one_of(MULTIVIEW_MODES))  # info_nce, byol, k > 2
     sinkhorn_threshold: float = _field(1e-3, POSITIVE)
     sinkhorn_max_iterations: int = _field(2000, POSITIVE_INT)
+    # dino (DINO's DINOLoss and main_dino.py defaults): the student's temperature, the
+    # teacher's after a linear warm-up over whole epochs (teacher_temperature_warmup_epochs
+    # epochs from warmup_teacher_temperature; 0 = none), and the centre's EMA momentum.
+    # centering=False drops the centre (the collapse ablation).
+    student_temperature: float = _field(0.1, POSITIVE)
+    teacher_temperature: float = _field(0.04, POSITIVE)
+    warmup_teacher_temperature: float = _field(0.04, POSITIVE)
+    teacher_temperature_warmup_epochs: int = _field(0, COUNT)
+    center_momentum: float = _field(0.9, FRACTION)
+    centering: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,6 +444,9 @@ class OptimConfig(_Section):
     # without it resumes unchanged); the ImageNet recipes take DINO's "per_parameter".
     grad_clip_mode: str = _field("global", one_of(GRAD_CLIP_MODES))
     weight_decay_mask: str = _field("dino", one_of(WEIGHT_DECAY_MASKS))
+    # DINO's freeze_last_layer: the head's last layer (model.head="dino") does not move
+    # during the first so many epochs (no gradient, no Adam moments, no weight decay).
+    freeze_last_layer_epochs: float = _field(0.0, NON_NEGATIVE)
     b1: float = _field(0.9, BETA)
     b2: float = _field(0.999, BETA)
 
@@ -604,6 +641,16 @@ class Config:
                     f"choose another eval.{key}."
                 )
         self._check_views()
+        if self.loss.name == "dino" and not self.teacher.ema:
+            raise errors.ConfigError(
+                "loss.name='dino' needs teacher.ema=True: DINO's targets are an EMA "
+                "teacher's centred, sharpened outputs."
+            )
+        if self.loss.name == "dino" and model.use_predictor:
+            raise errors.ConfigError(
+                "loss.name='dino' compares the student's and the teacher's head outputs; "
+                "DINO has no predictor: set model.use_predictor=False."
+            )
         loss, batch = self.loss, self.optim.batch_size
         if loss.name in OT_LOSSES and loss.group_size and batch % loss.group_size:
             raise errors.ConfigError(

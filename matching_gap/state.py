@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from matching_gap import checkpointing, errors, export, metrics, models, schema
+from matching_gap import checkpointing, errors, export, losses, metrics, models, schema
 from matching_gap import sharding as sharding_lib
 
 
@@ -26,6 +26,10 @@ class TrainState:
     params: Any  # student parameters (pure dict)
     teacher: Any  # EMA teacher parameters, or None with shared weights
     opt_state: Any
+    # DINO's centre of the teacher's outputs [projector_dim] (loss.name="dino"), else None.
+    # Left out of the checkpoint while None (checkpointing.OPTIONAL), so runs of the other
+    # losses save and restore the tree they did before the field existed.
+    center: Any = struct.field(default=None, metadata={checkpointing.OPTIONAL: True})
 
 
 def steps_per_epoch(config: schema.Config, num_examples: int) -> int:
@@ -115,7 +119,40 @@ def make_optimizer(config, num_steps: int, epoch_steps: int) -> tuple[Any, dict]
     adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=wd, mask=mask)
     chain = optax.chain(gradient_clipping(o), adamw)
     momentum = _cosine(config.teacher.momentum, config.teacher.momentum_end, num_steps)
-    return chain, {"lr": lr, "weight_decay": wd, "momentum": momentum}
+    schedules = {"lr": lr, "weight_decay": wd, "momentum": momentum}
+    if config.loss.name == "dino":
+        lc = config.loss
+        schedules["teacher_temperature"] = lambda step: losses.dino_teacher_temperature(
+            step,
+            epoch_steps,
+            warmup=lc.warmup_teacher_temperature,
+            final=lc.teacher_temperature,
+            warmup_epochs=lc.teacher_temperature_warmup_epochs,
+        )
+    # DINO's cancel_gradients_last_layer: the head's last layer is held while epoch <
+    # freeze_last_layer (whole epochs: epoch = step // epoch_steps).
+    freeze_steps = int(round(o.freeze_last_layer_epochs * epoch_steps))
+    if o.freeze_last_layer_epochs and config.model.head == "dino":
+        schedules["last_layer_frozen"] = lambda step: step < freeze_steps
+    return chain, schedules
+
+
+def is_last_layer(path) -> bool:
+    """Whether a parameter path (``jax.tree_util`` keys) is in a DINO head's last layer
+    (DINO's ``"last_layer" in name``)."""
+    return any(getattr(k, "key", None) == "last_layer" for k in path)
+
+
+def hold_last_layer(tree, frozen: jax.Array) -> Any:
+    """``tree`` (gradients or updates) with the last layer's leaves zeroed when ``frozen``.
+
+    Zeroing the gradients keeps the Adam moments of those parameters at zero, zeroing the
+    updates keeps weight decay off them: together what DINO's ``p.grad = None`` does (torch's
+    AdamW skips a parameter without a gradient)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.where(frozen, jnp.zeros_like(x), x) if is_last_layer(path) else x,
+        tree,
+    )
 
 
 def create_model(config) -> models.SSLModel:
@@ -127,7 +164,10 @@ def create_train_state(config, optimizer) -> tuple[Any, TrainState]:
     graphdef, params = nnx.split(create_model(config))
     params = nnx.to_pure_dict(params)
     teacher = jax.tree.map(jnp.copy, params) if config.teacher.ema else None
-    state = TrainState(jnp.zeros((), jnp.int32), params, teacher, optimizer.init(params))
+    center = None
+    if config.loss.name == "dino":  # DINOLoss's register_buffer("center", zeros(1, out_dim))
+        center = jnp.zeros((config.model.projector_dim,), jnp.float32)
+    state = TrainState(jnp.zeros((), jnp.int32), params, teacher, optimizer.init(params), center)
     return graphdef, state
 
 

@@ -87,6 +87,8 @@ def make_train_step(config, graphdef, optimizer, schedules: dict, mesh=None):
     ema = bool(config.teacher.ema)
     base_key = jax.random.key(config.seed)
     objective = objectives.make_objective(config, mesh)
+    dino = config.loss.name == "dino"
+    freeze = "last_layer_frozen" in schedules
 
     def train_step(state: state_lib.TrainState, batch):
         aug_key, drop_key = jax.random.split(jax.random.fold_in(base_key, state.step))
@@ -105,10 +107,19 @@ def make_train_step(config, graphdef, optimizer, schedules: dict, mesh=None):
                 targets = _forward_views(teacher, global_views, None)["projections"]
             else:
                 targets = out["projections"]
+            if dino:
+                return objective(student, targets, center=state.center, teacher_temperature=temp)
             return objective(student, targets)
 
+        temp = schedules["teacher_temperature"](state.step) if dino else None
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        center = aux.pop("center") if dino else state.center
+        frozen = schedules["last_layer_frozen"](state.step) if freeze else None
+        if freeze:
+            grads = state_lib.hold_last_layer(grads, frozen)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        if freeze:
+            updates = state_lib.hold_last_layer(updates, frozen)
         params = optax.apply_updates(state.params, updates)
         teacher = state.teacher
         if ema:
@@ -123,12 +134,17 @@ def make_train_step(config, graphdef, optimizer, schedules: dict, mesh=None):
         }
         if ema:
             out_metrics["train/teacher_momentum"] = schedules["momentum"](state.step)
+        if dino:
+            out_metrics["train/teacher_temperature"] = temp
+        if freeze:
+            out_metrics["train/last_layer_frozen"] = frozen.astype(jnp.float32)
         for name, value in aux.items():
             group = "sinkhorn" if name in _SINKHORN_KEYS else "train"
             out_metrics[f"{group}/{name}"] = value
         if config.loss.name in ("matching_gap", "m3g"):
             out_metrics[f"train/{config.loss.name}"] = loss
-        return state_lib.TrainState(state.step + 1, params, teacher, opt_state), out_metrics
+        new_state = state_lib.TrainState(state.step + 1, params, teacher, opt_state, center)
+        return new_state, out_metrics
 
     return train_step
 
