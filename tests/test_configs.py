@@ -21,6 +21,7 @@ VARIANTS = {
     "m3g_vitb16.py": ["", "k=2", "k=3", "k=4", "k=2,smoke", "k=3,smoke", "k=4,smoke"],
     "cifar10.py": ["", "smoke", "strong"],
     "image_folder.py": ["", "smoke"],
+    "dino_vits16.py": ["", "smoke", "cpu"],
 }
 
 
@@ -125,6 +126,17 @@ BAD_VALUES = [
     ("loss.relative_epsilon", "median"),
     ("loss.cost", "l1"),
     ("loss.temperature", 0.0),
+    ("loss.student_temperature", 0.0),
+    ("loss.teacher_temperature", -0.04),
+    ("loss.warmup_teacher_temperature", 0.0),
+    ("loss.teacher_temperature_warmup_epochs", -1),
+    ("loss.center_momentum", 1.5),
+    ("model.head", "linear"),
+    ("model.head_bottleneck_dim", 0),
+    ("model.init", "flax"),
+    ("optim.freeze_last_layer_epochs", -1.0),
+    ("augment.blur_sigma", "fixed"),
+    ("augment.color_jitter_order", "shuffled"),
     ("loss.group_size", 1),
     ("loss.multiview_mode", "all"),
     ("loss.sinkhorn_threshold", -1e-3),
@@ -430,7 +442,9 @@ def test_check_override_names_close_keys():
         config_lib.check_override(c, "loss.epsilonn")
     with pytest.raises(errors.ConfigError, match=r"did you mean loss\?"):
         config_lib.check_override(c, "los.epsilon")
-    with pytest.raises(errors.ConfigError, match=r"valid keys in loss: cost, epsilon"):
+    with pytest.raises(
+        errors.ConfigError, match=r"valid keys in loss: center_momentum, centering, cost, epsilon"
+    ):
         config_lib.check_override(c, "loss.zzzzzz")
     with pytest.raises(errors.ConfigError, match=r"loss\.epsilon is a value, not a section"):
         config_lib.check_override(c, "loss.epsilon.value")
