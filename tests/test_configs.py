@@ -21,6 +21,7 @@ VARIANTS = {
     "m3g_vitb16.py": ["", "k=2", "k=3", "k=4", "k=2,smoke", "k=3,smoke", "k=4,smoke"],
     "cifar10.py": ["", "smoke", "strong"],
     "image_folder.py": ["", "smoke"],
+    "dino_vits16.py": ["", "smoke", "cpu"],
 }
 
 
@@ -169,6 +170,17 @@ BAD_VALUES = [
     ("eval.augmented_checkpoint_every", 0),
     ("eval.augmented_run_steps", -1),
     ("export.format", "onnx"),
+    ("model.head", "swav"),
+    ("model.init", "xavier"),
+    ("model.head_bottleneck_dim", 0),
+    ("loss.student_temperature", 0.0),
+    ("loss.teacher_temperature", -0.04),
+    ("loss.warmup_teacher_temperature", 0.0),
+    ("loss.teacher_temperature_warmup_epochs", -1),
+    ("loss.center_momentum", 1.5),
+    ("optim.freeze_last_layer_epochs", -1.0),
+    ("augment.color_jitter_order", "shuffled"),
+    ("augment.blur_sigma", "relative"),
 ]
 
 
@@ -425,7 +437,9 @@ def test_check_override_names_close_keys():
         config_lib.check_override(c, "loss.epsilonn")
     with pytest.raises(errors.ConfigError, match=r"did you mean loss\?"):
         config_lib.check_override(c, "los.epsilon")
-    with pytest.raises(errors.ConfigError, match=r"valid keys in loss: cost, epsilon"):
+    with pytest.raises(
+        errors.ConfigError, match=r"valid keys in loss: center_momentum, centering, cost, epsilon"
+    ):
         config_lib.check_override(c, "loss.zzzzzz")
     with pytest.raises(errors.ConfigError, match=r"loss\.epsilon is a value, not a section"):
         config_lib.check_override(c, "loss.epsilon.value")
@@ -453,6 +467,7 @@ def test_the_recipes_evaluate_on_dinos_features_and_the_demo_on_its_own():
         "vits16.py": ("last4_cls", "cls"),
         "vitb16.py": ("cls_avgpool", "cls"),
         "m3g_vitb16.py": ("cls_avgpool", "cls"),
+        "dino_vits16.py": ("last4_cls", "cls"),
         "default.py": ("last4_cls", "last4_cls"),
     }
     for name, (probe, knn) in expected.items():

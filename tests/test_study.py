@@ -256,24 +256,26 @@ def test_a_cell_whose_settings_changed_is_rerun_afresh_and_replaced(tmp_path, mo
     monkeypatch.setattr(study, "write_report", lambda records, out: None)
     args = _one_cell_args(tmp_path)
     study.main(args)
-    assert len(calls) == 3
+    assert len(calls) == 4  # matching gap, InfoNCE, BYOL, DINO
     original = study._loss_overrides
     monkeypatch.setattr(
         study,
         "_loss_overrides",
-        lambda loss: tuple((k, 0.5 if k == "teacher.momentum" else v) for k, v in original(loss)),
+        lambda loss: tuple(
+            (k, 0.5 if k == "teacher.momentum" and loss == "byol" else v) for k, v in original(loss)
+        ),
     )
     capsys.readouterr()
     study.main(args)
     before = dict(original("byol"))["teacher.momentum"]
     assert f"cropflip-BYOL-seed0: teacher.momentum {before} -> 0.5" in capsys.readouterr().out
-    assert len(calls) == 4 and calls[3][1:] == ("byol", 0.5)
-    assert calls[3][0] != calls[2][0]  # BYOL's first run was the third
+    assert len(calls) == 5 and calls[4][1:] == ("byol", 0.5)
+    assert calls[4][0] != calls[2][0]  # BYOL's first run was the third
     study.main(args)  # nothing left to do
-    assert len(calls) == 4
+    assert len(calls) == 5
     with open(tmp_path / "out" / "results.json") as f:
         records = {r["name"]: r for r in json.load(f)}
-    assert records["cropflip-BYOL-seed0"]["knn_top1"] == 0.4
+    assert records["cropflip-BYOL-seed0"]["knn_top1"] == 0.5
     assert ["teacher.momentum", 0.5] in records["cropflip-BYOL-seed0"]["overrides"]
     assert records["cropflip-InfoNCE-seed0"]["knn_top1"] == 0.2
 
