@@ -587,6 +587,7 @@ def plot(records: dict, out: str) -> list[str]:
     titles = {
         "cropflip": "crop + flip",
         "strong": "+ strong augmentations",
+        "collapse": "DINO without its centre (crop + flip)",
         "m3g": "M3G, k views (equal encoder passes)",
     }
     groups = [g for g in titles if _rows(records, g)]

@@ -183,6 +183,17 @@ BAD_VALUES = [
     ("eval.augmented_run_steps", -1),
     ("eval.augmented_val_freq", -1),
     ("export.format", "onnx"),
+    ("model.head", "swav"),
+    ("model.init", "xavier"),
+    ("model.head_bottleneck_dim", 0),
+    ("loss.student_temperature", 0.0),
+    ("loss.teacher_temperature", -0.04),
+    ("loss.warmup_teacher_temperature", 0.0),
+    ("loss.teacher_temperature_warmup_epochs", -1),
+    ("loss.center_momentum", 1.5),
+    ("optim.freeze_last_layer_epochs", -1.0),
+    ("augment.color_jitter_order", "shuffled"),
+    ("augment.blur_sigma", "relative"),
 ]
 
 
@@ -482,6 +493,7 @@ def test_the_recipes_evaluate_on_dinos_features_and_the_demo_on_its_own():
         "vits16.py": ("last4_cls", "cls"),
         "vitb16.py": ("cls_avgpool", "cls"),
         "m3g_vitb16.py": ("cls_avgpool", "cls"),
+        "dino_vits16.py": ("last4_cls", "cls"),
         "default.py": ("last4_cls", "last4_cls"),
     }
     for name, (probe, knn) in expected.items():

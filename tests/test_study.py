@@ -19,8 +19,9 @@ def test_cells_cover_the_study_and_their_configs_are_valid():
     cells = study.make_cells([0, 1, 2], study.GROUPS, cifar10=True)
     names = [c.name for c in cells]
     assert len(names) == len(set(names))
-    # 3 losses x 3 augmentation regimes (incl. CIFAR-10) + 3 M3G k + 5 extra epsilons, 3 seeds.
-    assert len(cells) == 3 * (3 * 3 + 3 + len(study.EPSILONS) - 1)
+    # 4 losses x 3 augmentation regimes (incl. CIFAR-10) + 3 M3G k + the extra epsilons, 3
+    # seeds, and DINO without its centre on the first seed.
+    assert len(cells) == 3 * (4 * 3 + 3 + len(study.EPSILONS) - 1) + 1
     for cell in cells:
         c = study.cell_config(cell, epochs=2.0, cifar10_data_dir="/tfds")
         assert c.is_locked and c.seed == cell.seed
@@ -35,6 +36,26 @@ def test_cells_cover_the_study_and_their_configs_are_valid():
         if cell.group == "m3g":
             assert c.loss.name == "m3g" and c.augment.num_views == int(cell.label[-1])
     assert {c.dataset for c in cells if c.group == "cifar10"} == {"cifar10"}
+    # DINO's cells are comparable with the others of their group: the same encoder, budget,
+    # views and evaluation; only the objective, its teacher and its head differ.
+    shared = ("data", "augment", "eval")
+    for group in ("cropflip", "strong"):
+        by_label = {c.label: study.cell_config(c, epochs=2.0) for c in cells if c.group == group}
+        mg, dino = by_label["matching gap"], by_label["DINO"]
+        assert dino.loss.name == "dino" and dino.model.head == "dino" and dino.teacher.ema
+        for section in shared:
+            assert dino[section].to_dict() == mg[section].to_dict(), (group, section)
+        encoder = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "init", "dtype")
+        assert [dino.model[k] for k in encoder] == [mg.model[k] for k in encoder]
+        assert dino.train.knn_every == mg.train.knn_every
+        assert (dino.optim.num_epochs, dino.optim.batch_size, dino.optim.base_lr) == (
+            mg.optim.num_epochs,
+            mg.optim.batch_size,
+            mg.optim.base_lr,
+        )
+    (collapse,) = [c for c in cells if c.group == "collapse"]
+    c = study.cell_config(collapse, epochs=2.0)
+    assert collapse.seed == 0 and c.loss.name == "dino" and not c.loss.centering
     claim = study.make_cells(
         [0, 1, 2], ["cropflip", "strong"], cifar10=False, claim_seeds=[0, 1, 2, 3, 4]
     )
@@ -235,24 +256,26 @@ def test_a_cell_whose_settings_changed_is_rerun_afresh_and_replaced(tmp_path, mo
     monkeypatch.setattr(study, "write_report", lambda records, out: None)
     args = _one_cell_args(tmp_path)
     study.main(args)
-    assert len(calls) == 3
+    assert len(calls) == 4  # matching gap, InfoNCE, BYOL, DINO
     original = study._loss_overrides
     monkeypatch.setattr(
         study,
         "_loss_overrides",
-        lambda loss: tuple((k, 0.5 if k == "teacher.momentum" else v) for k, v in original(loss)),
+        lambda loss: tuple(
+            (k, 0.5 if k == "teacher.momentum" and loss == "byol" else v) for k, v in original(loss)
+        ),
     )
     capsys.readouterr()
     study.main(args)
     before = dict(original("byol"))["teacher.momentum"]
     assert f"cropflip-BYOL-seed0: teacher.momentum {before} -> 0.5" in capsys.readouterr().out
-    assert len(calls) == 4 and calls[3][1:] == ("byol", 0.5)
-    assert calls[3][0] != calls[2][0]  # BYOL's first run was the third
+    assert len(calls) == 5 and calls[4][1:] == ("byol", 0.5)
+    assert calls[4][0] != calls[2][0]  # BYOL's first run was the third
     study.main(args)  # nothing left to do
-    assert len(calls) == 4
+    assert len(calls) == 5
     with open(tmp_path / "out" / "results.json") as f:
         records = {r["name"]: r for r in json.load(f)}
-    assert records["cropflip-BYOL-seed0"]["knn_top1"] == 0.4
+    assert records["cropflip-BYOL-seed0"]["knn_top1"] == 0.5
     assert ["teacher.momentum", 0.5] in records["cropflip-BYOL-seed0"]["overrides"]
     assert records["cropflip-InfoNCE-seed0"]["knn_top1"] == 0.2
 

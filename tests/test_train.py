@@ -60,6 +60,7 @@ SMOKE = [
     pytest.param("m3g_vitb16.py", "k=3,smoke", marks=_slow),
     pytest.param("m3g_vitb16.py", "k=4,smoke", marks=_slow),
     pytest.param("cifar10.py", "smoke", marks=_slow),
+    ("dino_vits16.py", "smoke"),
 ]
 
 
