@@ -50,7 +50,9 @@ def _params(workdir, step):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
     path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "default")
-    restored = ocp.StandardCheckpointer().restore(path, target)
+    # The saved tree leaves out the unset optional fields (a matching-gap run has no centre).
+    saved = checkpointing._as_saved(target)
+    restored = checkpointing._from_saved(ocp.StandardCheckpointer().restore(path, saved), target)
     return [np.asarray(x) for x in jax.tree.leaves(restored.params)]
 
 
