@@ -212,7 +212,9 @@ def test_each_mode_names_the_checkpoint_in_its_own_words_once(tmp_path):
             command + list(args), cwd=REPO, capture_output=True, text=True, timeout=600
         )
         assert out.returncode == 0, out.stderr[-3000:]
-        return [line.split("] ", 1)[-1] for line in out.stdout.strip().splitlines()]
+        lines = out.stdout.strip().splitlines()
+        assert lines[0] == "Launcher: none (one process); process 0 of 1, 1 local devices of 1."
+        return [line.split("] ", 1)[-1] for line in lines[1:]]
 
     run()
     exported = run(
