@@ -207,6 +207,15 @@ def describe(launch: Launch) -> str:
     )
 
 
+def start(*, timeout_s: int = DEFAULT_TIMEOUT_S, **flags) -> Launch:
+    """:func:`detect` (``flags`` are its keywords), :func:`initialize`, then the run's first
+    line: what the training command and ``python -m matching_gap.launch`` both do first."""
+    launch = detect(timeout_s=timeout_s, **flags)
+    initialize(launch, timeout_s)
+    print(describe(launch), flush=True)
+    return launch
+
+
 def main(argv: list[str]) -> int:
     """The training command's start-up alone, then one gather over every process to show
     that they form one run."""
@@ -220,7 +229,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--process_id", type=int)
     args = parser.parse_args(argv)
     try:
-        launch = detect(
+        start(
             mode=args.distributed,
             coordinator_address=args.coordinator_address,
             num_processes=args.num_processes,
@@ -230,8 +239,6 @@ def main(argv: list[str]) -> int:
     except errors.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    initialize(launch, args.distributed_timeout)
-    print(describe(launch), flush=True)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

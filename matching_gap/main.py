@@ -160,7 +160,7 @@ def start_processes() -> None:
     from matching_gap import launch
 
     try:
-        found = launch.detect(
+        launch.start(
             mode=_DISTRIBUTED.value,
             coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,
@@ -169,8 +169,6 @@ def start_processes() -> None:
         )
     except errors.UserError as e:
         _exit_with(str(e))
-    launch.initialize(found, _DISTRIBUTED_TIMEOUT.value)
-    print(launch.describe(found), flush=True)
 
 
 # Libraries that log a failure with its traceback and then raise it to the run, which
