@@ -435,6 +435,81 @@ def test_a_checkpoint_without_a_centre_restores_and_a_dino_run_resumes_its_centr
     np.testing.assert_array_equal(restored.center, np.asarray(state.center))
 
 
+# main_dino.py's argparse defaults (facebookresearch/dino, ``get_args_parser``), transcribed;
+# DINO's README runs them unchanged on 8 GPUs: ``torch.distributed.launch --nproc_per_node=8
+# main_dino.py --arch vit_small`` ("1.75 day", 69.3% k-NN, 74.0% linear).
+MAIN_DINO_DEFAULTS = dict(
+    arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=True, momentum_teacher=0.996,
+    use_bn_in_head=False, warmup_teacher_temp=0.04, teacher_temp=0.04,
+    warmup_teacher_temp_epochs=0, use_fp16=True, weight_decay=0.04, weight_decay_end=0.4,
+    clip_grad=3.0, batch_size_per_gpu=64, epochs=100, freeze_last_layer=1, lr=0.0005,
+    warmup_epochs=10, min_lr=1e-6, optimizer="adamw", drop_path_rate=0.1,
+    global_crops_scale=(0.4, 1.0), local_crops_number=8, local_crops_scale=(0.05, 0.4),
+)  # fmt: skip
+README_GPUS = 8
+# Fixed in DINO's code, not flags: DINOHead(nlayers=3, hidden_dim=2048, bottleneck_dim=256),
+# DINOLoss(student_temp=0.1, center_momentum=0.9), vit_small (384 wide, 12 blocks, 6 heads,
+# mlp_ratio 4, LayerNorm eps 1e-6), DataAugmentationDINO (global crops 224, local crops 96),
+# torch.optim.AdamW's betas (0.9, 0.999).
+
+
+def test_the_dino_config_is_dinos_readme_command_setting_for_setting():
+    """``configs/dino_vits16.py`` against the transcription above. Catches: a setting that
+    drifts with the paper's recipe it starts from (``config_lib.imagenet_recipe``: batch 1024,
+    300 epochs, 10 local crops, the matching gap's head), or a learning rate not scaled as
+    DINO's linear rule."""
+    a = MAIN_DINO_DEFAULTS
+    c = schema.parse(config_lib.load_config_file(os.path.join(ROOT, "configs", "dino_vits16.py")))
+    assert a["arch"] == "vit_small" and c.model.variant == "S/16"
+    assert c.model.encoder_sizes() == dict(
+        width=384, depth=12, num_heads=6, mlp_dim=4 * 384, patch_size=a["patch_size"]
+    )
+    assert (c.model.layer_norm_eps, c.model.drop_path_rate) == (1e-6, a["drop_path_rate"])
+    assert c.model.dtype == ("bfloat16" if a["use_fp16"] else "float32")
+    assert (c.model.head, c.model.head_batchnorm, c.model.use_predictor) == (
+        "dino",
+        a["use_bn_in_head"],
+        False,
+    )
+    assert (c.model.projector_layers, c.model.projector_hidden_dim) == (3, 2048)
+    assert (c.model.head_bottleneck_dim, c.model.projector_dim) == (256, a["out_dim"])
+    assert c.model.norm_last_layer == a["norm_last_layer"]
+
+    assert c.loss.name == "dino" and c.loss.centering
+    assert (c.loss.student_temperature, c.loss.center_momentum) == (0.1, 0.9)
+    assert (
+        c.loss.warmup_teacher_temperature,
+        c.loss.teacher_temperature,
+        c.loss.teacher_temperature_warmup_epochs,
+    ) == (a["warmup_teacher_temp"], a["teacher_temp"], a["warmup_teacher_temp_epochs"])
+    assert (c.teacher.ema, c.teacher.momentum, c.teacher.momentum_end) == (
+        True,
+        a["momentum_teacher"],
+        1.0,
+    )
+
+    o = c.optim
+    assert a["optimizer"] == "adamw" and (o.b1, o.b2) == (0.9, 0.999)
+    assert o.batch_size == a["batch_size_per_gpu"] * README_GPUS
+    assert o.num_epochs == a["epochs"] and o.warmup_epochs == a["warmup_epochs"]
+    # lr_schedule's peak: args.lr * (batch_size_per_gpu * world_size) / 256.
+    peak = a["lr"] * a["batch_size_per_gpu"] * README_GPUS / 256
+    assert o.base_lr * o.batch_size / 256 == pytest.approx(peak)
+    assert o.min_lr == a["min_lr"]
+    assert (o.weight_decay, o.weight_decay_end) == (a["weight_decay"], a["weight_decay_end"])
+    assert (o.grad_clip, o.grad_clip_mode) == (a["clip_grad"], "per_parameter")
+    assert o.weight_decay_mask == "dino"
+    assert o.freeze_last_layer_epochs == a["freeze_last_layer"]
+
+    g = c.augment
+    assert (g.num_views, g.crop_size, g.crop_scale) == (2, 224, a["global_crops_scale"])
+    assert (g.num_local_crops, g.local_crop_size, g.local_crop_scale) == (
+        a["local_crops_number"],
+        96,
+        a["local_crops_scale"],
+    )
+
+
 def test_dino_needs_a_teacher_and_no_predictor():
     c = config_lib.load_config_file(os.path.join(ROOT, "configs", "dino_vits16.py"), "smoke")
     c.teacher.ema = False
