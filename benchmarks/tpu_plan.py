@@ -31,6 +31,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 # (recipes.md section, config file, argument)
 RECIPES = [
+    ("Check the pipeline first: DINO ViT-S/16, 100 epochs", "dino_vits16.py", None),
     ("1. ViT-B/16, crop + flip", "vitb16.py", None),
     ("2. strong augmentation", "vitb16.py", "strong"),
     ("3. M3G k = 2", "m3g_vitb16.py", "k=2"),
