@@ -39,6 +39,7 @@ import jax
 from matching_gap import errors
 
 DEFAULT_TIMEOUT_S = 300  # JAX's own initialization_timeout
+MODES = ("auto", "on", "off")  # --distributed
 
 # JAX's cluster names, in words; another (a newer JAX's) is shown by its class name.
 _LAUNCHERS = {
@@ -222,7 +223,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m matching_gap.launch", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--distributed", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--distributed", choices=MODES, default="auto")
     parser.add_argument("--distributed_timeout", type=int, default=DEFAULT_TIMEOUT_S)
     parser.add_argument("--coordinator_address")
     parser.add_argument("--num_processes", type=int)

@@ -42,7 +42,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from matching_gap import config_lib, errors, schema, storage  # noqa: E402
+from matching_gap import config_lib, errors, launch, schema, storage  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
@@ -66,14 +66,14 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed",
     "auto",
-    ["auto", "on", "off"],
+    list(launch.MODES),
     "auto: start jax.distributed when the flags above or a launcher (Cloud TPU VM slice, "
     "GKE, SLURM, Open MPI) say this is one of several processes; on: also for one process; "
     "off: never (this host runs alone).",
 )
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout",
-    300,
+    launch.DEFAULT_TIMEOUT_S,
     "Seconds to wait for every process of a multi-host run to join before stopping.",
 )
 flags.mark_flags_as_required(["config"])
@@ -157,8 +157,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 def start_processes() -> None:
     """Joins this process to the others of its run (``matching_gap.launch``), before any JAX
     computation, and prints who started it and where it stands."""
-    from matching_gap import launch
-
     try:
         launch.start(
             mode=_DISTRIBUTED.value,

@@ -251,14 +251,18 @@ def wait_for(pids: list[int], timeout: float) -> dict[int, int]:
 # ----------------------------------------------------------------------------- stand-ins
 
 
+def _write_entry(script: pathlib.Path, function: str) -> None:
+    """An executable that runs ``simulated_slice.<function>(argv)`` in the test's interpreter."""
+    script.write_text(
+        f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(HERE)!r})\n"
+        f"import simulated_slice\nsys.exit(simulated_slice.{function}(sys.argv[1:]))\n"
+    )
+    script.chmod(0o755)
+
+
 def _write_stand_ins(bin_dir: pathlib.Path) -> None:
-    for command, function in (("gcloud", "gcloud"), ("python3.11", "python311")):
-        script = bin_dir / command
-        script.write_text(
-            f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(HERE)!r})\n"
-            f"import simulated_slice\nsys.exit(simulated_slice.{function}(sys.argv[1:]))\n"
-        )
-        script.chmod(0o755)
+    _write_entry(bin_dir / "gcloud", "gcloud")
+    _write_entry(bin_dir / "python3.11", "python311")
 
 
 _VALUED = ("command", "zone", "worker", "project")
@@ -378,12 +382,7 @@ def python311(argv: list[str]) -> int:
     (site,) = target.glob("lib/python3*/site-packages")
     ours = [p for p in sys.path if p.endswith("site-packages")]
     (site / "simulated_slice_packages.pth").write_text("".join(f"{p}\n" for p in ours))
-    pip = target / "bin" / "pip"
-    pip.write_text(
-        f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(HERE)!r})\n"
-        "import simulated_slice\nsys.exit(simulated_slice.pip(sys.argv[1:]))\n"
-    )
-    pip.chmod(0o755)
+    _write_entry(target / "bin" / "pip", "pip")
     return 0
 
 

@@ -307,14 +307,7 @@ def test_docs_tpu_md_on_a_simulated_v4_32_slice(tmp_path, emulator):  # noqa: F8
 
         # 6. Watch it: worker 0's log through tail -f, for a few seconds.
         watch = substitute(blocks["6"][0].splitlines()[0], ("tail -f", "timeout 5 tail -f"))
-        out = subprocess.run(
-            ["bash", "-c", f"{variables}\n{watch}"],
-            cwd=user.checkout,
-            env=user.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        ).stdout
+        out = user.run(f"{watch} || true", timeout=120)  # timeout's exit status 124
         assert "worker 0: [" in out and f"step {STEPS}" in out, out
 
         # 8. Evaluate: one summary, in the bucket.

@@ -256,7 +256,7 @@ def _write_validation(directory, history: dict[int, list[float]]) -> None:
 
 
 class AugmentedProbeEvaluator:
-    """The ``augmented`` probe (``matching_gap.augmented_probe``, resumable in ``workdir``):
+    """The ``augmented`` probe (:func:`run`, resumable in ``workdir``):
     yields ``augmented_probe_top1`` once it has finished."""
 
     def __init__(
