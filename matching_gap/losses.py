@@ -47,6 +47,7 @@ __all__ = [
     "info_nce",
     "l2_normalize",
     "matching_gap",
+    "matching_gap_scale",
     "multi_marginal_matching_gap",
     "multiview_byol",
     "multiview_info_nce",
@@ -268,6 +269,92 @@ def matching_gap(
         return _gap(jnp.mean(jnp.diagonal(c)), ot_cost, eps, n, out)
 
     return _grouped(one_problem, jnp.stack([x, y]), group_size)
+
+
+def matching_gap_scale(
+    epsilon: float, n: int, *, num_views: int = 2, cost: str = "sqeuclidean"
+) -> dict[str, float]:
+    r"""The two reference values of the matching gap (or M3G) at a given epsilon and n.
+
+    For an entropic loss "the loss falls" says little: its value lies between
+
+    - ``collapse``: every embedding the same point, so every coupling costs the same and
+      the entropic plan is uniform: :math:`\varepsilon (k - 1) \log n` (k views);
+    - ``floor``: the best case the loss can see, each item's views identical and every
+      other item orthogonal (unit vectors: ``normalize=True``). The entropic plan still
+      spreads mass off the diagonal, so the floor is above zero:
+      :math:`\varepsilon \log(S / n)` with :math:`S = \sum_{\text{tuples}}
+      e^{-c/\varepsilon}`; for two views,
+      :math:`\varepsilon \log\big(1 + (n - 1) e^{-d/\varepsilon}\big)` with ``d`` the
+      cost of two orthogonal unit vectors (2 for ``"sqeuclidean"``, 1 for ``"cosine"``,
+      1/2 for M3G's variance). It tends to 0 as epsilon goes to 0 (exact assignment).
+
+    ``(collapse - value) / (collapse - floor)`` reads a logged value as the fraction of the
+    way from collapse (0) to perfect pairs (1). ``diagonal_mass`` is the share of the
+    entropic plan on the true pairs (tuples) at the floor: 1 only as epsilon goes to 0.
+
+    Args:
+      epsilon: the absolute entropic regularisation (> 0); with ``relative_epsilon`` pass
+        the resolved value (``aux["epsilon"]``).
+      n: the number of items of one OT problem (``group_size``, or the batch).
+      num_views: k, the number of marginals (2 for :func:`matching_gap`).
+      cost: ``"sqeuclidean"`` or ``"cosine"`` (:func:`matching_gap`, two views), or
+        ``"variance"`` (:func:`multi_marginal_matching_gap`, any k >= 2).
+
+    Returns:
+      ``{"collapse": float, "floor": float, "diagonal_mass": float}``.
+
+    Example:
+      >>> from matching_gap import losses
+      >>> s = losses.matching_gap_scale(0.8, 64)
+      >>> round(s["collapse"], 3), round(s["floor"], 3)
+      (3.327, 1.456)
+    """
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}.")
+    if n < 2 or num_views < 2:
+        raise ValueError(f"n and num_views must be >= 2, got n = {n}, num_views = {num_views}.")
+    if cost not in COSTS + ("variance",):
+        raise ValueError(f"Unknown cost {cost!r}; valid costs: {[*COSTS, 'variance']}.")
+    k = int(num_views)
+    if k != 2 and cost != "variance":
+        raise ValueError(f"num_views = {k} needs cost='variance' (M3G's cost), got {cost!r}.")
+    orthogonal = {"sqeuclidean": 2.0, "cosine": 1.0}
+    # log(S), summed over the tuples grouped by how often each distinct item occurs in
+    # them (a partition of k): a tuple's cost depends only on that partition.
+    terms = []
+    for parts in _partitions(k):
+        distinct = len(parts)
+        if distinct > n:
+            continue
+        if cost == "variance":  # of k unit vectors: 1 - ||mean||^2
+            tuple_cost = 1.0 - sum(p * p for p in parts) / (k * k)
+        else:
+            tuple_cost = 0.0 if distinct == 1 else orthogonal[cost]
+        # ordered tuples with this partition: n! / (n - r)! / prod(mult!) * k! / prod(p!)
+        log_count = math.lgamma(n + 1) - math.lgamma(n - distinct + 1) + math.lgamma(k + 1)
+        log_count -= sum(math.lgamma(p + 1) for p in parts)
+        log_count -= sum(math.lgamma(parts.count(p) + 1) for p in set(parts))
+        terms.append(log_count - tuple_cost / epsilon)
+    top = max(terms)
+    log_s = top + math.log(sum(math.exp(t - top) for t in terms))
+    return {
+        "collapse": float(epsilon * (k - 1) * math.log(n)),
+        "floor": float(epsilon * (log_s - math.log(n))),
+        "diagonal_mass": float(math.exp(math.log(n) - log_s)),
+    }
+
+
+def _partitions(k: int, largest: int | None = None) -> list[tuple[int, ...]]:
+    """The partitions of ``k`` as non-increasing tuples (k = 3: (3,), (2, 1), (1, 1, 1))."""
+    largest = k if largest is None else largest
+    if k == 0:
+        return [()]
+    return [
+        (first,) + rest
+        for first in range(min(k, largest), 0, -1)
+        for rest in _partitions(k - first, first)
+    ]
 
 
 def _prepare_pair(x, y, name: str, epsilon, relative_epsilon, cost: str, normalize: bool):

@@ -339,6 +339,62 @@ def test_m3g_grouped_is_mean_of_groups():
 # ------------------------------------------------------------------------- baselines
 
 
+@pytest.mark.parametrize("epsilon", [0.05, 0.2, 0.8, 2.0])
+@pytest.mark.parametrize("cost", ["sqeuclidean", "cosine"])
+def test_matching_gap_scale_is_the_loss_at_collapse_and_at_perfect_pairs(epsilon, cost):
+    # A second computation of the same two values: the loss itself, solved by Sinkhorn,
+    # on n one-hot vectors paired with themselves (the floor) and on one point (collapse).
+    n = 16
+    scale = losses.matching_gap_scale(epsilon, n, cost=cost)
+    perfect = jnp.eye(n)
+    floor, _ = losses.matching_gap(
+        perfect, perfect, epsilon=epsilon, cost=cost, sinkhorn_options=TIGHT
+    )
+    same = jnp.ones((n, 3))
+    collapse, _ = losses.matching_gap(same, same, epsilon=epsilon, cost=cost, normalize=True)
+    np.testing.assert_allclose(scale["floor"], float(floor), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(scale["collapse"], float(collapse), rtol=1e-5)
+    plan = losses.transport_plan(
+        perfect, perfect, epsilon=epsilon, cost=cost, sinkhorn_options=TIGHT
+    )
+    np.testing.assert_allclose(scale["diagonal_mass"], float(jnp.trace(plan)), rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_m3g_scale_is_the_loss_at_collapse_and_at_perfect_tuples(k):
+    n, epsilon = 6, 0.3
+    scale = losses.matching_gap_scale(epsilon, n, num_views=k, cost="variance")
+    perfect = jnp.stack([jnp.eye(n)] * k)
+    floor, _ = losses.multi_marginal_matching_gap(perfect, epsilon=epsilon, sinkhorn_options=TIGHT)
+    collapse, _ = losses.multi_marginal_matching_gap(jnp.ones((k, n, 3)), epsilon=epsilon)
+    np.testing.assert_allclose(scale["floor"], float(floor), rtol=1e-4)
+    np.testing.assert_allclose(scale["collapse"], float(collapse), rtol=1e-5)
+
+
+def test_matching_gap_scale_at_the_recipes_epsilon_is_far_above_zero():
+    # The recipe: unit vectors, epsilon 0.8, OT groups of 64 pairs.
+    scale = losses.matching_gap_scale(0.8, 64)
+    assert scale["collapse"] == pytest.approx(0.8 * math.log(64))
+    assert scale["floor"] == pytest.approx(0.8 * math.log(1 + 63 * math.exp(-2 / 0.8)))
+    assert scale["floor"] == pytest.approx(1.456, abs=1e-3)
+    assert scale["diagonal_mass"] == pytest.approx(0.162, abs=1e-3)
+    assert losses.matching_gap_scale(0.05, 64)["floor"] < 1e-12
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"epsilon": 0.0, "n": 8}, "epsilon"),
+        ({"epsilon": 0.1, "n": 1}, "n and num_views"),
+        ({"epsilon": 0.1, "n": 8, "cost": "l1"}, "Unknown cost"),
+        ({"epsilon": 0.1, "n": 8, "num_views": 3}, "variance"),
+    ],
+)
+def test_matching_gap_scale_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        losses.matching_gap_scale(**kwargs)
+
+
 def test_info_nce_hand_computed():
     # z = {e1, e2, e1, e2} with tau = 1: each anchor sees its positive at similarity 1 and
     # two negatives at 0, so the loss is -log(e / (e + 2)) = log(1 + 2/e).
