@@ -1,7 +1,7 @@
 """Training-step throughput of a config with the matching gap and with InfoNCE, side by side.
 
 Prints one markdown table: median step time, images/s (per device too), model FLOPs
-utilisation (MFU: the model's analytic matmul FLOPs per step, ``plan.analytic_flops``, / step
+utilisation (MFU: the model's analytic matmul FLOPs per step, ``efficiency.analytic_flops``, / step
 time / the devices' peak; augmentation and the loss are not counted as useful work) and the
 ratio of each loss's step to the InfoNCE step. Batches are synthetic uint8 images
 (no dataset or TensorFlow needed); the step is the real ``train.make_train_step`` (views,
@@ -26,7 +26,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from matching_gap import augment, data, plan, schema, train
+from matching_gap import augment, data, efficiency, schema, train
 from matching_gap import sharding as sharding_lib
 from matching_gap import state as state_lib
 
@@ -37,25 +37,12 @@ _STEPS = flags.DEFINE_integer("steps_per_round", 5, "Steps per loss per round.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device (0: look up).")
 flags.mark_flags_as_required(["config"])
 
-# Dense bf16 peak TFLOP/s per device (vendor figures).
-PEAK_TFLOPS = {
-    "H100": 989.0,
-    "H200": 989.0,
-    "A100": 312.0,
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v6 lite": 918.0,
-}
-
-
-def peak_tflops(device) -> float | None:
+def peak_tflops(device, dtype: str) -> float | None:
+    """The flag's value, else the device's published peak (``efficiency.PEAK_FLOPS``)."""
     if _PEAK.value:
         return _PEAK.value
-    for name, value in PEAK_TFLOPS.items():
-        if name.lower() in device.device_kind.lower():
-            return value
-    return None
+    peak = efficiency.peak_flops(device.device_kind, dtype)
+    return None if peak is None else peak / 1e12
 
 
 def _xla_cost(compiled) -> tuple[float, float] | None:
@@ -147,8 +134,8 @@ def main(argv):
             run["state"] = state
 
     device = jax.devices()[0]
-    peak = peak_tflops(device)
-    flops = plan.analytic_flops(config)["total"]
+    peak = peak_tflops(device, config.model.dtype)
+    flops = efficiency.analytic_flops(config)["total"]
     sizes = config.model.encoder_sizes()
     base = statistics.median(runs[_LOSSES.value[-1]]["times"])
     print(

@@ -5,7 +5,7 @@ function, shardings, donation, dtype, remat and batch) for the devices of a Clou
 without any TPU (``jax.experimental.topologies`` with libtpu, ``pip install -e '.[tpu]'``),
 or for ``cpu-N``, N simulated CPU devices. It reports what XLA's compiler says of one step
 on one device (memory by kind, FLOPs, the collectives and the bytes they move) beside an
-analytic count of the model's matmul FLOPs (:func:`analytic_flops`), and projects
+analytic count of the model's matmul FLOPs (:func:`efficiency.analytic_flops`), and projects
 throughput and chip-hours from the chip's published peak at a given model-FLOPs
 utilisation (MFU). ``python -m matching_gap.main --config=C --mode=plan --topology=v4-32``.
 
@@ -25,12 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from matching_gap import data, errors, models, schema, state, train
+# efficiency: one count of the model's FLOPs and one table of peaks, shared with the trainer.
+from matching_gap import data, efficiency, errors, schema, state, train
 from matching_gap import sharding as sharding_lib
+from matching_gap.efficiency import ASSUMED_MFU, PEAK_FLOPS, analytic_flops
 
 GiB = 2**30
 MFU_LEVELS = (0.3, 0.4, 0.5)
-CHIP_HOURS_MFU = 0.4
+CHIP_HOURS_MFU = ASSUMED_MFU
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +44,19 @@ class Chip:
     dims: int  # torus dimensions
     cores_in_name: bool  # the accelerator type counts TensorCores (2 per chip), not chips
     hbm_bytes: int
-    peak_flops: float  # bf16 FLOP/s per chip
+    device_kind: str  # what JAX reports, the key of efficiency.PEAK_FLOPS
+
+    @property
+    def peak_flops(self) -> float:
+        """bf16 FLOP/s per chip (one JAX device per chip)."""
+        return PEAK_FLOPS[self.device_kind].bfloat16
 
 
 CHIPS = {
-    "v4": Chip("v4", "v4", 3, True, 32 * GiB, 275e12),
-    "v5p": Chip("v5p", "v5", 3, True, 95 * GiB, 459e12),
-    "v5litepod": Chip("v5litepod", "v5e", 2, False, 16 * GiB, 197e12),
-    "v6e": Chip("v6e", "v6e", 2, False, 32 * GiB, 918e12),
+    "v4": Chip("v4", "v4", 3, True, 32 * GiB, "TPU v4"),
+    "v5p": Chip("v5p", "v5", 3, True, 95 * GiB, "TPU v5"),
+    "v5litepod": Chip("v5litepod", "v5e", 2, False, 16 * GiB, "TPU v5 lite"),
+    "v6e": Chip("v6e", "v6e", 2, False, 32 * GiB, "TPU v6 lite"),
 }
 CHIPS["v5e"] = CHIPS["v5litepod"]
 _MAX_CHIPS = 4096
@@ -239,79 +246,6 @@ def compiled_flops(compiled) -> float:
     return float(analysis["flops"])
 
 
-# ------------------------------------------------------------------ the model's matmuls
-
-
-def encoder_forward_flops(model_config: models.ModelConfig, resolution: int) -> float:
-    """Matmul FLOPs (2 per multiply-add) of one image through the ViT at ``resolution``:
-    the stem and patch embedding, and per block the qkv, attention scores, attention x
-    values, output projection and the MLP. Norms, softmax, GELU and adds are not counted."""
-    s = model_config.encoder_sizes()
-    width, mlp, patch = s["width"], s["mlp_dim"], s["patch_size"]
-    patches = (resolution // patch) ** 2
-    tokens = patches + (1 if model_config.pooling == "cls" else 0)
-    stem = model_config.stem_channels
-    flops = 2 * patches * patch * patch * (stem or model_config.channels) * width
-    if stem:
-        flops += 2 * resolution * resolution * 9 * model_config.channels * stem
-    block = (
-        2 * tokens * width * 3 * width  # qkv
-        + 2 * tokens * tokens * width  # scores
-        + 2 * tokens * tokens * width  # attention x values
-        + 2 * tokens * width * width  # output projection
-        + 2 * 2 * tokens * width * mlp  # MLP
-    )
-    return float(flops + s["depth"] * block)
-
-
-def _head_flops(in_dim: int, hidden: int, out: int, layers: int) -> float:
-    dims = [in_dim] + [hidden] * (layers - 1) + [out]
-    return float(sum(2 * a * b for a, b in zip(dims[:-1], dims[1:], strict=True)))
-
-
-def analytic_flops(config) -> dict:
-    """The model's matmul FLOPs of one training step on the global batch.
-
-    Every student view (global and local crops) goes through the encoder, projector and
-    predictor forward and backward (backward = 2 x forward; the patch embedding's backward
-    needs no gradient of the pixels, so 1 x); the EMA teacher's forward runs the encoder
-    and projector on the global views. Rematerialisation is not counted (these are model
-    FLOPs, the basis of MFU); neither are the loss, the optimiser or elementwise work.
-    """
-    mc = config.model
-    a, b = config.augment, config.optim.batch_size
-    width = mc.encoder_sizes()["width"]
-    projector = _head_flops(width, mc.projector_hidden_dim, mc.projector_dim, mc.projector_layers)
-    predictor = 0.0
-    if mc.use_predictor:
-        predictor = _head_flops(
-            mc.projector_dim,
-            mc.predictor_hidden_dim,
-            mc.projector_dim,
-            mc.predictor_layers,
-        )
-
-    def patch_embed(resolution):
-        p = mc.encoder_sizes()["patch_size"]
-        return 2.0 * (resolution // p) ** 2 * p * p * (mc.stem_channels or mc.channels) * width
-
-    def student(resolution):  # forward + backward of one view
-        forward = encoder_forward_flops(mc, resolution) + projector + predictor
-        return 3 * forward - patch_embed(resolution)
-
-    views = [(a.num_views, a.crop_size)]
-    if a.num_local_crops:
-        views.append((a.num_local_crops, a.local_crop_size))
-    out = {"student": float(sum(n * b * student(r) for n, r in views))}
-    out["teacher"] = 0.0
-    if config.teacher.ema:
-        out["teacher"] = float(
-            a.num_views * b * (encoder_forward_flops(mc, a.crop_size) + projector)
-        )
-    out["total"] = out["student"] + out["teacher"]
-    return out
-
-
 # ------------------------------------------------------------------ compiling the step
 
 
@@ -419,7 +353,6 @@ def plan_run(config, topology: Topology) -> dict:
     mem = memory(compiled)
     fits = hbm is None or mem["peak"] <= hbm
     analytic = analytic_flops(config)
-    per_image = analytic["total"] / config.optim.batch_size
     plan = {
         "topology": topology.name,
         "layout": topology.layout,
@@ -441,7 +374,10 @@ def plan_run(config, topology: Topology) -> dict:
     peak = topology.chip.peak_flops if topology.chip else None
     plan["peak_flops_per_device"] = peak
     plan["images_per_second_per_device"] = {
-        f"{round(m * 100)}%": (m * peak / per_image if peak else None) for m in MFU_LEVELS
+        f"{round(m * 100)}%": (
+            efficiency.images_per_second_per_device(config, peak, m) if peak else None
+        )
+        for m in MFU_LEVELS
     }
     plan["chip_hours_for_recipe"] = (
         steps * analytic["total"] / (CHIP_HOURS_MFU * peak) / 3600 if peak and steps else None

@@ -1,8 +1,8 @@
 """The configuration schema: every field a run reads, its type, its default and its rule.
 
 One frozen dataclass per section of a config (``data``, ``augment``, ``model``, ``loss``,
-``teacher``, ``optim``, ``train``, ``eval``, ``export``) and :class:`Config`, which holds
-them and the ``seed``. This module is the only place a field is written:
+``teacher``, ``optim``, ``train``, ``monitor``, ``eval``, ``export``) and :class:`Config`,
+which holds them and the ``seed``. This module is the only place a field is written:
 ``config_lib.base_config()`` (what config files and ``--config.section.field=`` overrides
 start from) is derived from it, and :func:`parse` turns a config into a :class:`Config`
 once, at the front door; the sections are then passed down as they are.
@@ -12,7 +12,8 @@ section together are the section's ``check``; those that tie sections together a
 ``Config.check``, and those that depend on the number of devices :func:`check_devices`.
 Every error is an :class:`errors.ConfigError` naming the ``section.field``.
 
-Imports only the standard library and ``errors``: config files load without JAX.
+Imports only the standard library, ``errors`` and ``efficiency`` (its table of device
+kinds): config files load without JAX.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from matching_gap import errors
+from matching_gap.efficiency import PEAK_FLOPS
 
 # The choices of the fields that name something.
 SOURCES = ("fashion_mnist_idx", "tfds", "image_folder")
@@ -483,6 +485,29 @@ class TrainConfig(_Section):
     fsdp: bool = False  # shard parameters and optimiser state over the devices (large models)
 
 
+@dataclasses.dataclass(frozen=True)
+class MonitorConfig(_Section):
+    """What a run says about itself while it runs (``matching_gap.monitor``)."""
+
+    section: ClassVar[str] = "monitor"
+    # The devices' kind for MFU: "" = what JAX reports (jax.devices()[0].device_kind);
+    # by hand, a kind of efficiency.PEAK_FLOPS (e.g. a GPU whose name JAX reports otherwise).
+    device_kind: str = _field(
+        "", (lambda v: v == "" or v in PEAK_FLOPS, f"'' or one of {list(PEAK_FLOPS)}")
+    )
+    # Say once that the run is input-bound when this share of the wall time goes to waiting
+    # for batches over `window` progress rows.
+    input_wait_warning: float = _field(0.1, (lambda v: 0 < v < 1, "in (0, 1)"))
+    window: int = _field(3, (lambda v: 1 <= v <= 100, "an integer in [1, 100]"))  # rows
+    # The collapse line: effective rank of the features at or below this (1 = one line).
+    collapse_rank: float = _field(1.5, (lambda v: 1 <= v <= 100, "in [1, 100]"))
+    # jax.profiler trace of steps [profile_start, profile_start + profile_steps) into
+    # <workdir>/tensorboard/plugins/profile/ (0 = off); process 0 unless all processes.
+    profile_start: int = _field(0, (COUNT[0], "an integer >= 0 (0 = off)"))
+    profile_steps: int = _field(3, (lambda v: 1 <= v <= 20, "an integer in [1, 20]"))
+    profile_all_processes: bool = False
+
+
 RATES = _all(lambda x: x > 0, "a non-empty tuple of numbers > 0")
 DECAYS = _all(lambda x: x >= 0, "a non-empty tuple of numbers >= 0")
 HOLDOUT: Rule = (
@@ -571,6 +596,7 @@ SECTIONS: dict[str, type[_Section]] = {
         TeacherConfig,
         OptimConfig,
         TrainConfig,
+        MonitorConfig,
         EvalConfig,
         ExportConfig,
     )
@@ -594,6 +620,7 @@ class Config:
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    monitor: MonitorConfig = dataclasses.field(default_factory=MonitorConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
 

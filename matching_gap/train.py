@@ -28,7 +28,9 @@ from matching_gap import (
     checkpointing,
     data,
     errors,
+    health,
     metrics,
+    monitor,
     objectives,
     pictures,
     schema,
@@ -108,8 +110,13 @@ def make_train_step(config, graphdef, optimizer, schedules: dict, mesh=None):
             else:
                 targets = out["projections"]
             if dino:
-                return objective(student, targets, center=state.center, teacher_temperature=temp)
-            return objective(student, targets)
+                value, aux = objective(
+                    student, targets, center=state.center, teacher_temperature=temp
+                )
+            else:
+                value, aux = objective(student, targets)
+            features = jax.lax.stop_gradient(out["features"][0])
+            return value, {**aux, _RANK: health.effective_rank(features)}
 
         temp = schedules["teacher_temperature"](state.step) if dino else None
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -138,6 +145,7 @@ def make_train_step(config, graphdef, optimizer, schedules: dict, mesh=None):
             out_metrics["train/teacher_temperature"] = temp
         if freeze:
             out_metrics["train/last_layer_frozen"] = frozen.astype(jnp.float32)
+        out_metrics["health/effective_rank"] = aux.pop(_RANK)
         for name, value in aux.items():
             group = "sinkhorn" if name in _SINKHORN_KEYS else "train"
             out_metrics[f"{group}/{name}"] = value
@@ -164,6 +172,8 @@ def jit_train_step(
 
 
 _SINKHORN_KEYS = ("converged", "sinkhorn_iterations", "marginal_error", "epsilon")
+# The effective rank (RankMe) of the student's features of the first global view.
+_RANK = "effective_rank"
 
 
 # --------------------------------------------------------------------------- the loop
@@ -247,6 +257,7 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
     devices to run on (default: all devices of all processes). Everything that can be
     checked (config, data, workdir) is checked before anything is written.
     """
+    stopwatch = monitor.Stopwatch()
     config = schema.parse(config)
     mesh = sharding_lib.make_mesh(devices)
     schema.check_devices(config, mesh.size)
@@ -256,6 +267,7 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
     data.check_batch_fits(num_examples, config.optim.batch_size, name)
     epoch_steps = state_lib.steps_per_epoch(config, num_examples)
     num_steps = state_lib.total_steps(config, num_examples)
+    monitor.check_profile_range(config, num_steps)
     optimizer, schedules = state_lib.make_optimizer(config, num_steps, epoch_steps)
     graphdef, abstract_state, state_sharding = state_lib.abstract_train_state(
         config, optimizer, mesh
@@ -273,7 +285,8 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
     ckpt = checkpointing.Checkpointer(
         workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
     )
-    state = ckpt.restore_latest(abstract_state)
+    with stopwatch.measure("checkpoint"):
+        state = ckpt.restore_latest(abstract_state)
     start_step = 0 if state is None else int(state.step)
     if state is None:
         state = state_lib.init_train_state(config, optimizer, state_sharding, encoder=encoder)
@@ -293,7 +306,18 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
         start_step=start_step,
         augment=config.augment,
     )
-    progress = metrics.Progress(writer, config.optim.batch_size, mesh.size, start_step, num_steps)
+    progress = monitor.Progress(
+        config,
+        workdir,
+        writer,
+        stopwatch,
+        num_devices=mesh.size,
+        device_kind=monitor.device_kind(config, mesh),
+        start_step=start_step,
+        num_steps=num_steps,
+    )
+    profiler = monitor.Profiler(config, workdir, start_step)
+    compiled_step = None  # compiled at the first step, its time measured apart
     plan_batch = None  # the transport-plan pictures: single-process matching-gap runs
     if config.train.plan_every and config.loss.name == "matching_gap":
         if jax.process_count() == 1:
@@ -304,11 +328,19 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
                 "runs only; skipped."
             )
     pending, time_limit = [], config.train.time_limit_minutes * 60
+    stopwatch.mark_startup()
     with checkpointing.preemption_notice() as preempted, _lost_process_ends_run(ckpt):
         for step in range(start_step + 1, num_steps + 1):
-            images = sharding_lib.model_inputs(next(batches), mesh)
-            state, step_metrics = train_step(state, images)
+            with stopwatch.measure("input_wait"):
+                images = sharding_lib.model_inputs(next(batches), mesh)
+            if compiled_step is None:
+                with stopwatch.measure("compile"):
+                    compiled_step = train_step.lower(state, images).compile()
+            profiler.before(step)
+            state, step_metrics = compiled_step(state, images)
             pending.append((step, step_metrics))
+            with stopwatch.measure("other"):
+                profiler.after(step, state)
             log = step % config.train.log_every == 0
             stop = (
                 step == num_steps
@@ -321,23 +353,28 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
                 fetched, pending = jax.device_get(pending), []
                 _check_finite(fetched)
                 ckpt.check()  # a failed save ends the run here, not at the next save
-                progress.write(step, fetched)
+                progress.write(step, fetched, stopping=stop)
             if save:
-                state = ckpt.save(step, state, force=stop)
+                with stopwatch.measure("checkpoint"):
+                    state = ckpt.save(step, state, force=stop)
             if stop:
                 break
             if config.train.knn_every and step % config.train.knn_every == 0:
-                results = suite.run(knn_suite, state_lib.encoder_params(config, state))
+                with stopwatch.measure("evaluation"):
+                    results = suite.run(knn_suite, state_lib.encoder_params(config, state))
                 writer.write_scalars(step, results)
                 metrics.log(f"step {step} | {metrics.format_results(results)}")
             if plan_batch is not None and step % config.train.plan_every == 0:
-                views, student, targets = jax.device_get(
-                    plan_batch(state.params, state.teacher, images, step)
-                )
-                images_out = pictures.plan_images(config, views, student, targets)
-                writer.write_images(step, {f"plan/{k}": v for k, v in images_out.items()})
-                pictures.save_latest(workdir, images_out)
-    ckpt.close()
+                with stopwatch.measure("other"):
+                    views, student, targets = jax.device_get(
+                        plan_batch(state.params, state.teacher, images, step)
+                    )
+                    images_out = pictures.plan_images(config, views, student, targets)
+                    writer.write_images(step, {f"plan/{k}": v for k, v in images_out.items()})
+                    pictures.save_latest(workdir, images_out)
+    progress.finish_training()
+    with stopwatch.measure("checkpoint"):
+        ckpt.close()
     final_step = int(state.step)
 
     results = {}
@@ -353,6 +390,7 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
                 f"Process {jax.process_index()} of {jax.process_count()} stopped {stopped}",
                 flush=True,
             )
+        progress.close(print_table=True)
         writer.close()
         return TrainResult(final_step, num_steps, results)
     random_params = None
@@ -360,14 +398,15 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
         init = state_lib.init_train_state(config, optimizer, state_sharding)
         random_params = state_lib.encoder_params(config, init)
     if config.train.final_eval:
-        monitor = suite.monitor(config, features)
-        results = suite.run(monitor, state_lib.encoder_params(config, state))
-        if random_params is not None:
-            results.update(suite.run(monitor, random_params, prefix="eval/random_init_"))
-        if config.train.compare_raw_pixels:
-            pixels = features_lib.SplitFeatures(config, graphdef, mesh, raw_pixels=True)
-            pixels_suite = suite.monitor(config, pixels)
-            results.update(suite.run(pixels_suite, None, prefix="eval/raw_pixels_"))
+        with stopwatch.measure("evaluation"):
+            evaluators = suite.monitor(config, features)
+            results = suite.run(evaluators, state_lib.encoder_params(config, state))
+            if random_params is not None:
+                results.update(suite.run(evaluators, random_params, prefix="eval/random_init_"))
+            if config.train.compare_raw_pixels:
+                pixels = features_lib.SplitFeatures(config, graphdef, mesh, raw_pixels=True)
+                pixels_suite = suite.monitor(config, pixels)
+                results.update(suite.run(pixels_suite, None, prefix="eval/raw_pixels_"))
         writer.write_scalars(final_step, results)
         suite.print_summary(results)
     if config.train.pictures:
@@ -380,5 +419,6 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
                 "train.pictures: pictures are drawn by single-process runs only "
                 "(--mode=pictures on one host draws them from the checkpoint)."
             )
+    progress.close(print_table=True)
     writer.close()
     return TrainResult(final_step, num_steps, results)
