@@ -205,6 +205,7 @@ class Progress:
         self._sums: dict[str, float] = dict(window["sums"]) if window else {}
         self._count = int(window["count"]) if window else 0
         self._last_step, self._last_time = start_step, stopwatch.now()
+        self._training_start = self._last_time
         self._last_seconds = dict(stopwatch.seconds)
         # The account covers the wall time up to _accounted, when the categories had
         # claimed _claimed seconds; unclaimed time after training is "other".
@@ -218,6 +219,10 @@ class Progress:
         self._waits: collections.deque = collections.deque(maxlen=mc.window)
         self._said_input, self._clean_rows = False, []
         self._compared = False
+
+    def seconds(self) -> float:
+        """Seconds since this invocation started training (``train.time_limit_minutes``)."""
+        return self._watch.now() - self._training_start
 
     # ------------------------------------------------------------------ the account
 

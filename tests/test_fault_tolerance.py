@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from matching_gap import checkpointing, config_lib, data, metrics, schema, train
+from matching_gap import checkpointing, config_lib, data, metrics, monitor, schema, train
 from matching_gap import state as state_lib
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -133,6 +133,46 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert "rerun the same command to resume" in stdout
     saved = [int(s) for s in os.listdir(tmp_path / "checkpoints")]
     assert len(saved) == 1 and 5 <= saved[0] < 1000  # saved on the signal, not on schedule
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_goodput_and_the_next_row_across_a_sigterm_and_a_resume(tmp_path):
+    long = ["--config.optim.num_steps=100000", "--config.train.checkpoint_every=100000"]
+    log = ["--config.train.log_every=7"]
+    proc = subprocess.Popen(
+        _command(tmp_path / "stopped", *long, *log),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    _wait_for_step(tmp_path / "stopped", 8, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Goodput over 1 invocation(s), 0 restart(s)" in stdout
+    (stop,) = [int(s) for s in os.listdir(tmp_path / "stopped" / "checkpoints")]
+    after = ["--config.train.run_steps=14"]
+    resumed = _run(_command(tmp_path / "stopped", *long, *log, *after))
+    assert f"Resumed from the checkpoint at step {stop}" in resumed.stdout
+    assert "Goodput over 2 invocation(s), 1 restart(s)" in resumed.stdout
+    record = json.loads((tmp_path / "stopped" / "goodput.json").read_text())
+    assert record["restarts"] == [
+        {"resumed_from_step": stop, "reached_step": stop, "redone_steps": 0}
+    ]
+    parts = record["productive_step_seconds"] + record["redone_step_seconds"]
+    parts += sum(record[f"{c}_seconds"] for c in monitor.CATEGORIES)
+    assert parts == pytest.approx(record["wall_seconds"], rel=0.05)
+    assert record["max_step"] == stop + 14
+    # The same run uninterrupted: its row after the stop equals the resumed run's.
+    _run(_command(tmp_path / "straight", *long, *log, f"--config.train.run_steps={stop + 14}"))
+    straight = {r["step"]: r for r in metrics.read_metrics(str(tmp_path / "straight"))}
+    stopped = {r["step"]: r for r in metrics.read_metrics(str(tmp_path / "stopped"))}
+    row = (stop // 7 + 1) * 7  # the first log step after the stop
+    assert straight[row]["train/window_steps"] == stopped[row]["train/window_steps"] == 7
+    for key in ("train/loss", "train/grad_norm", "sinkhorn/sinkhorn_iterations"):
+        assert stopped[row][key] == straight[row][key], key
 
 
 @pytest.mark.slow
