@@ -10,6 +10,10 @@
 #   eval          evaluation throughput (benchmarks/eval_throughput.py, batch 1024): feature
 #                 extraction, the forward pass alone and the augmented probe's step, with
 #                 the ImageNet evaluation cost they project (experiments/recipes.md)
+#   trainer       the real command (python -m matching_gap.main, configs/vitb16.py, batch 128)
+#                 for 60 steps on a folder of 1,024 generated JPEGs, the views cut on the host
+#                 as on ImageNet: its progress rows (MFU, input wait), the line that compares
+#                 the settled step with the plan, and the goodput table
 #
 # and prints one table per variant; $OUT (default benchmarks/results/gpu_check) gets each
 # variant's whole log (<variant>.log) and environment.txt. A variant that fails or runs past $VARIANT_TIMEOUT seconds is reported and
@@ -36,12 +40,12 @@ declare -A flags=(
   [b128_mc_xla]="--config.optim.batch_size=128"
   [b128_mc_cudnn]="--config.optim.batch_size=128 --config.model.attention=cudnn"
 )
-known=(b256_xla b256_cudnn b128_mc_xla b128_mc_cudnn eval)
+known=(b256_xla b256_cudnn b128_mc_xla b128_mc_cudnn eval trainer)
 order=("${known[@]}")
 if (($#)); then order=("$@"); fi
 
 for name in "${order[@]}"; do
-  if [[ $name != eval && -z "${flags[$name]+set}" ]]; then
+  if [[ $name != eval && $name != trainer && -z "${flags[$name]+set}" ]]; then
     echo "unknown variant $name; known: ${known[*]}" >&2
     exit 2
   fi
@@ -62,6 +66,26 @@ for name in "${order[@]}"; do
     echo "== eval: $config --batch=1024"
     timeout "$timeout_s" python3 benchmarks/eval_throughput.py --config="$config" \
       --batch=1024 --rounds=3 --batches_per_round=4 >"$out/$name.log" 2>&1
+  elif [[ $name == trainer ]]; then
+    echo "== trainer: $config, batch 128, 60 steps on generated JPEGs"
+    python3 - "$out/images" <<'PY'
+import os, sys
+import numpy as np
+from PIL import Image
+rng = np.random.default_rng(0)
+for i in range(1024):
+    folder = os.path.join(sys.argv[1], "train", f"class_{i % 8}")
+    os.makedirs(folder, exist_ok=True)
+    pixels = rng.integers(0, 256, (rng.integers(300, 500), rng.integers(300, 500), 3))
+    Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i}.jpg"), quality=90)
+PY
+    rm -rf "$out/trainer_run"
+    timeout "$((timeout_s * 2))" python3 -m matching_gap.main --config="$config" \
+      --workdir="$out/trainer_run" --config.data.source=image_folder \
+      --config.data.data_dir="$out/images" --config.optim.batch_size=128 \
+      --config.train.run_steps=60 --config.train.log_every=10 \
+      --config.train.checkpoint_every=1000 --config.train.final_eval=False \
+      --config.train.knn_every=0 --config.train.pictures=False >"$out/$name.log" 2>&1
   else
     echo "== $name: $config ${flags[$name]}"
     # shellcheck disable=SC2086  # the flags are meant to split into words
@@ -71,7 +95,7 @@ for name in "${order[@]}"; do
   status=$?
   # The tables and the summary lines; the end of the log when the run failed.
   if ((status == 0)); then
-    grep -E '^(model FLOPs|device:|\||XLA cost|view-making|ImageNet)' "$out/$name.log"
+    grep -E '^(model FLOPs|device:|\||XLA cost|view-making|ImageNet)|(step [0-9]+/|Settled|Input-bound|collapsed|Goodput)|^  [a-z]' "$out/$name.log"
   else
     echo "FAILED (exit $status$( ((status == 124)) && echo ", over ${timeout_s} s")):"
     tail -n 15 "$out/$name.log"
