@@ -409,10 +409,14 @@ class Progress:
                 f"{hours:,.1f} {unit} ({planned_hours:,.1f} at the plan's MFU)"
             )
         else:
+            known = (
+                "a CPU has none"
+                if self._kind.lower() == "cpu"
+                else "if this is a listed chip under another name, set monitor.device_kind"
+            )
             text += (
-                f"; MFU unknown: no published peak for {self._kind!r} (set "
-                f"monitor.device_kind to a known kind). At this rate the run's "
-                f"{self._num_steps:,} steps take {hours:,.2f} {unit}"
+                f"; MFU unknown: no published peak for {self._kind!r} ({known}). At this "
+                f"rate the run's {self._num_steps:,} steps take {hours:,.2f} {unit}"
             )
         return text + f" and end at {end:%Y-%m-%d %H:%M}."
 

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -277,9 +278,22 @@ def test_the_profile_of_a_step_range_lands_where_tensorboard_looks(tmp_path):
     config.optim.num_steps = 4
     config.monitor.update(profile_start=2, profile_steps=2)
     run(config, tmp_path)
-    # TensorBoard's profile plugin lists <logdir>/plugins/profile/<run>/<host>.xplane.pb.
+    # TensorBoard's profile plugin lists <logdir>/plugins/profile/<run>/<host>.xplane.pb ...
     found = glob.glob(str(tmp_path / "tensorboard" / "plugins" / "profile" / "*" / "*.xplane.pb"))
     assert len(found) == 1 and os.path.getsize(found[0]) > 0
+    # ... and its loader (xprof, the plugin's package) finds the run and reads its tools.
+    from xprof import profile_plugin
+
+    context = types.SimpleNamespace(
+        logdir=str(tmp_path / "tensorboard"),
+        data_provider=None,
+        flags=types.SimpleNamespace(master_tpu_unsecure_channel=""),
+    )
+    plugin = profile_plugin.ProfilePlugin(context)
+    runs = list(plugin.generate_runs())
+    assert runs == [os.path.basename(os.path.dirname(found[0]))]
+    tools = list(plugin.generate_tools_of_run(runs[0], os.path.dirname(found[0])))
+    assert "trace_viewer@" in tools and "op_profile" in tools, tools
 
 
 @pytest.mark.parametrize(
