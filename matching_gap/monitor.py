@@ -96,7 +96,7 @@ class Goodput:
 
     def __init__(self, workdir: str, start_step: int):
         self._path = storage.path(workdir, "goodput.json")
-        saved = json.loads(self._path.read_text()) if self._path.exists() else None
+        saved = _read_account(self._path)
         self.base = {k: 0.0 for k in _SECONDS}
         self.base.update(invocations=0, restarts=[], max_step=start_step, open_window=None)
         if saved is not None:
@@ -138,6 +138,26 @@ class Goodput:
     def write(self) -> None:
         if jax.process_index() == 0:
             storage.write_text(self._path, json.dumps(self.record(), indent=1))
+
+
+def _read_account(path) -> dict | None:
+    """The saved account, or None. One that cannot be read is kept aside (with its reason in
+    the log) and the run starts a new one: training never stops for its bookkeeping."""
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("restarts", []), list):
+            raise ValueError("not an account")
+        float(saved.get("wall_seconds", 0.0)), int(saved.get("max_step", 0))
+        return saved
+    except (OSError, ValueError, TypeError) as e:
+        aside = path.parent / f"{path.name}.unreadable"
+        if jax.process_index() == 0:
+            with contextlib.suppress(OSError):
+                storage.write_bytes(aside, path.read_bytes())
+        metrics.log(f"{path} cannot be read ({e}); kept as {aside}, a new account starts.")
+        return None
 
 
 def format_goodput(record: Mapping[str, Any]) -> str:

@@ -367,3 +367,13 @@ def test_a_run_forced_to_collapse_says_so_and_a_healthy_one_does_not(tmp_path, c
     out = capsys.readouterr().out
     assert out.count("The run looks collapsed") == 1, out
     assert "missing predictor or stop-gradient" in out
+
+
+def test_an_unreadable_account_is_kept_aside_and_a_new_one_starts(tmp_path, capsys):
+    (tmp_path / "goodput.json").write_text('{"wall_seconds": 12.0, "restarts": ')  # cut short
+    account = monitor.Goodput(str(tmp_path), start_step=40)
+    assert account.record()["invocations"] == 1 and account.record()["restarts"] == []
+    assert (tmp_path / "goodput.json.unreadable").read_text().startswith('{"wall_seconds"')
+    assert "cannot be read" in capsys.readouterr().out
+    account.write()
+    assert json.loads((tmp_path / "goodput.json").read_text())["max_step"] == 40
