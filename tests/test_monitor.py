@@ -377,3 +377,26 @@ def test_an_unreadable_account_is_kept_aside_and_a_new_one_starts(tmp_path, caps
     assert "cannot be read" in capsys.readouterr().out
     account.write()
     assert json.loads((tmp_path / "goodput.json").read_text())["max_step"] == 40
+
+
+def _cells(table: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()]
+
+
+def test_the_docs_health_table_is_what_its_command_computes():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "health_table.py")
+    spec = importlib.util.spec_from_file_location("health_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    computed = _cells(module.table(None))  # the figures that need no run
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "training.md")) as f:
+        doc = f.read()
+    start = doc.index("|  | " + computed[0][1])
+    documented = _cells(doc[start:].split("\n\n", 1)[0])
+    assert [row[0] for row in documented] == [row[0] for row in computed]
+    for doc_row, row in zip(documented, computed, strict=True):
+        for doc_cell, cell in zip(doc_row, row, strict=True):
+            if cell != "not measured":  # the demo's measured cells come from its run
+                assert doc_cell == cell, (row[0], doc_cell, cell)
