@@ -114,6 +114,16 @@ def test_flag_error_for_a_config_file_that_raises(tmp_path):
     )
 
 
+def test_flag_error_for_a_config_file_of_another_name_that_raises(tmp_path):
+    """--config reads any file as Python (ml_collections' loader); so does the message."""
+    path = tmp_path / "broken.cfg"
+    path.write_text("def get_config(arg=None):\n    raise ValueError('k must be 2, 3 or 4')\n")
+    message = describe(f"--config={path}")
+    assert message == (
+        f"--config={path}: the config file raised ValueError (line 2): k must be 2, 3 or 4"
+    )
+
+
 @pytest.mark.parametrize(
     "args,expected",
     [
