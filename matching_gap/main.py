@@ -36,6 +36,7 @@ import logging as std_logging  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
+from typing import NoReturn  # noqa: E402
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -82,7 +83,7 @@ _USAGE = "usage: python -m matching_gap.main --config=configs/default.py --workd
 USER_ERROR_STATUS = 2
 
 
-def _exit_with(message: str, *, at_once: bool = False) -> None:
+def _exit_with(message: str, *, at_once: bool = False) -> NoReturn:
     """Prints the message and exits; ``at_once``: without waiting for background threads
     or exit handlers (a save in flight to storage that does not answer, a collective with a
     process that is gone), which could hold the exit for minutes or abort it."""
