@@ -184,16 +184,23 @@ def _drop_reported_tracebacks(record: std_logging.LogRecord) -> bool:
 
 
 def _unraisable(unraisable) -> None:
-    """Python's report of an exception nobody could catch, less one kind that says nothing.
+    """Python's report of an exception nobody could catch, less two kinds that say nothing.
 
     Orbax runs each save or restore as many TensorStore reads or writes on an asyncio loop
     of its own; when one fails, Orbax raises that failure (reported in one line) and closes
-    the loop with the others still in flight. Each of those, on finishing, calls back into
-    the closed loop from a TensorStore thread: "RuntimeError: Event loop is closed", about
-    a hundred tracebacks for one failed save or one corrupt checkpoint. Those operations
-    belong to the checkpoint that failed (never committed), so nothing is lost."""
+    the loop with the others still in flight (``asyncio_utils._run_sync_via_new_loop``).
+    Each of those, on finishing, calls back into the closed loop from a TensorStore thread:
+    "RuntimeError: Event loop is closed", about a hundred tracebacks for one failed save or
+    one corrupt checkpoint. An abandoned read is then collected unfinished: Python closes it
+    with ``GeneratorExit``, which Orbax's ``_read_array_index_and_device_put`` catches and
+    re-raises as an ``Exception`` ("Encountered error while reading array index"). Those
+    operations belong to the checkpoint that failed (never committed, or not restored), so
+    nothing is lost."""
     error = unraisable.exc_value
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+    read = getattr(unraisable.object, "__qualname__", None) == "_read_array_index_and_device_put"
+    if read and isinstance(error.__cause__, GeneratorExit):
         return
     sys.__unraisablehook__(unraisable)
 
