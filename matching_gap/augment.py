@@ -237,9 +237,16 @@ def _gaussian_blur(u: jax.Array, x: jax.Array, size: int, in_pixels: bool = Fals
     weights = weights / jnp.sum(weights)
     height, width = x.shape[0], x.shape[1]
     padded = jnp.pad(x, ((radius, radius), (0, 0), (0, 0)), mode="edge")
-    x = sum(weights[i] * padded[i : i + height] for i in range(2 * radius + 1))
+    # Started from the first term (not sum's 0): the same additions, and an array out.
+    x = sum(
+        (weights[i] * padded[i : i + height] for i in range(1, 2 * radius + 1)),
+        weights[0] * padded[:height],
+    )
     padded = jnp.pad(x, ((0, 0), (radius, radius), (0, 0)), mode="edge")
-    return sum(weights[i] * padded[:, i : i + width] for i in range(2 * radius + 1))
+    return sum(
+        (weights[i] * padded[:, i : i + width] for i in range(1, 2 * radius + 1)),
+        weights[0] * padded[:, :width],
+    )
 
 
 def _one_view(
@@ -291,9 +298,10 @@ def _finish_view(
 def _view_probs(cfg: AugmentConfig, count: int, local: bool) -> tuple[jax.Array, jax.Array]:
     """Blur and solarize probabilities ``[count]`` of the global (or local) views."""
     blur = (cfg.blur_prob,) * count if local or not cfg.view_blur_probs else cfg.view_blur_probs
-    solarize = cfg.solarize_prob
     solarize = (
-        (solarize,) * count if local or not cfg.view_solarize_probs else (cfg.view_solarize_probs)
+        (cfg.solarize_prob,) * count
+        if local or not cfg.view_solarize_probs
+        else cfg.view_solarize_probs
     )
     return jnp.asarray(blur, jnp.float32), jnp.asarray(solarize, jnp.float32)
 

@@ -152,7 +152,7 @@ class Checkpointer:
         with _absl_quiet(read_only):  # Orbax's "Given directory is read only" says nothing new
             self._manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options)
         self._read_only = read_only
-        self._in_flight = None  # the step of the save not yet known to be written
+        self._in_flight: int | None = None  # the step of the save not yet known to be written
         self._written = None if read_only else self._manager.latest_step()
 
     def due(self, step: int) -> bool:
@@ -240,7 +240,9 @@ class Checkpointer:
         none restores everywhere, nothing is moved and the error says why (typically: the
         checkpoints were written by a different config).
         """
-        unreadable, failures = [], []  # unreadable everywhere; every step failed here
+        # (step, error): unreadable everywhere; every step that failed here.
+        unreadable: list[tuple[int, Exception]] = []
+        failures: list[tuple[int, Exception]] = []
         for step in _agreed_steps(self._manager.all_steps()):
             state, error = self._restore_step(step, target, partial=partial)
             readers = _count_processes(error is None)
@@ -255,7 +257,7 @@ class Checkpointer:
                 return state
             if error is not None:
                 failures.append((step, error))
-            if readers == 0:
+            if readers == 0 and error is not None:  # none read it (this one counts itself)
                 unreadable.append((step, error))
             else:
                 metrics.log(
@@ -277,7 +279,7 @@ class Checkpointer:
         self, step: int, target: Any, *, partial: bool = False
     ) -> tuple[Any, Exception | None]:
         """``(state, None)``, or ``(None, the last error)`` after ``RESTORE_TRIES`` reads."""
-        error = None
+        error: Exception | None = None
         for attempt in range(RESTORE_TRIES):
             try:
                 return self._read(step, target, partial=partial), None

@@ -13,8 +13,9 @@ Imports no module of the package but the schema (and its errors).
 from __future__ import annotations
 
 import difflib
-import importlib.util
+import importlib.machinery
 import os
+import types
 
 import ml_collections
 
@@ -43,11 +44,13 @@ def validate(config, num_devices: int = 1) -> schema.Config:
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """``get_config(arg)`` of a config file, as ``--config=path:arg`` would load it."""
+    """``get_config(arg)`` of a config file, as ``--config=path:arg`` would load it (as Python,
+    whatever the file's name: ml_collections' ``SourceFileLoader``)."""
     name = os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(f"matching_gap_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    loader = importlib.machinery.SourceFileLoader(f"matching_gap_config_{name}", path)
+    module = types.ModuleType(loader.name)
+    module.__file__ = path
+    loader.exec_module(module)
     return module.get_config(arg or None)
 
 

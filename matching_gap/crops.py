@@ -25,9 +25,9 @@ without it).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import NamedTuple
 
 import numpy as np
 from absl import logging
@@ -61,7 +61,8 @@ def import_tensorflow():
 _tf = import_tensorflow
 
 
-class ViewSpec(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class ViewSpec:
     """What to cut: ``count`` views of ``size`` x ``size`` at area share ``scale``."""
 
     count: int
@@ -71,10 +72,11 @@ class ViewSpec(NamedTuple):
 
 def view_specs(cfg: AugmentConfig) -> tuple[ViewSpec, ViewSpec | None]:
     """The global views' and the local crops' specs (None without local crops)."""
-    glob = ViewSpec(cfg.num_views, cfg.crop_size, tuple(cfg.crop_scale))
+    (low, high), (local_low, local_high) = cfg.crop_scale, cfg.local_crop_scale  # the schema: 2
+    glob = ViewSpec(cfg.num_views, cfg.crop_size, (low, high))
     if not cfg.num_local_crops:
         return glob, None
-    return glob, ViewSpec(cfg.num_local_crops, cfg.local_crop_size, tuple(cfg.local_crop_scale))
+    return glob, ViewSpec(cfg.num_local_crops, cfg.local_crop_size, (local_low, local_high))
 
 
 def tf_to_channels(image, channels: int):
@@ -197,7 +199,7 @@ def tf_eval_view(image, resize: int, crop: int):
     return tf.ensure_shape(out, [crop, crop, image.shape[-1]])
 
 
-def seed_pair(seed: int, stream: int) -> np.ndarray:
+def seed_pair(seed: int, stream: int) -> np.int64:
     """A stateless seed's first half from ``(seed, stream)``; the second half is the
     example's position in the stream (int64 [2] once stacked)."""
     mixed = np.random.SeedSequence([seed % 2**32, stream]).generate_state(2, np.uint32)

@@ -194,7 +194,7 @@ class _Writer:
     """Collects converted tensors: each name once, float32, C-contiguous (safetensors writes
     the buffer of a transposed, non-contiguous array as if it were contiguous)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.tensors: dict[str, np.ndarray] = {}
 
     def __setitem__(self, name: str, value) -> None:
@@ -482,7 +482,7 @@ def _timm_heads(config: dict) -> int | None:
         return int(heads)
     names = {"tiny": "Ti", "small": "S", "base": "B", "large": "L"}
     match = re.match(r"vit_(tiny|small|base|large)_patch", config.get("architecture", ""))
-    return models.VIT_VARIANTS[names[match.group(1)]]["num_heads"] if match else None
+    return schema.VIT_VARIANTS[names[match.group(1)]]["num_heads"] if match else None
 
 
 def _refuse_timm_variants(tensors: dict[str, np.ndarray], source: str) -> None:

@@ -154,8 +154,9 @@ def _reachable(address: str) -> bool:
         return False
 
 
-def _not_joined_message(launch: Launch, timeout_s: int) -> str:
-    i, n, address = launch.process_id, launch.num_processes, launch.coordinator
+def _not_joined_message(launch: Launch, address: str, timeout_s: int) -> str:
+    """``address``: the coordinator's (a run of several processes has one)."""
+    i, n = launch.process_id, launch.num_processes
     port = address.rpartition(":")[2]
     start = (
         f"process {i} of {n} (launcher: {launch.launcher}) waited {timeout_s} s for the other "
@@ -178,11 +179,13 @@ def initialize(launch: Launch, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
 
     JAX aborts the process (a C++ check failure) when the processes do not all join within
     its timeout; a watchdog stops it first, with one line and exit status 2."""
-    if launch.coordinator is None:
+    address = launch.coordinator
+    if address is None:
         return
 
     def give_up():
-        print(f"error: {_not_joined_message(launch, timeout_s)}", file=sys.stderr, flush=True)
+        message = _not_joined_message(launch, address, timeout_s)
+        print(f"error: {message}", file=sys.stderr, flush=True)
         os._exit(2)
 
     watchdog = threading.Timer(timeout_s, give_up)
@@ -190,7 +193,7 @@ def initialize(launch: Launch, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
     watchdog.start()
     try:
         jax.distributed.initialize(
-            coordinator_address=launch.coordinator,
+            coordinator_address=address,
             num_processes=launch.num_processes,
             process_id=launch.process_id,
             initialization_timeout=timeout_s + 60,  # the watchdog speaks first

@@ -158,7 +158,11 @@ def reduce_aux(aux: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     ``converged`` is the AND, ``sinkhorn_iterations`` and ``marginal_error`` the maxima,
     everything else the mean (:data:`AUX_REDUCTIONS`).
     """
-    reduce = {"all": jnp.all, "max": jnp.max, "mean": jnp.mean}
+    reduce: dict[str, Callable[[jax.Array], jax.Array]] = {
+        "all": jnp.all,
+        "max": jnp.max,
+        "mean": jnp.mean,
+    }
     return {k: reduce[AUX_REDUCTIONS.get(k, "mean")](v) for k, v in aux.items()}
 
 
@@ -357,7 +361,9 @@ def _partitions(k: int, largest: int | None = None) -> list[tuple[int, ...]]:
     ]
 
 
-def _prepare_pair(x, y, name: str, epsilon, relative_epsilon, cost: str, normalize: bool):
+def _prepare_pair(
+    x, y, name: str, epsilon, relative_epsilon, cost: str, normalize: bool
+) -> tuple[jax.Array, jax.Array]:
     """The checks and input handling shared by :func:`matching_gap` and
     :func:`transport_plan`: both views in the compute dtype, L2-normalised if asked."""
     x, y = jnp.asarray(x), jnp.asarray(y)
@@ -374,7 +380,9 @@ def _prepare_pair(x, y, name: str, epsilon, relative_epsilon, cost: str, normali
 
 def _sinkhorn(c: jax.Array, eps: jax.Array, options: Mapping[str, Any]):
     """OTT's Sinkhorn on ``stop_gradient(c)`` with uniform marginals (never differentiated)."""
-    geom = geometry.Geometry(cost_matrix=jax.lax.stop_gradient(c), epsilon=eps)
+    # OTT annotates epsilon as a float; it holds an array (a traced one under jit, and its
+    # own relative epsilons are arrays: Geometry.epsilon_scheduler).
+    geom = geometry.Geometry(cost_matrix=jax.lax.stop_gradient(c), epsilon=eps)  # type: ignore[arg-type]
     solver = sinkhorn.Sinkhorn(implicit_diff=None, **options)
     return solver(linear_problem.LinearProblem(geom))
 
@@ -487,9 +495,11 @@ def multi_marginal_matching_gap(
         c = mmsinkhorn.cost_tensor(points, costs.SqEuclidean())
         eps = _resolve_epsilon(epsilon, relative_epsilon, c)
         solver = mmsinkhorn.MMSinkhorn(**options)
-        out = solver(tuple(jax.lax.stop_gradient(p) for p in points), epsilon=eps)
+        # OTT annotates epsilon as a float (its own default is an array, jnp.std of the cost)
+        # and coupling_tensor's potentials as a 1-tuple (it takes one per marginal).
+        out = solver(tuple(jax.lax.stop_gradient(p) for p in points), epsilon=eps)  # type: ignore[arg-type]
         pots = [jax.lax.stop_gradient(p) for p in out.potentials]
-        plan = mmsinkhorn.coupling_tensor(pots, c, eps)
+        plan = mmsinkhorn.coupling_tensor(pots, c, eps)  # type: ignore[arg-type]
         ot_cost = sum(jnp.mean(p) for p in pots) + eps * (1.0 - jnp.sum(plan))
         return _gap(jnp.mean(c[(jnp.arange(n),) * k]), ot_cost, eps, n, out)
 

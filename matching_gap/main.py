@@ -36,6 +36,7 @@ import logging as std_logging  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
+from typing import NoReturn  # noqa: E402
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -82,7 +83,7 @@ _USAGE = "usage: python -m matching_gap.main --config=configs/default.py --workd
 USER_ERROR_STATUS = 2
 
 
-def _exit_with(message: str, *, at_once: bool = False) -> None:
+def _exit_with(message: str, *, at_once: bool = False) -> NoReturn:
     """Prints the message and exits; ``at_once``: without waiting for background threads
     or exit handlers (a save in flight to storage that does not answer, a collective with a
     process that is gone), which could hold the exit for minutes or abort it."""
@@ -182,17 +183,28 @@ def _drop_reported_tracebacks(record: std_logging.LogRecord) -> bool:
     return not (record.exc_info and any(name in parts for name in _RAISE_WHAT_THEY_LOG))
 
 
+# The warning for one of Orbax's abandoned reads (see _unraisable) that never started.
+_ABANDONED_READ = "coroutine '_read_array_index_and_device_put' was never awaited"
+
+
 def _unraisable(unraisable) -> None:
-    """Python's report of an exception nobody could catch, less one kind that says nothing.
+    """Python's report of an exception nobody could catch, less two kinds that say nothing.
 
     Orbax runs each save or restore as many TensorStore reads or writes on an asyncio loop
     of its own; when one fails, Orbax raises that failure (reported in one line) and closes
-    the loop with the others still in flight. Each of those, on finishing, calls back into
-    the closed loop from a TensorStore thread: "RuntimeError: Event loop is closed", about
-    a hundred tracebacks for one failed save or one corrupt checkpoint. Those operations
-    belong to the checkpoint that failed (never committed), so nothing is lost."""
+    the loop with the others still in flight (``asyncio_utils._run_sync_via_new_loop``).
+    Each of those, on finishing, calls back into the closed loop from a TensorStore thread:
+    "RuntimeError: Event loop is closed", about a hundred tracebacks for one failed save or
+    one corrupt checkpoint. An abandoned read is then collected unfinished: Python closes it
+    with ``GeneratorExit``, which Orbax's ``_read_array_index_and_device_put`` catches and
+    re-raises as an ``Exception`` ("Encountered error while reading array index"). Those
+    operations belong to the checkpoint that failed (never committed, or not restored), so
+    nothing is lost."""
     error = unraisable.exc_value
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+    read = getattr(unraisable.object, "__qualname__", None) == "_read_array_index_and_device_put"
+    if read and isinstance(error.__cause__, GeneratorExit):
         return
     sys.__unraisablehook__(unraisable)
 
@@ -239,6 +251,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # progress is printed; Orbax's INFO is noise
     logging.get_absl_handler().addFilter(_drop_reported_tracebacks)  # every logger's records
     sys.unraisablehook = _unraisable
+    warnings.filterwarnings("ignore", _ABANDONED_READ, RuntimeWarning)  # as _unraisable
     std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)
     warnings.showwarning = _show_warning
     try:

@@ -121,21 +121,25 @@ class TensorBoardWriter(_ScalarsAndImages):
 
         self._logdir, self._event_pb2, self._summary_pb2 = logdir, event_pb2, summary_pb2
         self._record_writer = RecordWriter
-        self._file = None
+        self._file: storage.GrowingFile | None = None
 
     def _write(self, step: int, values: list) -> None:
         if self._file is None or self._file.size > self.EVENT_FILE_BYTES:
             # TensorBoard reads a folder's event files in the order of their names.
             name = f"events.out.tfevents.{time.time_ns() // 1000}.{socket.gethostname()}"
             self._file = storage.GrowingFile(self._logdir / name)
-            self._append(self._event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+            event = self._event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
+            self._append(self._file, event)
         summary = self._summary_pb2.Summary(value=values)
-        self._append(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+        self._append(
+            self._file,
+            self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary),
+        )
 
-    def _append(self, event) -> None:
+    def _append(self, file: storage.GrowingFile, event) -> None:
         buffer = io.BytesIO()
         self._record_writer(buffer).write(event.SerializeToString())
-        self._file.append(buffer.getvalue())
+        file.append(buffer.getvalue())
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         Value = self._summary_pb2.Summary.Value

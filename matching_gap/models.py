@@ -19,7 +19,7 @@ Contents:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from matching_gap import errors
-from matching_gap.schema import FEATURES, ModelConfig
+from matching_gap.schema import ATTENTIONS, FEATURES, ModelConfig
 from matching_gap.schema import check_encoder as _check_encoder
 
 Array = jax.Array
@@ -110,10 +110,19 @@ def _linear(
     )
 
 
+def _attention_implementation(name: str) -> Literal["xla", "cudnn"]:
+    """``jax.nn.dot_product_attention``'s ``implementation`` for one of :data:`ATTENTIONS`."""
+    if name == "xla":
+        return "xla"
+    if name == "cudnn":
+        return "cudnn"
+    raise errors.ConfigError(f"attention must be one of {ATTENTIONS}, got {name!r}.")
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with a fused qkv projection (same parameters as timm).
 
-    ``implementation`` is ``"xla"`` or ``"cudnn"`` (see :data:`_ATTENTIONS`); both compute
+    ``implementation`` is ``"xla"`` or ``"cudnn"`` (:data:`schema.ATTENTIONS`); both compute
     the same function of the same parameters, so a checkpoint works with either.
     """
 
@@ -131,7 +140,7 @@ class Attention(nnx.Module):
         self.num_heads = num_heads
         self.head_dim = width // num_heads
         self.dtype = dtype
-        self.implementation = implementation
+        self.implementation = _attention_implementation(implementation)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, init=init)
         self.qkv = _linear(width, 3 * width, **kw)
         self.proj = _linear(width, width, **kw)
@@ -314,7 +323,7 @@ class ViT(nnx.Module):
             self.cls_token = nnx.Param(tokens(rngs.params(), (1, 1, width), param_dtype))
             # The CLS token gets its own position embedding, as in the original ViT.
             self.cls_pos_embed = nnx.Param(tokens(rngs.params(), (1, 1, width), param_dtype))
-        rates = np.linspace(0.0, drop_path_rate, depth) if depth else []
+        rates = np.linspace(0.0, drop_path_rate, depth)
         self.blocks = nnx.List(
             [
                 EncoderBlock(
@@ -551,7 +560,9 @@ class DINOHead(nnx.Module):
 class SSLModel(nnx.Module):
     """Encoder + projector + optional predictor, as used by the student and the EMA teacher."""
 
-    def __init__(self, encoder: ViT, projector: MLPHead, predictor: MLPHead | None = None):
+    def __init__(
+        self, encoder: ViT, projector: MLPHead | DINOHead, predictor: MLPHead | None = None
+    ):
         self.encoder = encoder
         self.projector = projector
         self.predictor = predictor
@@ -623,6 +634,7 @@ def create_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> SSLModel:
         init=cfg.init,
         rngs=rngs,
     )
+    projector: MLPHead | DINOHead
     if cfg.head == "dino":
         projector = DINOHead(
             encoder.num_features,

@@ -115,8 +115,8 @@ def ssl_loss(
         # Each student view with the teacher's other views: [K, K, n, d].
         others = np.array([[m for m in range(num_global) if m != a] for a in range(num_global)])
         tuples = jnp.concatenate([student[:, None], targets[others]], axis=1)
-        fn = lambda views: losses.multi_marginal_matching_gap(views, **ot_kwargs)
-        return _vmapped_mean(fn, tuples)
+        one_tuple = lambda views: losses.multi_marginal_matching_gap(views, **ot_kwargs)
+        return _vmapped_mean(one_tuple, tuples)
     if lc.name == "info_nce":
         if not ema and num_views == num_global and lc.multiview_mode == "one_vs_rest":
             return losses.multiview_info_nce(

@@ -305,7 +305,7 @@ def plan_images(
     mass; ``views``: the normalised views ``[2, n, h, w, c]``). ``[1, H, W, 3]`` uint8 each.
     """
     lc = config.loss
-    plan = losses.transport_plan(
+    on_device = losses.transport_plan(
         student,
         targets,
         epsilon=lc.epsilon,
@@ -317,7 +317,7 @@ def plan_images(
             "max_iterations": lc.sinkhorn_max_iterations,
         },
     )
-    plan = np.asarray(jax.device_get(plan))
+    plan = np.asarray(jax.device_get(on_device))
     aug_config = config.augment
     pixels = [views_to_uint8(views[v], aug_config) for v in range(2)]
     pairs = confused_pairs(plan, min(num_pairs, plan.shape[0] * (plan.shape[0] - 1)))

@@ -95,10 +95,10 @@ def _topology_error(name: str) -> errors.ConfigError:
 
 def parse_topology(name: str) -> tuple[Chip | None, int, tuple[int, ...]]:
     """``(chip, number of devices, layout)`` of a slice name; ``chip`` is None for cpu-N."""
-    kind, _, size = name.partition("-")
-    if not size.isdigit() or int(size) < 1:
+    kind, _, digits = name.partition("-")
+    if not digits.isdigit() or int(digits) < 1:
         raise _topology_error(name)
-    size = int(size)
+    size = int(digits)
     if kind == "cpu":
         return None, size, (size,)
     chip = CHIPS.get(kind)
@@ -216,7 +216,7 @@ def collectives(hlo: str) -> list[Collective]:
 
 def summarize_collectives(found: list[Collective]) -> dict:
     """``{kind: {"count": ..., "bytes": ...}}`` (bytes each device receives or sends)."""
-    out = {}
+    out: dict[str, dict[str, int]] = {}
     for c in found:
         entry = out.setdefault(c.kind, {"count": 0, "bytes": 0})
         entry["count"] += 1
@@ -286,7 +286,7 @@ def recipe_steps(config) -> int | None:
     d = config.data
     # The IDX files hold Fashion-MNIST; an image folder's size is unknown without reading it.
     name = {"tfds": d.name, "fashion_mnist_idx": "fashion_mnist"}.get(d.source)
-    n = KNOWN_TRAIN_EXAMPLES.get((name, d.train_split))
+    n = KNOWN_TRAIN_EXAMPLES.get((name, d.train_split)) if name else None
     if n is None:
         return None
     if d.max_examples:
@@ -382,7 +382,7 @@ def plan_run(config, topology: Topology) -> dict:
     plan["chip_hours_for_recipe"] = (
         steps * analytic["total"] / (CHIP_HOURS_MFU * peak) / 3600 if peak and steps else None
     )
-    if not fits:
+    if not fits and hbm is not None:
         raise DoesNotFitError(
             f"{topology.name}: one train step needs {mem['peak'] / GiB:.2f} GiB per device, "
             f"a {plan['device_kind']} has {hbm / GiB:.2f} GiB. Levers: {_levers(config)}."

@@ -144,6 +144,8 @@ class _Section:
     """Checks every field of a section (type, then rule), then the section's ``check``."""
 
     section: ClassVar[str]
+    # Every section is a dataclass (what dataclasses.fields needs of SECTIONS' classes).
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def __post_init__(self):
         kinds = typing.get_type_hints(type(self))
@@ -728,7 +730,7 @@ def parse(values: Config | Mapping[str, Any] | Any) -> Config:
         raise errors.ConfigError(
             f"unknown config sections {unknown}; the sections are {['seed', *SECTIONS]}."
         )
-    sections = {}
+    sections: dict[str, Any] = {}  # one section of its own class each (Config checks them)
     for name, cls in SECTIONS.items():
         section = dict(values.get(name, {}))
         fields = [f.name for f in dataclasses.fields(cls)]

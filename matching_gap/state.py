@@ -161,8 +161,8 @@ def create_model(config) -> models.SSLModel:
 
 def create_train_state(config, optimizer) -> tuple[Any, TrainState]:
     """Random-init parameters (a function of ``config.seed``) and a fresh optimiser state."""
-    graphdef, params = nnx.split(create_model(config))
-    params = nnx.to_pure_dict(params)
+    graphdef, variables = nnx.split(create_model(config))
+    params = nnx.to_pure_dict(variables)
     teacher = jax.tree.map(jnp.copy, params) if config.teacher.ema else None
     center = None
     if config.loss.name == "dino":  # DINOLoss's register_buffer("center", zeros(1, out_dim))
@@ -221,7 +221,8 @@ def init_train_state(config, optimizer, shardings, *, encoder=None) -> TrainStat
 
 
 def _with_encoder(params, encoder, shardings) -> Any:
-    if jax.tree.structure(encoder) != jax.tree.structure(params["encoder"]):
+    # jaxlib ships no annotations for its compiled pytree module: PyTreeDef is unresolved.
+    if jax.tree.structure(encoder) != jax.tree.structure(params["encoder"]):  # type: ignore[operator]
         raise ValueError("encoder does not have the structure of the model's encoder.")
     return {**params, "encoder": jax.device_put(encoder, shardings["encoder"])}
 

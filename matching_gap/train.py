@@ -122,10 +122,10 @@ def make_train_step(config, graphdef, optimizer, schedules: dict, mesh=None):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         center = aux.pop("center") if dino else state.center
         frozen = schedules["last_layer_frozen"](state.step) if freeze else None
-        if freeze:
+        if frozen is not None:
             grads = state_lib.hold_last_layer(grads, frozen)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        if freeze:
+        if frozen is not None:
             updates = state_lib.hold_last_layer(updates, frozen)
         params = optax.apply_updates(state.params, updates)
         teacher = state.teacher
@@ -143,7 +143,7 @@ def make_train_step(config, graphdef, optimizer, schedules: dict, mesh=None):
             out_metrics["train/teacher_momentum"] = schedules["momentum"](state.step)
         if dino:
             out_metrics["train/teacher_temperature"] = temp
-        if freeze:
+        if frozen is not None:
             out_metrics["train/last_layer_frozen"] = frozen.astype(jnp.float32)
         out_metrics["health/effective_rank"] = aux.pop(_RANK)
         for name, value in aux.items():

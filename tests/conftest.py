@@ -28,13 +28,6 @@ def pytest_configure(config):
     still run); the 5 min 12 s of the default suite were 6 min 59 s with them. The slow
     checks train and evaluate on whole splits and keep them. Set before any JAX backend
     starts (in every pytest-xdist worker too)."""
-    # Orbax leaves TensorStore operations in flight when another one of the same save or
-    # restore fails (a corrupt checkpoint, a refused write); each calls back into Orbax's
-    # closed event loop on finishing (see matching_gap.main._unraisable).
-    config.addinivalue_line(
-        "filterwarnings",
-        "ignore:(?s).*RuntimeError. Event loop is closed:pytest.PytestUnraisableExceptionWarning",
-    )
     default_suite = config.getoption("markexpr", "") == "not slow and not slice"
     flags = os.environ.get("XLA_FLAGS", "")
     if default_suite and "xla_backend_optimization_level" not in flags:

@@ -120,6 +120,8 @@ def test_the_best_epoch_is_dinos_best_acc(epochs, val_freq):
 def test_the_best_epoch_is_the_best_over_heads_and_the_first_to_reach_it():
     history = {1: [0.2, 0.5], 3: [0.7, 0.6], 5: [0.4, 0.7]}
     assert augmented_probe.best_epoch(history) == (3, 0, 0.7)
+    with pytest.raises(ValueError, match="no score"):
+        augmented_probe.best_epoch({})
 
 
 def test_two_steps_equal_optax_sgd_with_momentum_per_head(setup):

@@ -197,6 +197,29 @@ def test_extraction_writes_each_batch_in_order_and_masks_padding():
     assert np.all(np.asarray(got.ids).reshape(-1)[~mask] == -1)
 
 
+def test_extraction_of_no_batches_is_refused():
+    mesh = meshes()["1 device"]
+    with pytest.raises(ValueError, match=r"no batches to encode \(num_batches=0\)"):
+        features_lib.extract(lambda x: x, iter([]), num_batches=0, num_classes=2, mesh=mesh)
+
+
+def test_features_not_sharded_over_a_mesh_are_refused_by_each_evaluator():
+    """Features built by hand on one device (not with extract or from_numpy) have no mesh."""
+    rows = np.arange(8, dtype=np.float32).reshape(1, 4, 2)
+    jnp = jax.numpy
+    single = features_lib.Features(
+        jnp.asarray(rows),
+        jnp.zeros((1, 4), jnp.int32),
+        jnp.ones((1, 4), bool),
+        jnp.arange(4)[None],
+        2,
+    )
+    with pytest.raises(TypeError, match="must be sharded over a mesh"):
+        knn_lib.knn_accuracy(single, single, k=1)
+    with pytest.raises(TypeError, match="must be sharded over a mesh"):
+        probe_lib.linear_probe(single, single)
+
+
 @pytest.mark.parametrize("n,processes", [(70, 3), (5, 4), (64, 2)])
 def test_eval_split_shares_cover_the_split_once_with_equal_batch_counts(n, processes):
     rng = np.random.default_rng(n)

@@ -327,6 +327,24 @@ def test_a_model_of_other_sizes_is_refused(small_timm):
         export.read_encoder(other)
 
 
+def test_a_timm_config_without_model_args_gives_the_heads_of_its_architecture(small_timm, tmp_path):
+    """timm's hub configs name the architecture and leave ``model_args`` out: the heads
+    are those of the named size (S: 6), which the small model's 4 are not."""
+    import shutil
+
+    directory = str(tmp_path / "hub")
+    shutil.copytree(small_timm, directory)
+    path = os.path.join(directory, export.CONFIG_FILE)
+    with open(path) as f:
+        config = json.load(f)
+    del config["model_args"]
+    config["architecture"] = "vit_small_patch16_224.dino"
+    with open(path, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(errors.ConfigError, match=r"model\.num_heads=4 \(the file: 6\)"):
+        export.read_encoder(dataclasses.replace(SMALL, init_from=directory))
+
+
 def test_classifier_and_pooler_are_skipped(small, small_hf, tmp_path):
     """An HF ViTForImageClassification file (``vit.`` prefix, a classifier) and a pooler."""
     import shutil

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from matching_gap.errors import ConfigError
 from matching_gap.models import (
     Attention,
     MLPHead,
@@ -359,6 +360,20 @@ def test_attention_matches_the_textbook_formula():
     weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0, axis=-1)
     expected = attn.proj(jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(2, 5, 16))
     np.testing.assert_allclose(attn(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_alone_refuses_an_implementation_jax_does_not_have():
+    """The module built on its own (without a ViT's checks) refuses at once, not at its first
+    call inside ``jax.nn.dot_product_attention``."""
+    with pytest.raises(ConfigError, match="attention must be one of .*got 'flash'"):
+        Attention(
+            16,
+            4,
+            dtype=jnp.float32,
+            param_dtype=jnp.float32,
+            rngs=nnx.Rngs(0),
+            implementation="flash",
+        )
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN attention runs on GPUs")

@@ -199,7 +199,14 @@ def test_without_libtpu_a_tpu_slice_is_one_line(monkeypatch):
         plan.get_topology("v4-8")
 
 
-def test_plan_needs_a_topology_and_says_so():
+@pytest.mark.parametrize(
+    "topology,expected",
+    [
+        (["--topology=v9-8"], "error: --topology='v9-8' is not a slice name"),
+        ([], "error: --mode=plan needs --topology (e.g. v4-32,"),  # the flag's default: None
+    ],
+)
+def test_plan_needs_a_topology_and_says_so(topology, expected):
     result = subprocess.run(
         [
             sys.executable,
@@ -207,7 +214,7 @@ def test_plan_needs_a_topology_and_says_so():
             "matching_gap.main",
             "--config=configs/default.py:smoke",
             "--mode=plan",
-            "--topology=v9-8",
+            *topology,
         ],
         cwd=ROOT,
         capture_output=True,
@@ -215,6 +222,6 @@ def test_plan_needs_a_topology_and_says_so():
         timeout=300,
     )
     assert result.returncode == main.USER_ERROR_STATUS
-    assert result.stderr.startswith("error: --topology='v9-8' is not a slice name"), result.stderr
+    assert result.stderr.startswith(expected), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert jax.device_count() == 4  # this process was not touched

@@ -15,7 +15,9 @@ def batch_shapes(config, batch_size: int) -> dict[str, tuple[int, ...]]:
     c, aug, d = config.data.channels, config.augment, config.data
     if d.in_memory:
         return {"image": (batch_size, d.image_size, d.image_size, c)}
-    out = {"views": (batch_size, aug.num_views, aug.crop_size, aug.crop_size, c)}
+    out: dict[str, tuple[int, ...]] = {
+        "views": (batch_size, aug.num_views, aug.crop_size, aug.crop_size, c)
+    }
     if aug.num_local_crops:
         size = aug.local_crop_size
         out["local_views"] = (batch_size, aug.num_local_crops, size, size, c)

@@ -151,7 +151,7 @@ def stream_batches(
     return batches()
 
 
-def finish_fn(data_config: DataConfig, aug: AugmentConfig | None, base_seed: int):
+def finish_fn(data_config: DataConfig, aug: AugmentConfig | None, base_seed: np.int64):
     """``(position, example)`` -> the training example: the host-cut views with ``aug``,
     else the stored-size image (``data.image_size`` square)."""
     if aug is not None:

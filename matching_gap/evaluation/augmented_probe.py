@@ -91,7 +91,7 @@ def run(
     ``validation`` (every head's top-1 after each validated epoch).
     """
     settings = AugmentedSettings.from_eval(config.eval)
-    mesh = test.features.sharding.mesh
+    mesh = test.mesh
     directory = storage.path(workdir, folder)
     data_config = dataclasses.replace(
         config.data,
@@ -221,6 +221,8 @@ def best_epoch(history: dict[int, list[float]]) -> tuple[int, int, float]:
         for head, top1 in enumerate(history[epoch]):
             if best is None or top1 > best[2]:
                 best = epoch, head, top1
+    if best is None:
+        raise ValueError("no score in the history")
     return best
 
 

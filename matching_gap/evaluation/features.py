@@ -48,6 +48,17 @@ class Features(NamedTuple):
     def num_examples(self) -> int:
         return int(jnp.sum(self.mask))
 
+    @property
+    def mesh(self) -> Mesh:
+        """The mesh the features are sharded over (that of :func:`stacked_sharding`)."""
+        sharding = self.features.sharding
+        if not isinstance(sharding, NamedSharding) or not isinstance(sharding.mesh, Mesh):
+            raise TypeError(
+                f"Features must be sharded over a mesh (stacked_sharding), got {sharding}; "
+                "build them with extract or from_numpy."
+            )
+        return sharding.mesh
+
 
 def stacked_sharding(mesh: Mesh) -> NamedSharding:
     """``[num_batches, batch, ...]`` with the batch axis split over the devices."""
@@ -69,7 +80,9 @@ def extract(
     gets the global batch sharded over the devices and returns ``[batch, d]``; it should be
     jitted with the parameters as an argument (compiled once).
     """
-    buffers, count = None, 0
+    # features, labels, mask, ids: allocated once the first batch gives the feature size.
+    buffers: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None
+    count = 0
     for count, batch in enumerate(batches, start=1):
         if count > num_batches:
             raise ValueError(f"more than the announced {num_batches} batches")
@@ -82,6 +95,8 @@ def extract(
         )
     if count != num_batches:
         raise ValueError(f"got {count} batches, expected {num_batches}")
+    if buffers is None:
+        raise ValueError("no batches to encode (num_batches=0)")
     return Features(*buffers, num_classes)
 
 
@@ -162,10 +177,11 @@ class SplitFeatures:
         self._make_encode = lambda kind: make_encode(
             config, graphdef, mesh, raw_pixels=raw_pixels, features=kind
         )
-        self._encoders = {}  # kind of features -> jitted encode
+        self._encoders: dict[str, Callable] = {}  # kind of features -> jitted encode
         self._max_examples = 0 if whole_splits else config.data.eval_max_examples
-        self._splits = None
-        self._params, self._cache = None, {}
+        self._splits: tuple[data.EvalSplit, data.EvalSplit] | None = None
+        self._params = None
+        self._cache: dict[tuple[int, str], Features] = {}  # (split, kind of features) -> ...
 
     def splits(self) -> tuple[data.EvalSplit, data.EvalSplit]:
         """The two splits (missing or inconsistent data fails here)."""

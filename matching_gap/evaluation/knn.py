@@ -40,7 +40,7 @@ def knn_accuracy(
     n_train, n_test = train.num_examples, test.num_examples
     if n_train < k:
         raise TooFewExamplesError(f"k-NN needs at least k = {k} training points, got {n_train}.")
-    mesh = train.features.sharding.mesh
+    mesh = train.mesh
     count = _knn_counter(mesh, k, float(temperature), train.num_classes, query_chunk)
     correct = jnp.int32(0)
     for i in range(test.features.shape[0]):

@@ -74,7 +74,7 @@ def linear_probe(
     grid = settings.grid()
     if settings.holdout <= 0 and len(grid) > 1:
         raise ValueError("a grid of several heads needs a held-out slice (holdout > 0)")
-    mesh = train.features.sharding.mesh
+    mesh = train.mesh
     ids, mask = to_host(train.ids), to_host(train.mask)
     held = holdout_mask(ids, settings.holdout) & mask
     fit = mask & ~held
@@ -130,7 +130,7 @@ def linear_probe(
         best = int(np.argmax(held_top1))
     else:
         held_top1, best = None, 0
-    rows = [
+    heads = [
         {
             "learning_rate": lr,
             "weight_decay": wd,
@@ -140,7 +140,7 @@ def linear_probe(
         for h, (lr, wd) in enumerate(grid)
     ]
     return ProbeResult(
-        float(test_top1[best]), grid[best][0], grid[best][1], rows[best]["holdout_top1"], rows
+        float(test_top1[best]), grid[best][0], grid[best][1], heads[best]["holdout_top1"], heads
     )
 
 

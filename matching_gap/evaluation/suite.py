@@ -54,8 +54,8 @@ def run(suite: list, params, *, prefix: str = "eval/") -> dict:
 
 def print_summary(results: dict, prefix: str = "eval/") -> None:
     lines = ["", "Linear probe and k-NN top-1 on the evaluation split:"]
-    kinds = ("linear_probe_top1", "knn_top1", "augmented_probe_top1")
-    kinds = [k for k in (*kinds, "augmented_probe_top1_best_epoch") if prefix + k in results]
+    names = ("linear_probe_top1", "knn_top1", "augmented_probe_top1")
+    kinds = [k for k in (*names, "augmented_probe_top1_best_epoch") if prefix + k in results]
     width = max([20, *map(len, kinds)])
     for kind in kinds:
         trained = results[f"{prefix}{kind}"]
