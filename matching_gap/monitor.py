@@ -97,7 +97,7 @@ class Goodput:
     def __init__(self, workdir: str, start_step: int):
         self._path = storage.path(workdir, "goodput.json")
         saved = _read_account(self._path)
-        self.base = {k: 0.0 for k in _SECONDS}
+        self.base: dict[str, Any] = {k: 0.0 for k in _SECONDS}
         self.base.update(invocations=0, restarts=[], max_step=start_step, open_window=None)
         if saved is not None:
             self.base.update(saved)
@@ -112,7 +112,7 @@ class Goodput:
                     "redone_steps": max(self.previous_max - start_step, 0),
                 },
             ]
-        self.carried_window = self.base.pop("open_window", None)
+        self.carried_window: dict[str, Any] | None = self.base.pop("open_window", None)
         if self.carried_window and self.carried_window.get("step") != start_step:
             self.carried_window = None  # the run resumed from another checkpoint
         self.open_window: dict | None = None
@@ -237,7 +237,8 @@ class Progress:
             config.loss.name, window=mc.window, rank_threshold=mc.collapse_rank
         )
         self._waits: collections.deque = collections.deque(maxlen=mc.window)
-        self._said_input, self._clean_rows = False, []
+        self._said_input = False
+        self._clean_rows: list[tuple[int, float]] = []  # (steps, training seconds)
         self._compared = False
 
     def seconds(self) -> float:
