@@ -37,6 +37,7 @@ _STEPS = flags.DEFINE_integer("steps_per_round", 5, "Steps per loss per round.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device (0: look up).")
 flags.mark_flags_as_required(["config"])
 
+
 def peak_tflops(device, dtype: str) -> float | None:
     """The flag's value, else the device's published peak (``efficiency.PEAK_FLOPS``)."""
     if _PEAK.value:
