@@ -8,17 +8,15 @@ devices JAX reports, keyed on ``jax.devices()[0].device_kind``, and :func:`peak_
 answers ``None`` for a device it does not know (a CPU, a new chip): MFU is then unknown, never
 guessed.
 
-Imports only the standard library: the config schema checks ``monitor.device_kind`` against
-this table without JAX.
+Imports only the standard library and the config schema: ``--mode=plan`` and the
+benchmarks use it without a device.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # annotations only: the schema imports this module
-    from matching_gap import schema
+from matching_gap import schema
 
 # The plan's assumption, until a run measures its own (the trainer's comparison line).
 ASSUMED_MFU = 0.4

@@ -168,7 +168,7 @@ def format_goodput(record: Mapping[str, Any]) -> str:
         (f"steps redone after restarts ({record['redone_steps']})", record["redone_step_seconds"]),
         ("waiting for input", record["input_wait_seconds"]),
         ("compiling", record["compile_seconds"]),
-        ("saving checkpoints", record["checkpoint_seconds"]),
+        ("checkpoints (restore, blocking saves)", record["checkpoint_seconds"]),
         ("evaluating", record["evaluation_seconds"]),
         ("starting (data, restore, init)", record["startup_seconds"]),
         ("other (logging, pictures, profile)", record["other_seconds"]),
@@ -470,7 +470,7 @@ class Profiler:
             )
         self._workdir = workdir
         self._tmp: str | None = None
-        self.written: list[str] = []
+        self._last = 0  # the last step traced
 
     def before(self, step: int) -> None:
         if self._on and step == self.start:
@@ -481,7 +481,15 @@ class Profiler:
             jax.profiler.start_trace(self._tmp, profiler_options=options)
 
     def after(self, step: int, state) -> None:
-        if self._tmp is None or step != self.stop:
+        """Ends the trace after its last step (``finish`` ends it at a stop before)."""
+        if self._tmp is not None:
+            self._last = step
+            if step == self.stop:
+                self.finish(state)
+
+    def finish(self, state) -> None:
+        """Stops the trace if it runs (a run stopped inside the range keeps what it traced)."""
+        if self._tmp is None:
             return
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
@@ -491,20 +499,26 @@ class Profiler:
                 target = storage.path(self._workdir, "tensorboard", "plugins", "profile", run, name)
                 with open(os.path.join(root, run, name), "rb") as f:
                     storage.write_bytes(target, f.read())
-                self.written.append(str(target))
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._tmp = None
         metrics.log(
-            f"Profile of steps {self.start}-{self.stop} ({size / 2**20:.1f} MB) in "
+            f"Profile of steps {self.start}-{self._last} ({size / 2**20:.1f} MB) in "
             f"{storage.path(self._workdir, 'tensorboard')}: `tensorboard --logdir` it, "
             "Profile tab (docs/training.md says how to read it)."
         )
 
 
-def check_profile_range(config: schema.Config, num_steps: int) -> None:
-    """A profile range outside the run is a ConfigError, before anything is written."""
+def check_settings(config: schema.Config, num_steps: int) -> None:
+    """The monitor's settings that the schema cannot check alone, before anything is
+    written: a device kind given by hand must be in the table of peaks, and the profiled
+    range must lie inside the run's ``num_steps``. Raises errors.ConfigError."""
     mc = config.monitor
+    if mc.device_kind and mc.device_kind not in efficiency.PEAK_FLOPS:
+        raise errors.ConfigError(
+            f"monitor.device_kind={mc.device_kind!r} is not a kind of known peak; the kinds: "
+            f"{sorted(efficiency.PEAK_FLOPS)} (or '' for what JAX reports)."
+        )
     if mc.profile_start and mc.profile_start + mc.profile_steps - 1 > num_steps:
         raise errors.ConfigError(
             f"monitor.profile_start={mc.profile_start} with monitor.profile_steps="

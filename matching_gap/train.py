@@ -267,7 +267,7 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
     data.check_batch_fits(num_examples, config.optim.batch_size, name)
     epoch_steps = state_lib.steps_per_epoch(config, num_examples)
     num_steps = state_lib.total_steps(config, num_examples)
-    monitor.check_profile_range(config, num_steps)
+    monitor.check_settings(config, num_steps)
     optimizer, schedules = state_lib.make_optimizer(config, num_steps, epoch_steps)
     graphdef, abstract_state, state_sharding = state_lib.abstract_train_state(
         config, optimizer, mesh
@@ -372,6 +372,8 @@ def train_and_evaluate(config: schema.Config, workdir: str, *, devices=None):
                     images_out = pictures.plan_images(config, views, student, targets)
                     writer.write_images(step, {f"plan/{k}": v for k, v in images_out.items()})
                     pictures.save_latest(workdir, images_out)
+    with stopwatch.measure("other"):
+        profiler.finish(state)  # a stop inside the profiled range keeps what was traced
     progress.finish_training()
     with stopwatch.measure("checkpoint"):
         ckpt.close()

@@ -172,7 +172,6 @@ BAD_VALUES = [
     ("eval.augmented_run_steps", -1),
     ("eval.augmented_val_freq", -1),
     ("export.format", "onnx"),
-    ("monitor.device_kind", "TPU v9"),
     ("monitor.input_wait_warning", 0.0),
     ("monitor.window", 0),
     ("monitor.collapse_rank", 0.9),

@@ -187,7 +187,7 @@ class _Slowed:
 def test_a_slowed_data_source_shows_its_delay_as_input_wait_and_says_so_once(
     tmp_path, monkeypatch, capsys
 ):
-    delay = 0.25
+    delay = 0.5  # long beside the host's own work for a batch, even on a busy machine
     original, sources = data.train_iterator, []
 
     def slowed(*args, **kwargs):
@@ -294,6 +294,16 @@ def test_the_profile_of_a_step_range_lands_where_tensorboard_looks(tmp_path):
     assert runs == [os.path.basename(os.path.dirname(found[0]))]
     tools = list(plugin.generate_tools_of_run(runs[0], os.path.dirname(found[0])))
     assert "trace_viewer@" in tools and "op_profile" in tools, tools
+
+
+def test_a_run_stopped_inside_the_profiled_range_keeps_its_trace(tmp_path, capsys):
+    config = quiet_smoke()
+    config.optim.num_steps = 4
+    config.train.run_steps = 2  # stops after step 2 of the range 2-3
+    config.monitor.update(profile_start=2, profile_steps=2)
+    run(config, tmp_path)
+    assert glob.glob(str(tmp_path / "tensorboard" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert "Profile of steps 2-2" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
