@@ -27,7 +27,7 @@ def get_config(arg: str | None = None):
     c.optim.num_epochs = 4.5  # about 6 minutes of training on 2 cores: the whole run fits 10
     c.train.compare_raw_pixels = True
     # The demo's figures were measured with the position embeddings and the CLS token free
-    # of weight decay (the schema's default is now DINO's rule, which decays them).
+    # of weight decay (the schema's default is DINO's rule, which decays them).
     c.optim.weight_decay_mask = "dino_except_tokens"
     c.eval.features = "last4_cls"  # DINO's features for small ViTs: +0.7 probe points here
     if "cropflip" not in words:

@@ -1,7 +1,10 @@
-"""The docs cannot go stale: every ``python -m matching_gap.main ...`` command in the README
-and ``docs/`` parses with the command line's own parser and its config passes the schema; the
-Python snippets of the README and ``docs/loss.md`` run; every table of measured figures names
-the command that produced it; relative links point at files that exist.
+"""The pages cannot go stale or say what the code does not: every ``python -m
+matching_gap.main ...`` command in the README, ``docs/``, ``experiments/`` and
+``benchmarks/README.md`` parses with the command line's own parser and its config passes the
+schema; the Python snippets of the README and ``docs/loss.md`` run; every table of measured
+figures names the command that produced it; relative links and named files exist; no user page
+carries the project's internal process; the figures a test can derive (the study's, the loss's
+scale, the configs' values, the plans' costs) are checked against their source.
 
 Nothing is trained: a command is parsed as ``main.parse_flags`` parses it (absl flags with
 ml_collections' ``config_flags``, so every ``--config.x.y=value`` is checked against the
@@ -12,6 +15,7 @@ config file's locked ConfigDict and converted to the field's type), then
 from __future__ import annotations
 
 import copy
+import json
 import pathlib
 import re
 import shlex
@@ -25,7 +29,12 @@ from matching_gap import errors, main, schema
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMMAND_DOCS = sorted(
-    [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *(ROOT / "docs").glob("*.md")]
+    [
+        ROOT / "README.md",
+        ROOT / "benchmarks" / "README.md",
+        *(ROOT / "docs").glob("*.md"),
+        *(ROOT / "experiments").glob("*.md"),
+    ]
 )
 SNIPPET_DOCS = [ROOT / "README.md", ROOT / "docs" / "loss.md"]
 MAX_README_LINES = 250
@@ -81,10 +90,23 @@ def main_commands(text: str) -> list[tuple[int, list[str]]]:
     return found
 
 
+LOOP = re.compile(r"\bfor (\w+) in ([^;]+); do\b")
+
+
+def loop_values(text: str) -> dict[str, str]:
+    """``{variable: first value}`` of the shell ``for`` loops of ``text``: a command inside
+    ``for k in 2 3 4; do ... :k=$k ...`` is checked as the loop's first pass runs it."""
+    return {m.group(1): m.group(2).split()[0] for m in LOOP.finditer(text)}
+
+
 def all_commands() -> list[tuple[str, list[str]]]:
     commands = []
     for doc in COMMAND_DOCS:
-        for lineno, argv in main_commands(doc.read_text()):
+        text = doc.read_text()
+        values = loop_values(text)
+        for lineno, argv in main_commands(text):
+            for name, value in values.items():
+                argv = [re.sub(rf"\${name}\b", value, a) for a in argv]
             commands.append((f"{doc.relative_to(ROOT)}:{lineno}", argv))
     return commands
 
@@ -114,7 +136,13 @@ def parse_command(argv: list[str]) -> schema.Config:
 
 def test_the_docs_have_commands():
     docs = {where.split(":")[0] for where, _ in all_commands()}
-    assert {"README.md", "docs/training.md", "docs/tpu.md", "docs/evaluation.md"} <= docs
+    assert {
+        "README.md",
+        "docs/training.md",
+        "docs/tpu.md",
+        "docs/evaluation.md",
+        "experiments/recipes.md",
+    } <= docs
 
 
 @pytest.mark.parametrize("where,argv", all_commands(), ids=[w for w, _ in all_commands()])
@@ -235,3 +263,234 @@ def test_relative_links_exist(doc):
 
 def test_readme_is_a_front_page():
     assert len((ROOT / "README.md").read_text().splitlines()) <= MAX_README_LINES
+
+
+# ------------------------------------------------------------------------ every user page
+
+# What a user reads: the pages, the configs (their docstrings and comments) and the notebooks.
+USER_PAGES = sorted(
+    [
+        *COMMAND_DOCS,
+        ROOT / "experiments" / "study" / "results.md",
+        *(ROOT / "configs").glob("*.py"),
+        *(ROOT / "notebooks").glob("*.ipynb"),
+    ]
+)
+PAGE_IDS = [str(p.relative_to(ROOT)) for p in USER_PAGES]
+
+
+def page_text(page: pathlib.Path) -> str:
+    """A page as its reader sees it (a notebook: its cells' sources, not their outputs)."""
+    if page.suffix == ".ipynb":
+        return "\n".join("".join(cell["source"]) for cell in json.loads(page.read_text())["cells"])
+    return page.read_text()
+
+
+# The project's own life, which belongs in git and notes, not on a user's page.
+INTERNAL_PROCESS = {
+    "an issue number": r"\bissues? #?\d+|(?<![\w&])#\d{2,}\b",
+    "a date of work": r"\b20\d\d-\d\d-\d\d\b",
+    "a CI run": r"\bCI\b|\.ci/",
+    "a lent machine": r"\blent\b",
+    "machine load": r"\b(idle|busy|shared|loaded)\b (machine|cores?|2-core)|\(shared\)|"
+    r"other developers|beside other",
+    "a rerun note": r"\brerun\b(?! the same command)",
+    "history": r"\bis now\b|\bnow that\b|\bno longer\b|\bsince issue\b|'s target\b|target of \d",
+}
+
+
+@pytest.mark.parametrize("page", USER_PAGES, ids=PAGE_IDS)
+def test_no_internal_process_on_user_pages(page):
+    text = page_text(page)
+    found = [
+        f"{what}: {match.group(0)!r} (line {text[: match.start()].count(chr(10)) + 1})"
+        for what, pattern in INTERNAL_PROCESS.items()
+        for match in re.finditer(pattern, text)
+    ]
+    assert not found, f"{page.relative_to(ROOT)} carries internal process: {found}"
+
+
+def test_internal_process_is_caught():
+    for line in (
+        "as issue 12 asked",
+        "ran on 2026-11-29",
+        "took 5 min in CI",
+        "no GPU has been lent",
+        "on the idle 2-core machine",
+        "the demo rerun from a fresh clone",
+        "the default is now DINO's rule",
+        "the demo's target of 86%",
+    ):
+        assert any(re.search(p, line) for p in INTERNAL_PROCESS.values()), line
+    assert not any(
+        re.search(p, "rerun the same command to resume; rerunning the command resumes it")
+        for p in INTERNAL_PROCESS.values()
+    )
+
+
+# A file a page names: `a/b.py`, `b.md`, `results/x.txt` (optionally `:variant`), or a bare
+# name such as PAPER.md in a sentence.
+NAMED_FILE = re.compile(
+    r"(?<![\w/.<$-])((?:\.\./)?[\w-]+(?:/[\w.-]+)*\.(?:md|py|txt|json|png|ipynb|cff|toml|sh))\b"
+)
+REPO_FILES = {p.name for p in ROOT.rglob("*") if ".venv" not in p.parts and ".git" not in p.parts}
+# Files a run writes or a reader brings: named on the pages, not in the repository.
+WRITTEN_BY_A_RUN = {
+    "metrics.jsonl",
+    "evaluation.json",
+    "config.json",
+    "plan.json",
+    "validation.json",
+    "goodput.json",
+    "preprocessor_config.json",
+    "neighbours.png",
+    "embedding.png",
+    "transport_plan.png",
+    "confused_pairs.png",
+    "main_dino.py",
+    "eval_linear.py",
+    "eval_knn.py",
+    "vision_transformer.py",
+    "utils.py",
+    "train_compile.py",
+    "cloud_tpu_cluster.py",
+    "args.txt",
+    "study_minutes.txt",
+    "pytorch_model.bin",
+    "commit_success.txt",
+}
+
+
+def named_files(text: str) -> list[str]:
+    text = re.sub(r"https?://\S+", "", text)
+    return [m.group(1) for m in NAMED_FILE.finditer(text)]
+
+
+@pytest.mark.parametrize("page", USER_PAGES, ids=PAGE_IDS)
+def test_every_file_a_page_names_exists(page):
+    missing = []
+    for name in named_files(page_text(page)):
+        base = name.rsplit("/", 1)[-1]
+        if base in WRITTEN_BY_A_RUN:
+            continue
+        if "/" in name:
+            found = (page.parent / name).exists() or (ROOT / name).exists()
+            found = found or any((ROOT / d / name).exists() for d in ("benchmarks", "experiments"))
+        else:
+            found = base in REPO_FILES
+        if not found:
+            missing.append(name)
+    assert not missing, f"{page.relative_to(ROOT)} names files that do not exist: {missing}"
+
+
+def test_a_missing_file_is_caught():
+    assert named_files("(`../shared/PAPER.md` section 3), PAPER.md section 4") == [
+        "../shared/PAPER.md",
+        "PAPER.md",
+    ]
+    assert "PAPER.md" not in REPO_FILES
+
+
+# Statements that were false on these pages, kept out (each was true of no code).
+RETIRED = {
+    "timm has no save_pretrained; its save_for_hf writes pytorch_model.bin by default": (
+        r"save_pretrained|save_for_hf\((?![^)]*safe_serialization=True)"
+    ),
+    "for epsilon > 0 the entropic plan has full support and never equals J": (
+        r"zero when every view|equality when the entropic plan|is zero only when the transport"
+    ),
+    "every cell of the study has run": r"have not run|has not run yet",
+    "--mode=evaluate runs eval.protocols, knn,features unless told": (
+        r"`--mode=evaluate` on a cell's workdir adds"
+    ),
+    "the demo's augmented probe crops are not its training crops": r"the training crops' \(",
+    "a command ends where it ends": r"--config\.[\w.]+=\S+ \.\.\.$",
+}
+
+
+@pytest.mark.parametrize("page", USER_PAGES, ids=PAGE_IDS)
+def test_retired_false_statements_stay_out(page):
+    text = page_text(page)
+    found = [
+        why
+        for why, pattern in RETIRED.items()
+        if re.search(pattern.replace(" ", r"\s+"), text, re.M)
+    ]
+    assert not found, f"{page.relative_to(ROOT)}: {found}"
+
+
+# ------------------------------------------------------------------------ the results page
+
+RESULTS_PAGE = ROOT / "experiments" / "README.md"
+STUDY_DIR = ROOT / "experiments" / "study"
+
+
+def study_module():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("study", ROOT / "experiments" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def study_records() -> list[dict]:
+    return json.loads((STUDY_DIR / "results.json").read_text())
+
+
+def test_the_generated_report_is_the_results_json():
+    """study/results.md is what `python experiments/study.py --report_only` writes now."""
+    study = study_module()
+    records = {r["name"]: r for r in study_records()}
+    assert study.summarize(records) in (STUDY_DIR / "results.md").read_text()
+
+
+def test_the_results_page_quotes_the_study():
+    """Every mean ± std and every paired interval of the results page is the report's."""
+    page, report = RESULTS_PAGE.read_text(), (STUDY_DIR / "results.md").read_text()
+    stats = re.findall(r"\d+\.\d+ ± \d+\.\d+", page)
+    intervals = re.findall(r"\[[-+]\d+\.\d+, [-+]\d+\.\d+\]", page)
+    assert len(stats) >= 15 and len(intervals) >= 10
+    missing = [s for s in stats + intervals if s not in report]
+    assert not missing, f"experiments/README.md quotes figures the study did not measure: {missing}"
+
+
+def test_every_question_of_the_study_has_its_table_and_command():
+    page = RESULTS_PAGE.read_text()
+    for group in sorted({r["group"] for r in study_records()}):
+        command = f"python experiments/study.py --groups={group}"
+        assert command in page, f"experiments/README.md: no section runs {command!r}"
+        after = page.split(command, 1)[1].split("\n## ", 1)[0]
+        assert "\n|" in after, f"experiments/README.md: {command!r} has no table after it"
+
+
+def _mean(records, group, label, key):
+    values = [r[key] for r in records if r["group"] == group and r["label"] == label]
+    return 100 * sum(values) / len(values)
+
+
+def test_what_each_method_loses_without_the_strong_set_is_derived_from_the_study():
+    records = study_records()
+    section = RESULTS_PAGE.read_text().split("--groups=strong", 1)[1].split("\n## ", 1)[0]
+    rows = [r.split("|")[1:-1] for r in section.splitlines() if r.startswith("| ")][1:]
+    assert {cells[0].strip() for cells in rows} == {"matching gap", "InfoNCE", "BYOL", "DINO"}
+    for cells in rows:
+        label = cells[0].strip()
+        for column, key in ((5, "linear_probe_top1"), (6, "knn_top1")):
+            lost = _mean(records, "strong", label, key) - _mean(records, "cropflip", label, key)
+            assert float(cells[column]) == pytest.approx(lost, abs=0.006), (label, key)
+
+
+def test_the_number_of_cells_the_pages_give_is_the_studys():
+    study = study_module()
+    cells = study.make_cells([0, 1, 2], study.GROUPS, cifar10=False, claim_seeds=[0, 1, 2, 3, 4])
+    assert len(cells) == len(study_records())  # every cell of the default study has run
+    quoted = {
+        (str(page.relative_to(ROOT)), int(n))
+        for page in USER_PAGES
+        for n in re.findall(r"\ball (\d+) cells\b", page_text(page))
+    }
+    assert quoted, "no page gives the study's number of cells"
+    assert all(n == len(cells) for _, n in quoted), quoted
