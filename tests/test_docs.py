@@ -494,3 +494,102 @@ def test_the_number_of_cells_the_pages_give_is_the_studys():
     }
     assert quoted, "no page gives the study's number of cells"
     assert all(n == len(cells) for _, n in quoted), quoted
+
+
+# ------------------------------------------------------------------------ the loss's pages
+
+LOSS_PAGE = ROOT / "docs" / "loss.md"
+
+
+def table_after(text: str, marker: str) -> list[list[str]]:
+    """The cells of the first Markdown table after ``marker`` (header and rule dropped)."""
+    at = text.index(marker)
+    lines = text[text.rfind("\n", 0, at) + 1 :].splitlines()  # from the marker's line
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip("|"))])
+    return rows
+
+
+def test_the_loss_scale_table_is_the_helpers():
+    from matching_gap import losses
+
+    rows = table_after(LOSS_PAGE.read_text(), "print(losses.matching_gap_scale(0.8, 64))")
+    assert len(rows) >= 4
+    for epsilon, n, collapse, floor, mass in rows:
+        scale = losses.matching_gap_scale(float(epsilon), int(n))
+        assert float(collapse) == pytest.approx(scale["collapse"], abs=6e-5), (epsilon, n)
+        assert float(floor) == pytest.approx(scale["floor"], abs=6e-5), (epsilon, n)
+        assert float(mass.rstrip("%")) == pytest.approx(100 * scale["diagonal_mass"], abs=0.06)
+
+
+def test_the_floor_the_pages_quote_is_the_loss_on_perfect_pairs():
+    """Every "at epsilon E and N pairs ... the floor is F, with M% of the plan on the true
+    pairs" of a user page, against the loss itself on N one-hot vectors paired with
+    themselves (the helper is checked the same way in tests/test_losses.py)."""
+    import jax.numpy as jnp
+
+    from matching_gap import losses
+
+    quoted = re.compile(
+        r"epsilon\s+(\d+\.\d+)\s+and\s+(\d+)\s+pairs.{0,80}?"
+        r"floor\s+is\s+(\d+\.\d+),\s+with\s+(\d+)%\s+of\s+the\s+plan",
+        re.S,
+    )
+    found = [(p, m) for p in USER_PAGES for m in quoted.finditer(page_text(p))]
+    assert {str(p.relative_to(ROOT)) for p, _ in found} >= {"README.md", "docs/loss.md"}
+    for page, match in found:
+        epsilon, n, floor, mass = match.groups()
+        perfect = jnp.eye(int(n))
+        tight = {"threshold": 1e-8, "max_iterations": 20000}
+        value, _ = losses.matching_gap(
+            perfect, perfect, epsilon=float(epsilon), sinkhorn_options=tight
+        )
+        plan = losses.transport_plan(
+            perfect, perfect, epsilon=float(epsilon), sinkhorn_options=tight
+        )
+        assert float(floor) == pytest.approx(float(value), abs=6e-4), page
+        assert int(mass) == round(100 * float(jnp.trace(plan))), page
+
+
+def test_the_healthy_run_table_reads_its_share_of_the_way_from_the_helper():
+    from matching_gap import losses
+
+    text = LOSS_PAGE.read_text()
+    collapse, floor = map(
+        float, re.search(r"share of the way \(collapse (\d\.\d+), floor (\d\.\d+)\)", text).groups()
+    )
+    from matching_gap import config_lib
+
+    config = config_lib.load_config_file(str(ROOT / "configs" / "default.py"))
+    n = config.loss.group_size or config.optim.batch_size
+    scale = losses.matching_gap_scale(config.loss.epsilon, n)
+    assert (collapse, floor) == (round(scale["collapse"], 4), round(scale["floor"], 4))
+    rows = table_after(text, "share of the way (collapse")
+    assert len(rows) >= 3
+    for row in rows:
+        value, share = float(row[1]), float(row[2])
+        assert share == round((collapse - value) / (collapse - floor), 2), row
+
+
+def test_the_normalize_defaults_are_the_functions():
+    import inspect
+
+    from matching_gap import losses
+
+    rows = table_after(LOSS_PAGE.read_text(), "**The `normalize` defaults differ")
+    stated = {name.strip("`"): default.strip("`") for name, default, _ in rows}
+    actual = {
+        name: str(inspect.signature(getattr(losses, name)).parameters["normalize"].default)
+        for name in stated
+    }
+    assert stated == actual
+    assert set(stated) == {
+        name
+        for name in losses.__all__
+        if inspect.isfunction(getattr(losses, name))
+        and "normalize" in inspect.signature(getattr(losses, name)).parameters
+    }
