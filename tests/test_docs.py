@@ -593,3 +593,51 @@ def test_the_normalize_defaults_are_the_functions():
         if inspect.isfunction(getattr(losses, name))
         and "normalize" in inspect.signature(getattr(losses, name)).parameters
     }
+
+
+# ------------------------------------------------------------------------ docs/tpu.md's costs
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def test_the_tpu_costs_are_the_plans_at_the_assumed_and_the_measured_mfu():
+    """docs/tpu.md's cost table from its sources: the v4-32 plans (analytic FLOPs, steps, the
+    chip's peak), the MFU measured on the H200, and for v5e the remat the 16 GiB chip needs
+    (XLA's FLOPs with remat over the model's, from the v5e plan)."""
+    from matching_gap import plan
+
+    plans = json.loads((RESULTS / "tpu_plan_v4-32.json").read_text())
+    h200 = (RESULTS / "h200_train_throughput_vitb16_multicrop_b128.txt").read_text()
+    measured = float(re.search(r"\| matching_gap \|[^\n]*\| (\d+\.\d+)% \|", h200).group(1))
+    remat = (RESULTS / "tpu_plan_v5litepod-16_vitb16_remat.txt").read_text()
+    assert "remat True" in remat and "fits                       yes" in remat
+    xla, matmuls = map(
+        float, re.search(r"XLA ([\d.]+) T, model matmuls ([\d.]+) T", remat).groups()
+    )
+
+    text = (ROOT / "docs" / "tpu.md").read_text()
+    assert f"The only MFU measured for this step is {measured}%" in text
+    rows, config = table_after(text, "| run | config | slice |"), None
+    assert len(rows) == 5
+    for _run, config_cell, slice_name, assumed, at_measured, hours in rows:
+        config = config_cell or config
+        recipe = re.search(r"`(\w+\.py)`", config).group(1)
+        kind = re.match(r"(v\d\w*)-\d+", slice_name).group(1)
+        p = plans[recipe]
+        chip_hours = (
+            p["flops_per_device_analytic"]
+            * p["devices"]
+            * p["recipe_steps"]
+            / (plan.CHIP_HOURS_MFU * plan.CHIPS[kind].peak_flops)
+            / 3600
+        )
+        if kind == "v5litepod":  # 16 GiB per chip: the step fits only with remat
+            assert "--config.model.remat=True" in config, config
+            chip_hours *= xla / matmuls
+        slow = chip_hours * plan.CHIP_HOURS_MFU / (measured / 100)
+        assert float(assumed) == pytest.approx(chip_hours, abs=0.051), (recipe, kind)
+        assert float(at_measured) == pytest.approx(slow, abs=0.051), (recipe, kind)
+        assert [float(h) for h in hours.split(" / ")] == [
+            round(chip_hours / p["devices"], 1),
+            round(slow / p["devices"], 1),
+        ], (recipe, kind)
