@@ -641,3 +641,80 @@ def test_the_tpu_costs_are_the_plans_at_the_assumed_and_the_measured_mfu():
             round(chip_hours / p["devices"], 1),
             round(slow / p["devices"], 1),
         ], (recipe, kind)
+
+
+# ------------------------------------------------------------------------ config values quoted
+
+
+def load(config: str):
+    from matching_gap import config_lib
+
+    path, _, arg = config.partition(":")
+    return config_lib.load_config_file(str(ROOT / "configs" / path), arg or None)
+
+
+def test_the_evaluation_settings_the_pages_quote_are_the_configs():
+    demo, imagenet = load("default.py"), load("vitb16.py")
+    evaluation = (ROOT / "docs" / "evaluation.md").read_text()
+    epochs = re.search(
+        r"`eval.probe_epochs` epochs \((\d+) for the demo, (\d+) for the ImageNet recipes\)",
+        evaluation,
+    )
+    assert epochs, "docs/evaluation.md no longer says the features probe's epochs"
+    assert tuple(map(int, epochs.groups())) == (demo.eval.probe_epochs, imagenet.eval.probe_epochs)
+    crops = re.search(
+        r"`eval.augmented_crop_scale`: \((\S+), (\S+)\) for the demo, whose training crops are "
+        r"\((\S+), (\S+)\); DINO's \((\S+), (\S+)\) for ImageNet",
+        evaluation,
+    )
+    assert crops, "docs/evaluation.md no longer says the augmented probe's crops"
+    values = [float(v) for v in crops.groups()]
+    assert values == [
+        *demo.eval.augmented_crop_scale,
+        *demo.augment.crop_scale,
+        *imagenet.eval.augmented_crop_scale,
+    ]
+    default = re.search(r"runs `eval.protocols` \(default `([\w,]+)`", evaluation).group(1)
+    assert default == demo.eval.protocols == schema.EvalConfig().protocols
+    for recipe in ("vitb16.py", "vits16.py", "dino_vits16.py", "m3g_vitb16.py"):
+        assert load(recipe).eval.protocols == "knn,features,augmented", recipe
+    recipes = (ROOT / "experiments" / "recipes.md").read_text()
+    quoted = re.findall(r"`(?:eval\.)?probe_epochs`:? (\d+)", recipes)
+    assert quoted and {int(q) for q in quoted} == {imagenet.eval.probe_epochs}, quoted
+
+
+def test_one_raw_pixel_baseline_on_every_page():
+    """The raw pixels' figures are the demo's own row (its normalised inputs, the same probe
+    and k-NN) wherever a page quotes them."""
+    readme = (ROOT / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| raw pixels"))
+    figures = set(re.findall(r"\d+\.\d+%?", row))
+    found = {}
+    for page in USER_PAGES:
+        for line in page_text(page).splitlines():
+            if line.startswith("| raw pixels"):  # a row of figures
+                quoted = {f.rstrip("%") for f in re.findall(r"\d+\.\d+%?", line)}
+                found[(page.name, line[:40])] = quoted - {f.rstrip("%") for f in figures}
+    assert len(found) >= 3
+    assert not any(found.values()), {k: v for k, v in found.items() if v}
+
+
+SCRIPT = re.compile(r"python (?:-u )?((?:experiments|benchmarks)/\w+\.py)((?: +--\w+(?:=\S+)?)*)")
+
+
+def test_every_script_flag_a_page_names_exists():
+    """``python experiments/study.py --groups=...``, ``python benchmarks/x.py --flag``: the
+    script exists and defines each flag (argparse's ``"--flag"`` or absl's ``DEFINE_*``)."""
+    seen, missing = 0, []
+    for page in USER_PAGES:
+        text = " ".join(line.strip().rstrip("\\") for line in page_text(page).splitlines())
+        for match in SCRIPT.finditer(text):
+            script = ROOT / match.group(1)
+            assert script.is_file(), f"{page.relative_to(ROOT)} names {match.group(1)}"
+            source = script.read_text()
+            for flag in re.findall(r"--(\w+)", match.group(2)):
+                seen += 1
+                defined = f'"--{flag}"' in source or re.search(rf'DEFINE_\w+\(\s*"{flag}"', source)
+                if not defined and not (flag == "config" and "config_flags" in source):
+                    missing.append(f"{page.relative_to(ROOT)}: {match.group(1)} --{flag}")
+    assert seen > 10 and not missing, missing

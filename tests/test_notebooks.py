@@ -229,3 +229,49 @@ def test_first_cell_tells_the_accelerator(devices, nvidia_smi, expected, monkeyp
     monkeypatch.setattr(shutil, "which", lambda name: nvidia_smi)
     monkeypatch.setattr(os.path, "exists", lambda path: False)
     assert namespace["accelerator"]() == expected
+
+
+def _outputs(nb) -> str:
+    return "".join(
+        out.get("text", "")
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "stream"
+    )
+
+
+@pytest.mark.parametrize("name", ["toy_matching_gap.ipynb", "train_demo.ipynb"])
+def test_notebooks_are_committed_with_the_outputs_their_introduction_quotes(name):
+    """A reader sees a run before running one: every code cell executed, the plots kept as
+    PNG, and the runtime and figures the introduction states are those of the outputs."""
+    nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code[1:]), f"{name}: cells not executed"
+    images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 2, name
+    intro, printed = nb.cells[0].source, _outputs(nb)
+    quoted = re.findall(r"`([^`\n]*\d[^`\n]*)`", intro.split("**Run it**")[0])
+    stated = [q for q in quoted if any(ch.isdigit() for ch in q) and not q.endswith(".py")]
+    assert stated, f"{name}: its introduction quotes no output"
+    for line in stated:
+        assert line in printed, f"{name}: the introduction quotes {line!r}, not in the outputs"
+
+
+def test_the_demo_notebook_prints_the_readmes_demo_figures():
+    """The committed run is the README's demo (same recipe and budget): same figures."""
+    with open(os.path.join(os.path.dirname(NOTEBOOKS), "README.md")) as f:
+        readme = f.read()
+    rows = {
+        line.split("|")[1].split(",")[0].split("(")[0].strip(): re.findall(r"\d+\.\d+%", line)
+        for line in readme.splitlines()
+        if line.startswith(("| trained encoder", "| random init", "| raw pixels"))
+    }
+    printed = _outputs(nbformat.read(os.path.join(NOTEBOOKS, "train_demo.ipynb"), as_version=4))
+    probe = re.search(
+        r"linear_probe_top1 +trained +(\S+) \| random init +(\S+) \| raw pixels +(\S+)", printed
+    )
+    knn = re.search(r"knn_top1 +trained +(\S+) \| random init +(\S+) \| raw pixels +(\S+)", printed)
+    assert probe and knn, printed[-2000:]
+    for i, row in enumerate(("trained encoder", "random init", "raw pixels")):
+        assert rows[row] == [probe.group(i + 1), knn.group(i + 1)], row
