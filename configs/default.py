@@ -3,8 +3,8 @@
     python -m matching_gap.main --config=configs/default.py --workdir=/tmp/mg_default
 
 Views: random-resized crop (scale 0.6 to 1) + flip with BYOL's colour jitter / blur /
-solarize on top (on these 28-pixel images the set lifts the k-NN by 4.8 points over
-``:cropflip`` at the demo's budget, 3 seeds: experiments/README.md); ``:cropflip`` keeps
+solarize on top (on these 28-pixel images these views lift the k-NN by 4.8 points over
+``:cropflip``'s at the demo's budget, 3 seeds: experiments/README.md); ``:cropflip`` keeps
 crop (0.35 to 1) + flip only, the paper's regime.
 At the end the run evaluates the trained encoder, the random-init one and the raw pixels
 with the same linear probe and k-NN, and draws ``<workdir>/pictures/``.
