@@ -718,3 +718,17 @@ def test_every_script_flag_a_page_names_exists():
                 if not defined and not (flag == "config" and "config_flags" in source):
                     missing.append(f"{page.relative_to(ROOT)}: {match.group(1)} --{flag}")
     assert seen > 10 and not missing, missing
+
+
+def test_every_config_variant_a_page_names_loads():
+    """``configs/default.py:cropflip``, ``m3g_vitb16.py:k=2``: each config file and variant a
+    page names in passing (outside a command) loads."""
+    named = {
+        (m.group(1), m.group(2))
+        for page in USER_PAGES
+        for m in re.finditer(r"`(?:configs/)?(\w+\.py):([\w=,]+)`", page_text(page))
+        if (ROOT / "configs" / m.group(1)).is_file()
+    }
+    assert len(named) >= 5, named
+    for path, variant in sorted(named):
+        load(f"{path}:{variant}")
