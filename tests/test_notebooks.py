@@ -254,8 +254,12 @@ def test_notebooks_are_committed_with_the_outputs_their_introduction_quotes(name
     quoted = re.findall(r"`([^`\n]*\d[^`\n]*)`", intro.split("**Run it**")[0])
     stated = [q for q in quoted if any(ch.isdigit() for ch in q) and not q.endswith(".py")]
     assert stated, f"{name}: its introduction quotes no output"
+    parameters = next(c.source for c in code if "parameters" in c.metadata.get("tags", []))
     for line in stated:
-        assert line in printed, f"{name}: the introduction quotes {line!r}, not in the outputs"
+        if re.match(r"\w+ = ", line):  # a setting the run used: the parameters cell's
+            assert re.search(rf"^{re.escape(line)}\b", parameters, re.M), (name, line)
+        else:
+            assert line in printed, f"{name}: the introduction quotes {line!r}, not its outputs"
 
 
 def test_the_demo_notebook_prints_the_readmes_demo_figures():
