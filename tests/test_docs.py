@@ -732,3 +732,14 @@ def test_every_config_variant_a_page_names_loads():
     assert len(named) >= 5, named
     for path, variant in sorted(named):
         load(f"{path}:{variant}")
+
+
+def test_the_evaluation_page_measures_the_readmes_demo_checkpoint():
+    """docs/evaluation.md's protocols ran on the checkpoint of the README's demo run: its k-NN
+    and `features` rows are the figures that run printed (the README's trained row)."""
+    readme = (ROOT / "README.md").read_text()
+    trained = next(line for line in readme.splitlines() if line.startswith("| trained encoder"))
+    probe, knn = re.findall(r"\d+\.\d+%", trained)
+    rows = table_after((ROOT / "docs" / "evaluation.md").read_text(), "| protocol | top-1 |")
+    top1 = {name.strip("`"): value for name, value, _ in rows}
+    assert (top1["features"], top1["knn"]) == (probe, knn)
