@@ -3,12 +3,13 @@
     python -m matching_gap.main --config=configs/m3g_vitb16.py:k=3 --workdir=DIR \
         --config.data.data_dir=/path/to/tensorflow_datasets
 
-Recipe (PAPER.md sections 2-3, from the M3G paper): k global views of 224 (no local crops),
-crops + flips plus the strong augmentations of the BYOL family, cost = circular variance of
-the k unit vectors, epsilon 0.2, one OT problem per 64 images, EMA teacher, projector and
-predictor "linear 4096 + GeLU -> 256", 300 epochs, AdamW with DINO's schedule (assumed: the
-optimiser settings are not public). Paper (mean of 5 seeds): k = 2: 74.75, k = 3: 75.61,
-k = 4: 75.75 linear-probe top-1. Memory: one cost tensor of 64^k floats per group.
+Recipe (the M3G paper, arXiv:2405.19532; experiments/recipes.md section 3): k global views
+of 224 (no local crops), crops + flips plus the strong augmentations of the BYOL family,
+cost = circular variance of the k unit vectors, epsilon 0.2, one OT problem per 64 images,
+EMA teacher, projector and predictor "linear 4096 + GeLU -> 256", 300 epochs, AdamW with
+DINO's schedule (assumed: the optimiser settings are not public). Paper (mean of 5 seeds): k
+= 2: 74.75, k = 3: 75.61, k = 4: 75.75 linear-probe top-1. Memory: one cost tensor of 64^k
+floats per group.
 
 Variants: ``k=2|3|4`` (default 3), ``smoke``, combinable: ``:k=4,smoke``.
 """

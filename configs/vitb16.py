@@ -3,12 +3,13 @@
     python -m matching_gap.main --config=configs/vitb16.py --workdir=gs://BUCKET/vitb16 \
         --config.data.data_dir=/path/to/tensorflow_datasets
 
-Recipe (PAPER.md section 3): DINO-like student + EMA teacher (momentum 0.996 -> 1),
-multi-crop (2 global crops of 224 + 10 local crops of 96), horizontal flips and no other
-augmentation, projector and predictor "linear 4096 + GeLU -> 256", OT problems of 64 pairs
-(as M3G: n = 64 per device), epsilon 0.8 on the squared Euclidean cost of unit vectors
-(M3G's 0.2 on the circular variance), 300 epochs, AdamW with DINO's schedule (lr 5e-4 x
-batch / 256, 10 warm-up epochs, cosine to 1e-6, weight decay 0.04 -> 0.4, clip 3.0,
+Recipe (the paper's abstract and reviews, M3G's heads and epsilon, DINO's defaults where
+neither says; experiments/recipes.md section 1): DINO-like student + EMA teacher (momentum
+0.996 -> 1), multi-crop (2 global crops of 224 + 10 local crops of 96), horizontal flips and
+no other augmentation, projector and predictor "linear 4096 + GeLU -> 256", OT problems of
+64 pairs (as M3G: n = 64 per device), epsilon 0.8 on the squared Euclidean cost of unit
+vectors (M3G's 0.2 on the circular variance), 300 epochs, AdamW with DINO's schedule (lr
+5e-4 x batch / 256, 10 warm-up epochs, cosine to 1e-6, weight decay 0.04 -> 0.4, clip 3.0,
 drop-path 0.1), batch 1024, bfloat16 compute. The optimiser settings are not public for the
 paper; these are DINO's defaults. Paper: 74.2% linear-probe top-1.
 

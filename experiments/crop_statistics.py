@@ -1,7 +1,8 @@
 """Where the training views land on a 500 x 375 image (ImageNet's most common size): 4,000
 global boxes (scale 0.4-1) from torchvision's rule (the numpy transcription in
-``tests/test_crops.py``), from the host's and the device's implementations, and from the
-rule the project had before (boxes inside the centre square).
+``tests/test_crops.py``), from the host's and the device's implementations, and, for
+comparison, from boxes cut inside the centre square (what a crop of a centre-cropped image
+can reach).
 
     python experiments/crop_statistics.py
 """
@@ -32,9 +33,9 @@ def main():
     row("torchvision (transcription, numpy)", t.reference_boxes(HEIGHT, WIDTH, SCALE))
     row("`crops.tf_crop_box` (host, streamed images)", t.host_boxes(HEIGHT, WIDTH, SCALE))
     row("`augment._sample_crop_box` (device, in memory)", t.device_boxes(HEIGHT, WIDTH, SCALE))
-    before = t.host_boxes(HEIGHT, HEIGHT, SCALE)
-    before[:, 1] += (WIDTH - HEIGHT) // 2
-    row("before: inside the centre 375 x 375 square", before)
+    centre = t.host_boxes(HEIGHT, HEIGHT, SCALE)
+    centre[:, 1] += (WIDTH - HEIGHT) // 2
+    row("for comparison: inside the centre 375 x 375 square", centre)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""The demo's evaluation protocols on raw Fashion-MNIST pixels (the bar to beat): the
+"""The demo's evaluation protocols on raw Fashion-MNIST pixels scaled to [0, 1]: the
 ``features`` linear probe (default grid, held-out choice) and DINO's weighted 20-NN, on all
-60k training and 10k test images.
+60k training and 10k test images. The pages quote the demo's own raw-pixel row instead
+(``train.compare_raw_pixels``: the pixels as the encoder sees them, normalised), which reads
+differently.
 
 python experiments/raw_pixel_probe.py
 """

@@ -237,7 +237,9 @@ def matching_gap(
       y: [n, d] embeddings of the second view; ``y[i]`` is the positive of ``x[i]``.
       epsilon: entropic regularisation (> 0), absolute unless ``relative_epsilon`` is set.
       cost: ``"sqeuclidean"`` or ``"cosine"``.
-      normalize: L2-normalise ``x`` and ``y`` before computing the cost.
+      normalize: L2-normalise ``x`` and ``y`` before computing the cost. Default ``False``,
+        unlike :func:`multi_marginal_matching_gap`'s ``True``: pass it explicitly (every
+        epsilon in the docs and configs is for unit vectors).
       relative_epsilon: ``None`` (absolute), ``"mean"`` or ``"std"``: multiply ``epsilon``
         by the stop-gradient mean / standard deviation of the cost matrix (per group).
       group_size: split the n pairs into ``n // group_size`` independent OT problems of
@@ -465,7 +467,8 @@ def multi_marginal_matching_gap(
       views: [k, n, d]; ``views[l, i]`` is the l-th view of item i.
       epsilon: entropic regularisation (> 0) on the variance cost (M3G used 0.2). Always
         explicit: OTT's default is not stop-gradient.
-      normalize: L2-normalise every view first (the M3G setting).
+      normalize: L2-normalise every view first (the M3G setting; the circular variance is
+        defined for unit vectors). Default ``True``, unlike :func:`matching_gap`'s ``False``.
       relative_epsilon: ``None``, ``"mean"`` or ``"std"`` of the stop-gradient cost tensor.
       group_size: independent problems over groups of consecutive items (vmapped).
       sinkhorn_options: subset of ``threshold``, ``max_iterations``, ``inner_iterations``,

@@ -5,6 +5,8 @@ that overrides them (papermill's convention), runs the whole notebook in a fresh
 checks what it printed.
 """
 
+import contextlib
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -66,26 +68,105 @@ def _first_cell(name: str) -> str:
 
 
 @pytest.mark.parametrize("name", ["toy_matching_gap.ipynb", "train_demo.ipynb"])
-def test_first_cell_installs_the_checkout_or_repo_url(name, tmp_path, monkeypatch):
-    """In a fresh Colab kernel (nothing installed) the first cell installs the checkout around
-    the notebook, else the repository at REPO_URL, else says to set REPO_URL."""
+def test_first_cell_finds_the_clone_or_clones_repo_url_or_says_what_to_set(
+    name, tmp_path, monkeypatch
+):
+    """In a fresh kernel (nothing installed) the first cell installs the clone around the
+    notebook, else clones REPO_URL and installs that, else stops with one line that says
+    to set REPO_URL."""
     cell = _first_cell(name)
     assert 'REPO_URL = ""' in cell
-    installed = []
+    ran = []
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
-    monkeypatch.setattr(subprocess, "run", lambda argv, check: installed.append(argv[3:]))
+    monkeypatch.setattr(subprocess, "run", lambda argv, check: ran.append(argv))
 
     monkeypatch.chdir(NOTEBOOKS)  # Jupyter's working directory: the notebook's folder
     exec(cell, {})
-    assert installed[-1][:2] == ["install", "-q"]
-    assert installed[-1][2].startswith(os.path.dirname(NOTEBOOKS))
+    assert ran[-1][3:5] == ["install", "-q"]
+    assert ran[-1][5].startswith(os.path.dirname(NOTEBOOKS) + "[")
 
-    monkeypatch.chdir(tmp_path)  # Colab: no checkout around the notebook
-    with pytest.raises(RuntimeError, match="set REPO_URL"):
-        exec(cell, {})
+    monkeypatch.chdir(tmp_path)  # Colab: no clone around the notebook
+    namespace = {}
+    with pytest.raises(RuntimeError, match="set REPO_URL") as stopped:
+        exec(cell, namespace)
+    assert len(stopped.value._render_traceback_()) == 1  # what Jupyter shows: one line
     url = "https://git.example.org/someone/matching-gap"
     exec(cell.replace('REPO_URL = ""', f"REPO_URL = {url!r}"), {})
-    assert installed[-1][2].startswith("matching-gap") and installed[-1][2].endswith(f"@ git+{url}")
+    assert ran[-2] == ["git", "clone", "-q", url, "matching-gap"]
+    assert ran[-1][5].startswith(str(tmp_path / "matching-gap") + "[")
+
+
+def test_the_demo_notebook_stops_without_a_clone_even_when_installed(tmp_path, monkeypatch):
+    """It reads configs/default.py, which the package does not install."""
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: object())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match="reads configs/.*set REPO_URL"):
+        exec(_first_cell("train_demo.ipynb"), {})
+    exec(_first_cell("toy_matching_gap.ipynb"), {})  # the package alone is enough
+
+
+def _imports(name: str) -> set[str]:
+    """The top-level modules the notebook's code cells import."""
+    import ast
+
+    modules = set()
+    for cell in nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4).cells:
+        if cell.cell_type == "code":
+            for node in ast.walk(ast.parse(cell.source)):
+                if isinstance(node, ast.Import):
+                    modules |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    modules.add(node.module.split(".")[0])
+    return modules
+
+
+def _requirements(extras: tuple[str, ...]) -> set[str]:
+    """The distributions ``pip install .[extras]`` brings, with what they require in turn."""
+    import tomllib
+
+    with open(os.path.join(os.path.dirname(NOTEBOOKS), "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+
+    def name(requirement: str) -> str:
+        return re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower()
+
+    todo = list(project["dependencies"])
+    for extra in extras:
+        todo += project["optional-dependencies"][extra]
+    found = set()
+    while todo:
+        requirement = todo.pop()
+        if requirement.startswith("matching-gap["):  # an extra of this project
+            for extra in requirement[len("matching-gap[") : requirement.index("]")].split(","):
+                todo += project["optional-dependencies"][extra]
+            continue
+        dist = name(requirement).replace("_", "-")
+        if dist in found:
+            continue
+        found.add(dist)
+        # a distribution missing here (tensorflow's platform twin) brings nothing more
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            todo += [r for r in importlib.metadata.requires(dist) or [] if "extra ==" not in r]
+    return found
+
+
+@pytest.mark.parametrize("name", ["toy_matching_gap.ipynb", "train_demo.ipynb"])
+def test_the_first_cell_installs_what_the_notebook_imports(name, monkeypatch):
+    import sys
+
+    namespace = {}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: object())
+    monkeypatch.chdir(NOTEBOOKS)
+    exec(_first_cell(name), namespace)
+    installed = _requirements(namespace["EXTRAS"])
+    providers = importlib.metadata.packages_distributions()
+    missing = [
+        module
+        for module in sorted(_imports(name) - set(sys.stdlib_module_names))
+        if module not in ("matching_gap", "IPython")  # the project; Jupyter's own
+        and not {d.lower().replace("_", "-") for d in providers.get(module, [])} & installed
+    ]
+    assert not missing, f"{name} imports {missing}, which its first cell does not install"
 
 
 # What each runtime has installed (distribution: version) before the first cell runs.
@@ -119,14 +200,18 @@ def test_first_cell_keeps_what_the_runtime_brings(have, machine, train, expected
     namespace = {}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: object())
     exec(_first_cell("train_demo.ipynb"), namespace)  # everything installed: defines only
-    arguments = namespace["pip_arguments"]("SRC", train, machine, have.get)
+    extras = ("train",) if train else ()
+    arguments = namespace["pip_arguments"]("SRC", extras, machine, have.get)
     assert arguments == ["install", "-q", *expected]
-    git = namespace["pip_arguments"]("git+https://h/r", train, machine, have.get)
+    git = namespace["pip_arguments"]("git+https://h/r", extras, machine, have.get)
     assert git[2] == "matching-gap" + expected[0][3:] + " @ git+https://h/r"
     # The loss-only notebook decides with the same function.
     toy = {}
     exec(_first_cell("toy_matching_gap.ipynb"), toy)
-    assert toy["pip_arguments"]("SRC", train, machine, have.get) == arguments
+    assert toy["pip_arguments"]("SRC", extras, machine, have.get) == arguments
+    if train:  # the demo notebook's extras: the trainer and matplotlib
+        both = namespace["pip_arguments"]("SRC", ("train", "plots"), machine, have.get)
+        assert both[2] == expected[0].replace("]", ",plots]")
 
 
 @pytest.mark.parametrize(
@@ -144,3 +229,53 @@ def test_first_cell_tells_the_accelerator(devices, nvidia_smi, expected, monkeyp
     monkeypatch.setattr(shutil, "which", lambda name: nvidia_smi)
     monkeypatch.setattr(os.path, "exists", lambda path: False)
     assert namespace["accelerator"]() == expected
+
+
+def _outputs(nb) -> str:
+    return "".join(
+        out.get("text", "")
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "stream"
+    )
+
+
+@pytest.mark.parametrize("name", ["toy_matching_gap.ipynb", "train_demo.ipynb"])
+def test_notebooks_are_committed_with_the_outputs_their_introduction_quotes(name):
+    """A reader sees a run before running one: every code cell executed, the plots kept as
+    PNG, and the runtime and figures the introduction states are those of the outputs."""
+    nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code[1:]), f"{name}: cells not executed"
+    images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 2, name
+    intro, printed = nb.cells[0].source, _outputs(nb)
+    quoted = re.findall(r"`([^`\n]*\d[^`\n]*)`", intro.split("**Run it**")[0])
+    stated = [q for q in quoted if any(ch.isdigit() for ch in q) and not q.endswith(".py")]
+    assert stated, f"{name}: its introduction quotes no output"
+    parameters = next(c.source for c in code if "parameters" in c.metadata.get("tags", []))
+    for line in stated:
+        if re.match(r"\w+ = ", line):  # a setting the run used: the parameters cell's
+            assert re.search(rf"^{re.escape(line)}\b", parameters, re.M), (name, line)
+        else:
+            assert line in printed, f"{name}: the introduction quotes {line!r}, not its outputs"
+
+
+def test_the_demo_notebook_prints_the_readmes_demo_figures():
+    """The committed run is the README's demo (same recipe and budget): same figures."""
+    with open(os.path.join(os.path.dirname(NOTEBOOKS), "README.md")) as f:
+        readme = f.read()
+    rows = {
+        line.split("|")[1].split(",")[0].split("(")[0].strip(): re.findall(r"\d+\.\d+%", line)
+        for line in readme.splitlines()
+        if line.startswith(("| trained encoder", "| random init", "| raw pixels"))
+    }
+    printed = _outputs(nbformat.read(os.path.join(NOTEBOOKS, "train_demo.ipynb"), as_version=4))
+    probe = re.search(
+        r"linear_probe_top1 +trained +(\S+) \| random init +(\S+) \| raw pixels +(\S+)", printed
+    )
+    knn = re.search(r"knn_top1 +trained +(\S+) \| random init +(\S+) \| raw pixels +(\S+)", printed)
+    assert probe and knn, printed[-2000:]
+    for i, row in enumerate(("trained encoder", "random init", "raw pixels")):
+        assert rows[row] == [probe.group(i + 1), knn.group(i + 1)], row
