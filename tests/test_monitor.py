@@ -393,7 +393,8 @@ def _cells(table: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()]
 
 
-def test_the_docs_health_table_is_what_its_command_computes():
+@pytest.mark.parametrize("page", ["training.md", "tpu.md"])
+def test_the_docs_health_table_is_what_its_command_computes(page):
     import importlib.util
 
     path = os.path.join(os.path.dirname(__file__), "..", "experiments", "health_table.py")
@@ -401,7 +402,7 @@ def test_the_docs_health_table_is_what_its_command_computes():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     computed = _cells(module.table(None))  # the figures that need no run
-    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "training.md")) as f:
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", page)) as f:
         doc = f.read()
     start = doc.index("|  | " + computed[0][1])
     documented = _cells(doc[start:].split("\n\n", 1)[0])
