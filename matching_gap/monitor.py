@@ -326,7 +326,8 @@ class Progress:
         self._writer.write_scalars(step, row)
         self._writer.flush()
 
-        eta = (now - self._watch.start) / max(step - self._start_step, 1) * (self._num_steps - step)
+        elapsed = now - self._training_start
+        eta = elapsed / max(step - self._start_step, 1) * (self._num_steps - step)
         metrics.log(self._line(step, row, eta))
         self._notices(step, steps, row, spent, wall, train_time)
 
