@@ -77,6 +77,12 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
     launch.DEFAULT_TIMEOUT_S,
     "Seconds to wait for every process of a multi-host run to join before stopping.",
 )
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_heartbeat_timeout",
+    launch.DEFAULT_HEARTBEAT_TIMEOUT_S,
+    "Seconds without a heartbeat after which a process of a multi-host run counts as lost "
+    "(JAX's heartbeat timeout): the longest a survivor takes to stop.",
+)
 flags.mark_flags_as_required(["config"])
 
 _USAGE = "usage: python -m matching_gap.main --config=configs/default.py --workdir=DIR"
@@ -157,9 +163,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def start_processes() -> None:
     """Joins this process to the others of its run (``matching_gap.launch``), before any JAX
-    computation, and prints who started it and where it stands."""
+    computation, and prints who started it and where it stands.
+
+    A process of several first re-executes itself as a child and only watches it
+    (``launch.supervise``): when another host is lost, it ends with one line where JAX would
+    abort with stack traces; this function does not return in that parent."""
     try:
-        launch.start(
+        found = launch.detect(
             mode=_DISTRIBUTED.value,
             coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,
@@ -168,6 +178,10 @@ def start_processes() -> None:
         )
     except errors.UserError as e:
         _exit_with(str(e))
+    if found.coordinator is not None and not launch.supervised():
+        sys.exit(launch.supervise(found))
+    launch.initialize(found, _DISTRIBUTED_TIMEOUT.value, _HEARTBEAT_TIMEOUT.value)
+    print(launch.describe(found), flush=True)
 
 
 # Libraries that log a failure with its traceback and then raise it to the run, which
