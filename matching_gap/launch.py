@@ -349,7 +349,7 @@ class _Relay:
                     break
                 out.append(self._held.popleft()[1])
         if out:
-            sys.stderr.buffer.write(b"".join(out))
+            sys.stderr.write(b"".join(out).decode(errors="replace"))
             sys.stderr.flush()
 
     def report(self) -> str:
@@ -368,12 +368,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def supervise(launch: Launch) -> int:
-    """Runs this command again as a child process and watches it (see the module's
-    docstring); returns the status to exit with: the child's, or
+def supervise(launch: Launch, command: list[str] | None = None) -> int:
+    """Runs ``command`` (default: this command again) as a child process and watches it
+    (see the module's docstring); returns the status to exit with: the child's, or
     :data:`LOST_PROCESS_STATUS` with one line on stderr when JAX reported a lost process."""
     sys.stdout.flush()
-    command = [sys.executable, *sys.orig_argv[1:]]
+    command = command or [sys.executable, *sys.orig_argv[1:]]
     env = {**os.environ, SUPERVISED_VARIABLE: "1"}
     path = os.path.join(
         tempfile.gettempdir(), f"matching_gap-process{launch.process_id}-{os.getpid()}.stderr"
@@ -385,14 +385,20 @@ def supervise(launch: Launch) -> int:
         with contextlib.suppress(ProcessLookupError):  # the child has just exited
             child.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)  # a preemption notice: the child checkpoints
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the child too
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, forward),  # the child checkpoints
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),  # Ctrl-C reaches both
+    }
     status = None
-    while status is None and not relay.fatal:
-        try:
-            status = child.wait(timeout=0.1)
-        except subprocess.TimeoutExpired:
-            relay.release()
+    try:
+        while status is None and not relay.fatal:
+            try:
+                status = child.wait(timeout=0.1)
+            except subprocess.TimeoutExpired:
+                relay.release()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if relay.fatal:  # the abort's stack traces add nothing to the line below
         child.kill()
         child.wait()

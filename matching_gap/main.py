@@ -20,7 +20,10 @@ launched the processes (``matching_gap.launch``: a Cloud TPU VM slice's metadata
 SLURM, Open MPI), or from ``--coordinator_address=HOST:PORT --num_processes=N
 --process_id=I``; a launcher of one process starts none. The first line of every run says
 which launcher was recognised and ``process i of n, d local devices of D``. The workdir must
-be on storage that every host sees (a bucket or a shared file system).
+be on storage that every host sees (a bucket or a shared file system). Such a process runs
+the work in a child process and watches it (``launch.supervise``), so that a lost host ends
+every survivor with one line and exit status 2 (``--distributed_heartbeat_timeout`` bounds
+how long that takes), where JAX would abort with stack traces.
 """
 
 import os
