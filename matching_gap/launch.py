@@ -329,9 +329,11 @@ class _Relay:
 
     def _read(self, stream) -> None:
         for line in iter(stream.readline, b""):
-            self._file.write(line)
-            self._file.flush()
             with self._lock:
+                if self._file.closed:  # a grandchild kept the stream open: read no more
+                    return
+                self._file.write(line)
+                self._file.flush()
                 if _JAX_FATAL.encode() in line:
                     self.fatal = True
                 if self.fatal:
@@ -358,7 +360,8 @@ class _Relay:
 
     def close(self, timeout_s: float = 5.0) -> None:
         self._thread.join(timeout_s)  # the end of the child's stderr
-        self._file.close()
+        with self._lock:
+            self._file.close()
 
 
 def _die_with_parent() -> None:
