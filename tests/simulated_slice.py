@@ -169,6 +169,7 @@ class Slice:
             )
             home = root / name / f"worker{i}" / "home"
             home.mkdir(parents=True)
+            (home.parent / "tmp").mkdir()  # the worker's /tmp
             env = {
                 "HOME": str(home),
                 "USER": "tpu-user",
@@ -178,6 +179,7 @@ class Slice:
                 "PYTHONPATH": str(SITECUSTOMIZE_DIR),
                 "JAX_PLATFORMS": "cpu",
                 "JAX_COORDINATOR_PORT": str(self.coordinator_port),
+                "TMPDIR": str(home.parent / "tmp"),
                 **(extra_env or {}),
             }
             self.servers.append(server)

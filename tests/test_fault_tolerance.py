@@ -209,7 +209,9 @@ def _free_port():
 def _start_two_processes(workdir, *args) -> list[subprocess.Popen]:
     """Starts the command as two processes (jax.distributed over gloo)."""
     port = _free_port()
-    env = _env(JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    # The parent process keeps a lost run's stderr in TMPDIR: pytest's folder, not /tmp.
+    tmp = os.path.dirname(os.path.abspath(workdir))
+    env = _env(JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", TMPDIR=tmp)
     command = lambda i: _command(
         workdir,
         *args,
