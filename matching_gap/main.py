@@ -20,7 +20,10 @@ launched the processes (``matching_gap.launch``: a Cloud TPU VM slice's metadata
 SLURM, Open MPI), or from ``--coordinator_address=HOST:PORT --num_processes=N
 --process_id=I``; a launcher of one process starts none. The first line of every run says
 which launcher was recognised and ``process i of n, d local devices of D``. The workdir must
-be on storage that every host sees (a bucket or a shared file system).
+be on storage that every host sees (a bucket or a shared file system). Such a process runs
+the work in a child process and watches it (``launch.supervise``), so that a lost host ends
+every survivor with one line and exit status 2 (``--distributed_heartbeat_timeout`` bounds
+how long that takes), where JAX would abort with stack traces.
 """
 
 import os
@@ -76,6 +79,12 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout",
     launch.DEFAULT_TIMEOUT_S,
     "Seconds to wait for every process of a multi-host run to join before stopping.",
+)
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_heartbeat_timeout",
+    launch.DEFAULT_HEARTBEAT_TIMEOUT_S,
+    "Seconds without a heartbeat after which a process of a multi-host run counts as lost "
+    "(JAX's heartbeat timeout): the longest a survivor takes to stop.",
 )
 flags.mark_flags_as_required(["config"])
 
@@ -157,9 +166,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def start_processes() -> None:
     """Joins this process to the others of its run (``matching_gap.launch``), before any JAX
-    computation, and prints who started it and where it stands."""
+    computation, and prints who started it and where it stands.
+
+    A process of several first re-executes itself as a child and only watches it
+    (``launch.supervise``): when another host is lost, it ends with one line where JAX would
+    abort with stack traces; this function does not return in that parent."""
     try:
-        launch.start(
+        found = launch.detect(
             mode=_DISTRIBUTED.value,
             coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,
@@ -168,6 +181,10 @@ def start_processes() -> None:
         )
     except errors.UserError as e:
         _exit_with(str(e))
+    if found.coordinator is not None and not launch.supervised():
+        sys.exit(launch.supervise(found))
+    launch.initialize(found, _DISTRIBUTED_TIMEOUT.value, _HEARTBEAT_TIMEOUT.value)
+    print(launch.describe(found), flush=True)
 
 
 # Libraries that log a failure with its traceback and then raise it to the run, which

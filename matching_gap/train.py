@@ -29,6 +29,7 @@ from matching_gap import (
     data,
     errors,
     health,
+    launch,
     metrics,
     monitor,
     objectives,
@@ -227,16 +228,19 @@ def _lost_process_ends_run(ckpt: checkpointing.Checkpointer):
         ):
             raise
         written = ckpt.last_written
-        resume = (
-            f"from the newest checkpoint (step {written} or later)"
+        saved = (
+            f"the checkpoint of step {written} (or a newer one) is safe"
             if written is not None
-            else "(no checkpoint was written yet: it starts again)"
+            else "no checkpoint was written yet: the run starts again"
         )
-        reason = " ".join(text.split())[:300]
+        reason = " ".join(text.split())[:200]
         raise LostProcessError(
-            f"Process {jax.process_index()} of {jax.process_count()} stopped: another "
-            f"process is gone (its host stopped or was preempted) - {type(cause).__name__}: "
-            f"{reason}. Rerun the same command on every host to resume {resume}."
+            launch.lost_process_message(
+                jax.process_index(),
+                jax.process_count(),
+                saved=saved,
+                detail=f"({type(cause).__name__}: {reason})",
+            )
         ) from e
 
 

@@ -37,6 +37,7 @@ What stands in for what, and how close it is:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import http.server
 import json
@@ -168,6 +169,7 @@ class Slice:
             )
             home = root / name / f"worker{i}" / "home"
             home.mkdir(parents=True)
+            (home.parent / "tmp").mkdir()  # the worker's /tmp
             env = {
                 "HOME": str(home),
                 "USER": "tpu-user",
@@ -177,6 +179,7 @@ class Slice:
                 "PYTHONPATH": str(SITECUSTOMIZE_DIR),
                 "JAX_PLATFORMS": "cpu",
                 "JAX_COORDINATOR_PORT": str(self.coordinator_port),
+                "TMPDIR": str(home.parent / "tmp"),
                 **(extra_env or {}),
             }
             self.servers.append(server)
@@ -195,9 +198,11 @@ class Slice:
         """The user's own machine: ``gcloud`` on the ``PATH``."""
         return {**base, "PATH": f"{self.bin}:{base['PATH']}", STATE_VARIABLE: str(self.root)}
 
-    def processes(self, worker: int) -> list[int]:
-        """The processes that ``tpu-vm ssh`` commands left on a worker, running or exited
-        and not yet waited for."""
+    def processes(self, worker: int, *, all_of_them: bool = False) -> list[int]:
+        """The processes that ``tpu-vm ssh`` commands left on a worker (those whose parent
+        has exited, now this process's children: see :func:`become_subreaper`), running or
+        exited and not yet waited for; ``all_of_them``: their children too, every process
+        of the worker (what a host that stops takes with it)."""
         sessions = set(_read_state(self.root)[self.name]["workers"][worker]["sessions"])
         found = []
         for entry in pathlib.Path("/proc").iterdir():
@@ -208,9 +213,17 @@ class Slice:
             except OSError:
                 continue
             fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[3]) in sessions:  # (state, parent, group, session id, ...)
+            if int(fields[3]) not in sessions:  # (state, parent, group, session id, ...)
+                continue
+            if all_of_them or int(fields[1]) == os.getpid():
                 found.append(int(entry.name))
         return found
+
+    def lose_host(self, worker: int) -> None:
+        """The worker's host stops: SIGKILL to every process on it, at once."""
+        for pid in self.processes(worker, all_of_them=True):
+            with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+                os.kill(pid, 9)  # SIGKILL
 
     def close(self):
         for server in self.servers:

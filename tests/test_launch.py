@@ -5,8 +5,11 @@ launcher's environment (a TPU VM's metadata server is ``simulated_slice.Metadata
 
 import inspect
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -221,3 +224,65 @@ def test_the_check_prints_the_launcher_and_the_devices():
     out = _run("matching_gap.launch")
     assert out.returncode == 0, out.stderr
     assert out.stdout == "Launcher: none (one process); process 0 of 1, 1 local devices of 1.\n"
+
+
+# ----------------------------------------------------------------------------- supervise
+
+_FATAL = (
+    "F1206 00:36:06.544260 864 client.h:80] Terminating process because the JAX distributed "
+    "service detected fatal errors. This most likely indicates that another task died; "
+    "absl::Status: UNAVAILABLE: Failed to send RPC to coordination service. Either the leader "
+    "task was preempted/died/restarted unexpectedly or this task is experiencing network "
+    "issues."
+)
+
+
+def _child(body: str) -> list[str]:
+    return [sys.executable, "-c", f"import os, signal, sys, time\n{body}"]
+
+
+def test_the_parent_speaks_for_a_child_that_jax_aborts(capfd):
+    """JAX's abort (its F line, a C++ stack, Python's dumps) becomes one line naming the lost
+    process and the file that keeps the child's stderr; what came before it is relayed."""
+    status = launch.supervise(
+        launch.Launch("test", 2, 1, "127.0.0.1:1"),
+        _child(
+            "print('step 1', flush=True)\n"
+            "print('warning: kept', file=sys.stderr, flush=True)\n"
+            "time.sleep(2 * 1.0 + 0.5)\n"
+            f"print({_FATAL!r} + '\\n*** Check failure stack trace: ***', file=sys.stderr)\n"
+            "sys.stderr.flush(); time.sleep(0.5)\n"
+            "print('Fatal Python error: Aborted', file=sys.stderr, flush=True)\n"
+            "os.abort()"
+        ),
+    )
+    out, err = capfd.readouterr()
+    assert status == launch.LOST_PROCESS_STATUS == 2
+    assert out == "step 1\n"
+    lines = err.splitlines()
+    assert len(lines) == 2 and lines[0] == "warning: kept", err
+    assert lines[1].startswith(
+        "error: Process 1 of 2 stopped: process 0 (the coordinator) is gone"
+    ), lines[1]
+    path = re.search(r"JAX's report: (\S+)\)$", lines[1]).group(1)
+    with open(path) as f:
+        kept = f.read()
+    os.remove(path)
+    assert "warning: kept" in kept and "client.h:80" in kept
+
+
+def test_the_parent_relays_a_child_that_ends_by_itself_and_passes_on_sigterm(capfd):
+    """A child that ends as usual: its stderr whole, its status; SIGTERM to the parent
+    reaches it (a preemption notice)."""
+    threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    status = launch.supervise(
+        launch.Launch("test", 2, 0, "127.0.0.1:1"),
+        _child(
+            "signal.signal(signal.SIGTERM, lambda *a: sys.exit(print('saved', flush=True)))\n"
+            "print('error: one line', file=sys.stderr, flush=True)\n"
+            "time.sleep(60)\n"
+        ),
+    )
+    out, err = capfd.readouterr()
+    assert (status, out, err) == (0, "saved\n", "error: one line\n")
+    assert launch.supervise(launch.Launch("test", 2, 0, "x:1"), _child("sys.exit(3)")) == 3

@@ -22,6 +22,7 @@ For the uninterrupted run that the resumed one is compared with, the workdir
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -194,6 +195,44 @@ def losses(workdir: str) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows}
 
 
+# What a survivor's output must not hold: JAX's C++ abort, its stack, Python's dumps.
+NOISE = ("Check failure", "Fatal Python error", "Traceback", "client.h", "*** ")
+LOST_BOUND_S = 30  # a survivor in a collective with the lost process, or without process 0
+
+
+def lose_host(the_slice, lost: int) -> str:
+    """Stops a worker's host (every process on it, SIGKILL) and checks the survivors: each
+    exits with status 2 within :data:`LOST_BOUND_S`, its ``run.log`` free of stack traces and
+    ending with the one line of docs/tpu.md's "A lost host". Returns what they printed."""
+    survivors = [w for w in range(len(the_slice.workers)) if w != lost]
+    watched = {w: the_slice.processes(w) for w in survivors}
+    assert all(watched.values()), watched
+    the_slice.lose_host(lost)
+    start = time.perf_counter()
+    statuses = simulated_slice.wait_for([p for w in survivors for p in watched[w]], 300)
+    took = time.perf_counter() - start
+    deadline = time.time() + 30  # the lost worker's processes, reaped as they reach us
+    while the_slice.processes(lost, all_of_them=True):
+        for pid in the_slice.processes(lost, all_of_them=True):
+            with contextlib.suppress(ChildProcessError):  # not yet handed to this process
+                os.waitpid(pid, os.WNOHANG)
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert sorted(set(statuses.values())) == [2], statuses
+    assert took < LOST_BOUND_S, took
+    lines = []
+    for w in survivors:
+        log = worker_log(the_slice, w)
+        assert not any(word in log for word in NOISE), log[-3000:]
+        last = log.strip().splitlines()[-1]
+        assert last.startswith(f"error: Process {w} of 4 stopped: "), log[-3000:]
+        assert " is gone " in last and "Rerun the same command on every worker" in last, last
+        lines.append(f"worker {w}: {last}")
+    return f"worker {lost}'s host lost: the others exited 2 within {took:.1f} s:\n" + "\n".join(
+        lines
+    )
+
+
 # ----------------------------------------------------------------------------- the rehearsal
 
 
@@ -339,10 +378,36 @@ def test_docs_tpu_md_on_a_simulated_v4_32_slice(tmp_path, emulator):  # noqa: F8
             assert not (the_slice.home(w) / "matching-gap" / "vitb16_timm").exists()
         assert sorted(p.name for p in (user.checkout / "vitb16_timm").iterdir()) == exported
         report.append(f"exported by worker 0 only: {exported}")
+
+        # 7, "A lost host": worker 0's host (the coordinator's) stops while the others
+        # train, then worker 3's; every survivor ends with one line and status 2, and the
+        # launch of step 5 resumes from the newest checkpoint, bitwise as the straight run.
+        lost_run = demo(launch, (IMAGENET, ""), ("gs://$BUCKET/vitb16", "gs://$BUCKET/lost"))
+        for lost, saved_step in ((0, CHECKPOINT_EVERY), (3, 2 * CHECKPOINT_EVERY)):
+            user.run(lost_run)
+            deadline, first = time.time() + 600, f"lost/checkpoints/{saved_step}/commit_success.txt"
+            while first not in list_objects(emulator, "lost/", bucket):
+                assert time.time() < deadline, worker_log(the_slice, 0)
+                time.sleep(0.2)
+            report.append(lose_host(the_slice, lost))
+        newest = max(
+            int(n.split("/")[2])
+            for n in list_objects(emulator, "lost/checkpoints/", bucket)
+            if n.endswith("commit_success.txt")
+        )
+        user.run(lost_run)
+        assert wait_for_workers(the_slice) == [0, 0, 0, 0], worker_log(the_slice, 0)
+        log = worker_log(the_slice, 0)
+        assert f"Resumed from the checkpoint at step {newest} in" in log, log
+        a = params(storage.path(f"gs://{bucket}/straight", "checkpoints", str(STEPS)))
+        b = params(storage.path(f"gs://{bucket}/lost", "checkpoints", str(STEPS)))
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+        report.append(f"after both: resumed from step {newest}, bitwise equal at step {STEPS}")
     finally:
         for w in range(len(the_slice.workers)):
-            for pid in the_slice.processes(w):
-                os.kill(pid, signal.SIGKILL)
+            the_slice.lose_host(w)
         the_slice.close()
     report.append(f"rehearsal: {time.perf_counter() - started:.0f} s")
     print("\n" + "\n".join(report))
