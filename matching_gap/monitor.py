@@ -312,8 +312,9 @@ class Progress:
         row["train/images_per_second_per_device"] = rate / self._num_devices
         flops_rate = steps * self._flops_per_device / train_time
         row["perf/model_tflops_per_device"] = flops_rate / 1e12
-        if self._peak:
-            row["perf/mfu"] = flops_rate / self._peak
+        mfu = efficiency.mfu(flops_rate, self._kind, self._config.model.dtype)
+        if mfu is not None:
+            row["perf/mfu"] = mfu
         for c in ROW_SHARES:
             row[f"time/{c}_share"] = spent[c] / wall
         scale = health.loss_scale(self._config, row.get("sinkhorn/epsilon", 0.0))
