@@ -254,6 +254,29 @@ def test_metrics_and_tensorboard_events_go_to_the_bucket(emulator):
     assert {(1, "train/loss"), (1, "plan/picture"), (2, "train/loss")} <= tags
 
 
+def test_a_profile_and_the_goodput_go_to_the_bucket(emulator):
+    """The trace is written to a local temporary folder (jax.profiler writes files) and copied
+    to where TensorBoard's profile plugin looks in the bucket; goodput.json lands beside the
+    metrics."""
+    from tests.test_train import quiet_smoke, run
+
+    config = quiet_smoke()
+    config.optim.num_steps = 4
+    config.monitor.update(profile_start=2, profile_steps=2)
+    run(config, f"gs://{BUCKET}/profiled_run")
+    names = list_objects(emulator, "profiled_run/")
+    traces = [
+        n
+        for n in names
+        if n.startswith("profiled_run/tensorboard/plugins/profile/") and n.endswith(".xplane.pb")
+    ]
+    assert len(traces) == 1 and len(read_object(emulator, traces[0])) > 0, names
+    # <logdir>/plugins/profile/<run>/<host>.xplane.pb: one folder per traced range.
+    assert traces[0].count("/") == 5, traces
+    record = json.loads(read_object(emulator, "profiled_run/goodput.json"))
+    assert record["max_step"] == 4 and record["productive_step_seconds"] > 0, record
+
+
 def test_checkpoints_restore_and_quarantine_in_the_bucket(emulator, monkeypatch):
     monkeypatch.setattr(checkpointing, "RESTORE_RETRY_SECONDS", 0.0)
     workdir = f"gs://{BUCKET}/ckpt_run"
