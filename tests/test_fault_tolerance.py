@@ -283,29 +283,55 @@ def uninterrupted_two_processes(tmp_path_factory):
     return _params(workdir, 30)
 
 
+# What the survivor is doing when the other host is lost: the flags that make the moment
+# last, and how the test knows it has come.
+MOMENTS = {
+    "compiling": [],  # after the "Training with" line, before the first step
+    "training": [],  # past step 12
+    "saving": ["--config.train.checkpoint_every=1"],  # a checkpoint's folder is being written
+    # the k-NN monitor at step 12 (after its row; no save), over 5,000 + 5,000 images
+    "evaluating": ["--config.train.knn_every=12", "--config.data.eval_max_examples=5000"],
+}
+
+
+def _await_moment(moment, workdir, out, survivor) -> str:
+    """Returns once ``survivor`` is at ``moment``; what the test saw."""
+    deadline = time.time() + 300
+    while True:
+        assert survivor.poll() is None and time.time() < deadline, moment
+        if moment == "compiling" and any("] Training with" in line for line in out.lines):
+            time.sleep(0.5)
+            return "the Training line"
+        if moment in ("training", "evaluating"):
+            records = metrics.read_metrics(str(workdir))
+            if records and records[-1]["step"] >= 12:
+                return f"the row of step {records[-1]['step']}"
+        if moment == "saving":
+            folder = workdir / "checkpoints"
+            names = os.listdir(folder) if folder.is_dir() else []
+            writing = [n for n in names if "tmp" in n and int(n.split(".")[0]) >= 12]
+            if writing:
+                return f"checkpoints/{writing[0]}"
+        time.sleep(0.002 if moment == "saving" else 0.05)
+
+
 @pytest.mark.slow
 @needs_fashion_mnist
-@pytest.mark.parametrize("moment", ["training", "compiling"])
+@pytest.mark.parametrize("moment", list(MOMENTS))
 @pytest.mark.parametrize("killed", [0, 1])
 def test_a_host_lost_the_survivor_ends_with_one_line_then_both_resume_bitwise(
     tmp_path, killed, moment, uninterrupted_two_processes
 ):
     """One host of two lost (its processes SIGKILLed), process 0 (the coordinator's host)
-    or the last one, while the survivor trains or compiles: the survivor exits with status 2
-    within the bound and one line on stderr (no C++ abort, no stack); rerun on both, the run
-    resumes from the newest checkpoint and ends bitwise equal to an uninterrupted run."""
+    or the last one, while the survivor compiles, trains, saves a checkpoint or evaluates:
+    the survivor exits with status 2 within the bound and one line on stderr (no C++ abort,
+    no stack); rerun on both, the run resumes from the newest checkpoint and ends bitwise
+    equal to an uninterrupted run."""
     beat = f"--distributed_heartbeat_timeout={HEARTBEAT_S}"
-    procs = _start_two_processes(tmp_path, *LOST_STEPS, beat)
+    procs = _start_two_processes(tmp_path, *LOST_STEPS, *MOMENTS[moment], beat)
     survivor = 1 - killed
     out = _Lines(procs[0].stdout)  # process 0 prints the progress
-    if moment == "training":
-        _wait_for_step(tmp_path, 12, procs[survivor])
-    else:  # the loop is about to compile the train step: no step has run
-        deadline = time.time() + 300
-        while not any("] Training with" in line for line in out.lines):
-            assert procs[survivor].poll() is None and time.time() < deadline
-            time.sleep(0.05)
-        time.sleep(0.5)
+    seen = _await_moment(moment, tmp_path, out, procs[survivor])
     procs[killed].kill()  # SIGKILL, as a host that stops: no handler runs
     lost = time.perf_counter()
     procs[survivor].wait(timeout=300)
@@ -315,7 +341,7 @@ def test_a_host_lost_the_survivor_ends_with_one_line_then_both_resume_bitwise(
     if moment == "compiling":
         assert not metrics.read_metrics(str(tmp_path))  # the kill came before any step
     print(
-        f"\nProcess {killed} lost while {moment}: the survivor exited with status "
+        f"\nProcess {killed} lost while {moment} (at {seen}): the survivor exited with status "
         f"{procs[survivor].returncode} {waited:.1f} s later, with: {stderr.strip()}"
     )
     assert procs[survivor].returncode == 2, stderr[-3000:]
