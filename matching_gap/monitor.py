@@ -411,7 +411,7 @@ class Progress:
         per_device = self._batch / step_time / self._num_devices
         flops = self._flops_per_device / step_time
         hours = self._num_steps * step_time * self._num_devices / 3600
-        end = datetime.datetime.now() + datetime.timedelta(
+        end = datetime.datetime.now().astimezone() + datetime.timedelta(
             seconds=step_time * (self._num_steps - step)
         )
         unit = "chip-hours" if self._kind.startswith("TPU") else "device-hours"
@@ -441,7 +441,7 @@ class Progress:
                 f"; MFU unknown: no published peak for {self._kind!r} ({known}). At this "
                 f"rate the run's {self._num_steps:,} steps take {hours:,.2f} {unit}"
             )
-        return text + f" and end at {end:%Y-%m-%d %H:%M}."
+        return text + f" and end at {end:%Y-%m-%d %H:%M %Z} (the host's time zone)."
 
 
 def _tflops(value: float) -> str:

@@ -2,10 +2,12 @@
 profile, the effective rank and the collapse line (matching_gap.monitor, efficiency, health).
 """
 
+import datetime
 import glob
 import json
 import math
 import os
+import re
 import shutil
 import time
 import types
@@ -137,6 +139,12 @@ def test_mfu_is_the_plans_flop_count_over_the_measured_time_and_the_peak(tmp_pat
     assert f"({1024 / 1.5 / 4:,.0f} images/s per device, 1500 ms a step)" in line
     hours = 1000 * 1.5 * 4 / 3600
     assert f"take {hours:,.1f} chip-hours ({hours * mfu / 0.4:,.1f} at the plan's MFU)" in line
+    # The end: the 970 steps left at 1.5 s from now, in the host's time zone, named.
+    now = datetime.datetime.now().astimezone()
+    end, zone = re.search(r"end at (\S+ \S+) (\S+) \(the host's time zone\)\.$", line).groups()
+    assert zone == now.tzname()
+    ahead = datetime.datetime.strptime(end, "%Y-%m-%d %H:%M") - now.replace(tzinfo=None)
+    assert abs(ahead.total_seconds() - 970 * 1.5) < 120, ahead
 
 
 def test_an_unknown_device_reports_its_flop_rate_and_says_mfu_is_unknown(tmp_path, capsys):
