@@ -101,6 +101,15 @@ def mfu(flops_per_second_per_device: float, device_kind: str, dtype: str) -> flo
 # ------------------------------------------------------------------ the model's matmuls
 
 
+def patch_embedding_flops(model_config: schema.ModelConfig, resolution: int) -> float:
+    """Matmul FLOPs of the patch embedding of one image at ``resolution`` (on the stem's
+    channels when there is a stem)."""
+    patch = model_config.encoder_sizes()["patch_size"]
+    width = model_config.encoder_sizes()["width"]
+    channels = model_config.stem_channels or model_config.channels
+    return float(2 * (resolution // patch) ** 2 * patch * patch * channels * width)
+
+
 def encoder_forward_flops(model_config: schema.ModelConfig, resolution: int) -> float:
     """Matmul FLOPs (2 per multiply-add) of one image through the ViT at ``resolution``:
     the stem and patch embedding, and per block the qkv, attention scores, attention x
@@ -110,7 +119,7 @@ def encoder_forward_flops(model_config: schema.ModelConfig, resolution: int) -> 
     patches = (resolution // patch) ** 2
     tokens = patches + (1 if model_config.pooling == "cls" else 0)
     stem = model_config.stem_channels
-    flops = 2 * patches * patch * patch * (stem or model_config.channels) * width
+    flops = patch_embedding_flops(model_config, resolution)
     if stem:
         flops += 2 * resolution * resolution * 9 * model_config.channels * stem
     block = (
@@ -151,13 +160,9 @@ def analytic_flops(config: schema.Config) -> dict[str, float]:
             mc.predictor_layers,
         )
 
-    def patch_embed(resolution: int) -> float:
-        p = mc.encoder_sizes()["patch_size"]
-        return 2.0 * (resolution // p) ** 2 * p * p * (mc.stem_channels or mc.channels) * width
-
     def student(resolution: int) -> float:  # forward + backward of one view
         forward = encoder_forward_flops(mc, resolution) + projector + predictor
-        return 3 * forward - patch_embed(resolution)
+        return 3 * forward - patch_embedding_flops(mc, resolution)
 
     views = [(a.num_views, a.crop_size)]
     if a.num_local_crops:

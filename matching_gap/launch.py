@@ -259,11 +259,18 @@ def start(
     *,
     timeout_s: int = DEFAULT_TIMEOUT_S,
     heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S,
+    watched: bool = False,
     **flags,
 ) -> Launch:
     """:func:`detect` (``flags`` are its keywords), :func:`initialize`, then the run's first
-    line: what the training command and ``python -m matching_gap.launch`` both do first."""
+    line: what the training command and ``python -m matching_gap.launch`` both do first.
+
+    ``watched`` (the training command): a process of several first runs the command again
+    as a child and only watches it (:func:`supervise`), exiting with the child's status; it
+    does not return in that parent."""
     launch = detect(timeout_s=timeout_s, **flags)
+    if watched and launch.coordinator is not None and not supervised():
+        sys.exit(supervise(launch))
     initialize(launch, timeout_s, heartbeat_timeout_s)
     print(describe(launch), flush=True)
     return launch
@@ -319,7 +326,7 @@ class _Relay:
     still held, is the abort's noise)."""
 
     def __init__(self, stream, path: str):
-        self.path, self.fatal = path, False
+        self.fatal = False
         self._held: collections.deque[tuple[float, bytes]] = collections.deque()
         self._lock = threading.Lock()
         self._report: list[bytes] = []

@@ -172,19 +172,17 @@ def start_processes() -> None:
     (``launch.supervise``): when another host is lost, it ends with one line where JAX would
     abort with stack traces; this function does not return in that parent."""
     try:
-        found = launch.detect(
+        launch.start(
             mode=_DISTRIBUTED.value,
             coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
             timeout_s=_DISTRIBUTED_TIMEOUT.value,
+            heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value,
+            watched=True,
         )
     except errors.UserError as e:
         _exit_with(str(e))
-    if found.coordinator is not None and not launch.supervised():
-        sys.exit(launch.supervise(found))
-    launch.initialize(found, _DISTRIBUTED_TIMEOUT.value, _HEARTBEAT_TIMEOUT.value)
-    print(launch.describe(found), flush=True)
 
 
 # Libraries that log a failure with its traceback and then raise it to the run, which

@@ -419,13 +419,14 @@ class Progress:
             f"Settled at step {step}: {_tflops(flops / 1e12)} TFLOP/s per device "
             f"({per_device:,.0f} images/s per device, {step_time * 1000:.0f} ms a step)"
         )
-        if self._peak:
+        mfu = efficiency.mfu(flops, self._kind, self._config.model.dtype)
+        if mfu is not None and self._peak is not None:
             planned = efficiency.images_per_second_per_device(
                 self._config, self._peak, efficiency.ASSUMED_MFU
             )
-            planned_hours = hours * (flops / self._peak) / efficiency.ASSUMED_MFU
+            planned_hours = hours * mfu / efficiency.ASSUMED_MFU
             text += (
-                f" = MFU {flops / self._peak:.1%} of a {self._kind}'s "
+                f" = MFU {mfu:.1%} of a {self._kind}'s "
                 f"{self._peak / 1e12:.0f} {self._config.model.dtype} TFLOP/s; the plan "
                 f"assumes {efficiency.ASSUMED_MFU:.0%} ({planned:,.0f} images/s per "
                 f"device). At this rate the run's {self._num_steps:,} steps take "

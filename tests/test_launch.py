@@ -237,13 +237,16 @@ _FATAL = (
 )
 
 
+# This test process runs JAX's backends (other tests started them), and JAX warns at every
+# fork; the command's parent forks before any JAX computation (launch.start).
+_FORKS = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+
+
 def _child(body: str) -> list[str]:
     return [sys.executable, "-c", f"import os, signal, sys, time\n{body}"]
 
 
-# This test process runs JAX's backends (other tests started them), and JAX warns at every
-# fork; the command's parent forks before any JAX computation (main.start_processes).
-@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+@_FORKS
 def test_the_parent_speaks_for_a_child_that_jax_aborts(capfd):
     """JAX's abort (its F line, a C++ stack, Python's dumps) becomes one line naming the lost
     process and the file that keeps the child's stderr; what came before it is relayed."""
@@ -274,9 +277,7 @@ def test_the_parent_speaks_for_a_child_that_jax_aborts(capfd):
     assert "warning: kept" in kept and "client.h:80" in kept
 
 
-# This test process runs JAX's backends (other tests started them), and JAX warns at every
-# fork; the command's parent forks before any JAX computation (main.start_processes).
-@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+@_FORKS
 def test_the_parent_relays_a_child_that_ends_by_itself_and_passes_on_sigterm(capfd):
     """A child that ends as usual: its stderr whole, its status; SIGTERM to the parent
     reaches it (a preemption notice)."""
