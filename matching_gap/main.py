@@ -85,6 +85,7 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     launch.DEFAULT_HEARTBEAT_TIMEOUT_S,
     "Seconds without a heartbeat after which a process of a multi-host run counts as lost "
     "(JAX's heartbeat timeout): the longest a survivor takes to stop.",
+    lower_bound=1,
 )
 flags.mark_flags_as_required(["config"])
 

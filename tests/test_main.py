@@ -55,6 +55,13 @@ def test_bad_value_is_reported_before_the_workdir_is_created(tmp_path):
     assert not workdir.exists()
 
 
+def test_a_heartbeat_timeout_below_one_second_is_refused_before_anything_runs(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_cli(workdir, "--distributed_heartbeat_timeout=0")
+    assert_user_error(result, "--distributed_heartbeat_timeout=0: 0 is not a positive integer")
+    assert not workdir.exists()
+
+
 def test_misspelt_key_names_the_close_match(tmp_path):
     workdir = tmp_path / "run"
     result = run_cli(workdir, "--config.loss.epsilonn=1")
