@@ -57,7 +57,8 @@ def test_bad_value_is_reported_before_the_workdir_is_created(tmp_path):
 
 def test_a_heartbeat_timeout_below_one_second_is_refused_before_anything_runs(tmp_path):
     workdir = tmp_path / "run"
-    result = run_cli(workdir, "--distributed_heartbeat_timeout=0")
+    # Missing data too: a command that let the flag through would stop there, at once.
+    result = run_cli(workdir, "--distributed_heartbeat_timeout=0", "--config.data.data_dir=/no")
     assert_user_error(result, "--distributed_heartbeat_timeout=0: 0 is not a positive integer")
     assert not workdir.exists()
 
